@@ -1,0 +1,106 @@
+"""DDPM (Ho et al. 2020): the noise schedules, the training loss and the sampler.
+
+Notes, section 1. Timesteps are indexed t = 0..T; training draws t from 1..T, and the
+sampler walks from x_T down to x_0.
+"""
+import torch
+import torch.nn as nn
+
+
+def ddpm_schedules(beta1: float, beta2: float, T: int) -> dict[str, torch.Tensor]:
+    """The schedule tensors of the notes, T + 1 entries each, indexed by t = 0..T.
+
+    Computed in float64 and stored in float32, so that the long product alphabar_t
+    carries no accumulated rounding error.
+    """
+    if not 0 < beta1 < beta2 < 1:
+        raise ValueError(f"betas must satisfy 0 < beta1 < beta2 < 1, got ({beta1}, {beta2})")
+    if T < 1:
+        raise ValueError(f"the number of diffusion steps T must be at least 1, got {T}")
+
+    # \beta_t = \beta_1 + (\beta_2 - \beta_1) t / T, linear from beta1 (t=0) to beta2 (t=T)
+    beta_t = beta1 + (beta2 - beta1) * torch.arange(0, T + 1, dtype=torch.float64) / T
+    # \sqrt{\beta_t}, the standard deviation of the noise added at each sampling step
+    sqrt_beta_t = torch.sqrt(beta_t)
+    # \alpha_t = 1 - \beta_t
+    alpha_t = 1 - beta_t
+    # \bar{\alpha}_t = \prod_{s=0}^{t} \alpha_s
+    alphabar_t = torch.cumprod(alpha_t, dim=0)
+    # \sqrt{\bar{\alpha}_t}, how much of x_0 is left in x_t
+    sqrtab = torch.sqrt(alphabar_t)
+    # 1 / \sqrt{\alpha_t}
+    oneover_sqrta = 1 / torch.sqrt(alpha_t)
+    # \sqrt{1 - \bar{\alpha}_t}, the standard deviation of the noise in x_t
+    sqrtmab = torch.sqrt(1 - alphabar_t)
+    # (1 - \alpha_t) / \sqrt{1 - \bar{\alpha}_t}, the weight of eps in the sampler's mean
+    mab_over_sqrtmab = (1 - alpha_t) / sqrtmab
+
+    schedules = {
+        "alpha_t": alpha_t,
+        "oneover_sqrta": oneover_sqrta,
+        "sqrt_beta_t": sqrt_beta_t,
+        "alphabar_t": alphabar_t,
+        "sqrtab": sqrtab,
+        "sqrtmab": sqrtmab,
+        "mab_over_sqrtmab": mab_over_sqrtmab,
+    }
+    return {name: value.float() for name, value in schedules.items()}
+
+
+class DDPM(nn.Module):
+    """Wraps a noise predictor `eps_model(x_t, t / n_T)` with the n_T-step schedules.
+
+    Calling the module returns the training loss (Algorithm 1); `sample` generates
+    images (Algorithm 2).
+    """
+
+    def __init__(
+        self,
+        eps_model: nn.Module,
+        betas: tuple[float, float],
+        n_T: int,
+        criterion: nn.Module = nn.MSELoss(),
+    ) -> None:
+        super().__init__()
+        self.eps_model = eps_model
+
+        # buffers follow the module through .to(device) and into the state_dict,
+        # but the optimizer never sees them
+        for name, value in ddpm_schedules(betas[0], betas[1], n_T).items():
+            self.register_buffer(name, value)
+
+        self.n_T = n_T
+        self.criterion = criterion
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Algorithm 1 (training): the noise-prediction loss for a batch of images."""
+        # t ~ Uniform({1, ..., n_T}), one per image
+        _ts = torch.randint(1, self.n_T + 1, (x.shape[0],), device=x.device)
+        # \epsilon \sim N(0, I)
+        eps = torch.randn_like(x)
+        # x_t = \sqrt{\bar{\alpha}_t} x_0 + \sqrt{1 - \bar{\alpha}_t} \epsilon,
+        # the schedules indexed (B,) -> (B, 1, 1, 1) to scale each image
+        x_t = (
+            self.sqrtab[_ts, None, None, None] * x
+            + self.sqrtmab[_ts, None, None, None] * eps
+        )
+        # || \epsilon - \epsilon_\theta(x_t, t) ||^2, with t scaled to (0, 1]
+        return self.criterion(eps, self.eps_model(x_t, _ts / self.n_T))
+
+    def sample(self, n_sample: int, size, device) -> torch.Tensor:
+        """Algorithm 2 (sampling): n_sample images of shape `size`, from x_T to x_0."""
+        # x_T ~ N(0, I)
+        x_i = torch.randn(n_sample, *size, device=device)
+        for i in range(self.n_T, 0, -1):
+            # the last step (i = 1) returns the mean itself, with no noise added
+            z = torch.randn(n_sample, *size, device=device) if i > 1 else 0
+            # the same timestep for every image, as a (n_sample, 1) tensor
+            t = torch.full((n_sample, 1), i / self.n_T, device=device)
+            eps = self.eps_model(x_i, t)
+            # x_{i-1} = 1/\sqrt{\alpha_i} (x_i - (1-\alpha_i)/\sqrt{1-\bar{\alpha}_i} \epsilon)
+            #           + \sqrt{\beta_i} z
+            x_i = (
+                self.oneover_sqrta[i] * (x_i - eps * self.mab_over_sqrtmab[i])
+                + self.sqrt_beta_t[i] * z
+            )
+        return x_i

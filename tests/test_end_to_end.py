@@ -1,0 +1,65 @@
+"""Each script run as a user runs it, in a fresh process, on --fake-data."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+from mindiffusion.ddpm import DDPM
+from mindiffusion.unet import NaiveUnet
+from train_mnist import DummyEpsModel
+
+# script, its flags, the grid it writes and its tile size, its checkpoint and model
+RUNS = [
+    ("train_mnist.py", ["--fake-data", "2", "--batch-size", "2"],
+     "ddpm_sample_0.png", 28, "ddpm_mnist.pth", lambda: DummyEpsModel(1)),
+    ("train_cifar10.py", ["--fake-data", "3", "--batch-size", "2", "--device", "cpu"],
+     "ddpm_sample_cifar0.png", 32, "ddpm_cifar.pth", lambda: NaiveUnet(3, 3, n_feat=128)),
+    ("train_celeba.py", ["--fake-data", "1", "--device", "cpu"],
+     "ddpm_sample_celeba000.png", 128, "ddpm_celeba.pth",
+     lambda: NaiveUnet(3, 3, n_feat=128)),
+]
+
+
+@pytest.mark.parametrize("script, flags, grid, tile, checkpoint, make_model", RUNS)
+def test_script_runs_end_to_end_on_fake_data(
+    tmp_path, script, flags, grid, tile, checkpoint, make_model
+):
+    env = {k: v for k, v in os.environ.items() if k != "CELEBA_PATH"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / script), "--epochs", "1", "--n-T", "1",
+         "--num-workers", "0", "--out", "results", *flags],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    if "--device" not in flags and not torch.cuda.is_available():
+        assert "CUDA is not available here: using cpu instead of cuda:0" in result.stdout
+
+    out = tmp_path / "results"
+    assert sorted(p.name for p in out.iterdir()) == sorted([grid, checkpoint])
+    # 16 tiles in 4 rows of 4, with make_grid's 2-pixel padding around each
+    side = 4 * (tile + 2) + 2
+    assert Image.open(out / grid).size == (side, side)
+
+    state = torch.load(out / checkpoint, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 1
+    ddpm = DDPM(eps_model=make_model(), betas=(1e-4, 0.02), n_T=1)
+    ddpm.load_state_dict(state["model"])
+    assert not any(p.isnan().any() for p in ddpm.parameters())
+
+
+def test_celeba_without_a_folder_says_where_to_put_one(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "CELEBA_PATH"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train_celeba.py")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "train_celeba.py: error: no image folder given: pass --data-root DIR or set "
+        "CELEBA_PATH (or run with --fake-data N)"
+    ]
