@@ -1,7 +1,7 @@
 """Train the notes' NaiveUnet DDPM on CelebA faces at 128x128 (notes, section 3.1).
 
     python train_celeba.py --data-root DIR    # the notes' run, on cuda:1
-    CELEBA_PATH=DIR python train_celeba.py    # the same, the folder from the environment
+    CELEBA_PATH=DIR python train_celeba.py    # the same, folder from the environment
     python train_celeba.py --fake-data 8 --epochs 1 --n-T 10   # a quick smoke run
 
 DIR is read by torchvision's ImageFolder, so the images sit one folder down:
@@ -97,7 +97,6 @@ def train_celeba(
             grid = make_grid(xset, normalize=True, value_range=(-1, 1), nrow=4)
             save_image(grid, os.path.join(out, f"ddpm_sample_celeba{i:03d}.png"))
 
-            # save model
             cli.save_checkpoint(checkpoint, ddpm, optim, epoch=i + 1)
 
 

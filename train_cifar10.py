@@ -85,7 +85,6 @@ def train_cifar10(
             grid = make_grid(xset, normalize=True, value_range=(-1, 1), nrow=4)
             save_image(grid, os.path.join(out, f"ddpm_sample_cifar{i}.png"))
 
-            # save model
             cli.save_checkpoint(checkpoint, ddpm, optim, epoch=i + 1)
 
 

@@ -20,13 +20,12 @@ from mindiffusion import cli
 from mindiffusion.ddpm import DDPM
 
 
-def blk(ic: int, oc: int) -> nn.Sequential:
-    # 7x7 convolutions keep the 28x28 size: no pooling, no skips, no UNet
-    return nn.Sequential(
-        nn.Conv2d(ic, oc, 7, padding=3),
-        nn.BatchNorm2d(oc),
-        nn.LeakyReLU(),
-    )
+# padding 3 keeps a 7x7 convolution at 28x28: no pooling, no skips, no UNet
+blk = lambda ic, oc: nn.Sequential(
+    nn.Conv2d(ic, oc, 7, padding=3),
+    nn.BatchNorm2d(oc),
+    nn.LeakyReLU(),
+)
 
 
 class DummyEpsModel(nn.Module):
@@ -78,7 +77,9 @@ def train_mnist(
     start_epoch = cli.resume_or_start(checkpoint, resume, ddpm, optim, n_epoch)
 
     # [0, 1] -> [-0.5, 0.5]: centred, but not scaled to [-1, 1]
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (1.0,))])
+    tf = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((0.5,), (1.0,))]
+    )
     if fake_data:
         dataset = FakeData(fake_data, image_size=(1, 28, 28), transform=tf)
     else:
@@ -114,7 +115,6 @@ def train_mnist(
             grid = make_grid(xh, normalize=True, value_range=(-0.5, 0.5), nrow=4)
             save_image(grid, os.path.join(out, f"ddpm_sample_{i}.png"))
 
-            # save model
             cli.save_checkpoint(checkpoint, ddpm, optim, epoch=i + 1)
 
 

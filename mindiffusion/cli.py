@@ -1,5 +1,5 @@
-"""Plumbing shared by the three training scripts: flags, device choice, data that is
-missing, and checkpoints. The training loop itself stays in each script.
+"""Plumbing shared by the three training scripts: flags, device choice, missing data,
+and checkpoints. The training loop itself stays in each script.
 
 A mistake in the command line or the data raises `UserError`; `main` prints it as one
 sentence and exits with status 2, without a traceback.
@@ -16,8 +16,9 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+DEVICES = "use cpu, cuda, cuda:N or mps"
 
 
 class UserError(Exception):
@@ -33,7 +34,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from None
+        raise UserError(f"unknown device {name!r}: {DEVICES}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             fallback = "mps" if torch.backends.mps.is_available() else "cpu"
@@ -48,7 +49,7 @@ def resolve_device(name: str) -> torch.device:
             print(f"MPS is not available here: using cpu instead of {name}")
             return torch.device("cpu")
     elif device.type != "cpu":
-        raise UserError(f"unsupported device {name!r}: use cpu, cuda, cuda:N or mps")
+        raise UserError(f"unsupported device {name!r}: {DEVICES}")
     return device
 
 
@@ -56,16 +57,17 @@ def resolve_device(name: str) -> torch.device:
 def explain_missing_dataset(name: str, root: str):
     """Turn a failed torchvision download into one sentence that says what to do.
 
-    torchvision prints each mirror it tries; that chatter is held back and shown only
-    when the dataset loads.
+    torchvision prints each mirror it tries; that chatter is held back, and shown
+    only if the dataset loads after all.
     """
     chatter = io.StringIO()
     try:
         with contextlib.redirect_stdout(chatter):
             yield
     except (OSError, RuntimeError) as err:
+        reason = str(err).splitlines()[0].rstrip(":")
         raise UserError(
-            f"{name} is not in {root} and could not be downloaded ({err}): put its "
+            f"{name} is not in {root} and could not be downloaded ({reason}): put its "
             f"files there or point --data-root at them, or run with --fake-data N"
         ) from None
     sys.stdout.write(chatter.getvalue())
@@ -73,7 +75,7 @@ def explain_missing_dataset(name: str, root: str):
 
 @contextlib.contextmanager
 def explain_image_folder(root: str | None):
-    """Check a folder for `ImageFolder` and turn its errors into one sentence."""
+    """Check a folder for `ImageFolder`, and turn its errors into one sentence."""
     layout = "ImageFolder wants the images one folder down, in ROOT/<subfolder>/*.jpg"
     if root is None:
         raise UserError(
@@ -81,11 +83,11 @@ def explain_image_folder(root: str | None):
             "(or run with --fake-data N)"
         )
     if not os.path.isdir(root):
-        raise UserError(f"{root} is not a folder: pass the image folder with --data-root")
+        raise UserError(f"{root} is not a folder: give the image folder to --data-root")
     try:
         yield
     except FileNotFoundError:
-        loose = [f for f in os.listdir(root) if f.lower().endswith(IMAGE_SUFFIXES)]
+        loose = [f for f in os.listdir(root) if f.lower().endswith(IMG_EXTENSIONS)]
         if loose:
             raise UserError(
                 f"{root} holds {len(loose)} images directly, but {layout}: move them "
@@ -102,18 +104,21 @@ def real_images(x: torch.Tensor, dataset: Dataset, n: int = 8) -> torch.Tensor:
     return torch.cat([x, torch.stack(top_up).to(x.device)])
 
 
-def save_checkpoint(path: str, ddpm: nn.Module, optim: torch.optim.Optimizer, epoch: int):
-    """Save everything `--resume` needs after `epoch` epochs: tensors and plain values.
+def save_checkpoint(
+    path: str, ddpm: nn.Module, optim: torch.optim.Optimizer, epoch: int
+) -> None:
+    """Save all that `--resume` needs after `epoch` epochs, as tensors and plain values.
 
     The file is written beside the old one and renamed over it, so an interrupted save
     never destroys the last good checkpoint.
     """
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
     state = {
         "model": ddpm.state_dict(),
         "optimizer": optim.state_dict(),
         "epoch": epoch,
         "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "rng_cuda": cuda_rng,
     }
     tmp_path = path + ".tmp"
     torch.save(state, tmp_path)
@@ -126,17 +131,19 @@ def resume_or_start(
     """The epoch to start at: 0 for a new run, or where the checkpoint at `path` ended.
 
     Resuming restores the model, the optimizer and the random number generators, so
-    that the run goes on exactly as if it had never stopped. A new run refuses to
-    overwrite an existing checkpoint.
+    the run goes on exactly as if it had never stopped. A new run refuses to overwrite
+    an existing checkpoint.
     """
     if not resume:
         if os.path.exists(path):
             raise UserError(
-                f"{path} already exists: continue it with --resume, or choose another --out"
+                f"{path} already exists: continue it with --resume, "
+                f"or choose another --out"
             )
         return 0
     if not os.path.exists(path):
         raise UserError(f"--resume: there is no checkpoint at {path}")
+    unreadable = f"--resume: {path} is not a readable checkpoint"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -146,9 +153,9 @@ def resume_or_start(
                 f"--resume: {path} refused: it holds Python objects besides tensors "
                 f"and plain values, and loading them could run code"
             ) from None
-        raise UserError(f"--resume: {path} is not a readable checkpoint") from None
+        raise UserError(unreadable) from None
     except (RuntimeError, EOFError, OSError):
-        raise UserError(f"--resume: {path} is not a readable checkpoint") from None
+        raise UserError(unreadable) from None
     try:
         ddpm.load_state_dict(state["model"])
         optim.load_state_dict(state["optimizer"])
@@ -171,17 +178,19 @@ def resume_or_start(
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
+    """An argparse type: an integer no smaller than `minimum`."""
+
+    def integer(text: str) -> int:
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
 
-    parse.__name__ = "integer"
-    return parse
+    return integer
 
 
 def positive_float(text: str) -> float:
+    """An argparse type: a float above zero."""
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
@@ -189,9 +198,10 @@ def positive_float(text: str) -> float:
 
 
 def main(train: Callable, description: str, argv: list[str] | None = None) -> None:
-    """Run `train` with the command line's flags, whose defaults are its own."""
+    """Run `train` with the command line's flags; their defaults are train's own."""
     defaults = {
-        name: param.default for name, param in inspect.signature(train).parameters.items()
+        name: param.default
+        for name, param in inspect.signature(train).parameters.items()
     }
     parser = argparse.ArgumentParser(
         description=description,
@@ -201,8 +211,8 @@ def main(train: Callable, description: str, argv: list[str] | None = None) -> No
     add("--epochs", dest="n_epoch", type=at_least(1), default=defaults["n_epoch"],
         help="total epochs to train, also when resuming (default: %(default)s)")
     add("--device", default=defaults["device"],
-        help="cpu, cuda, cuda:N or mps; a missing GPU falls back to the nearest "
-        "device this machine has (default: %(default)s)")
+        help="cpu, cuda, cuda:N or mps; a GPU this machine lacks falls back to the "
+        "nearest device it has (default: %(default)s)")
     add("--batch-size", type=at_least(1), default=defaults["batch_size"],
         help="images per optimizer step (default: %(default)s)")
     add("--lr", type=positive_float, default=defaults["lr"],
@@ -212,15 +222,15 @@ def main(train: Callable, description: str, argv: list[str] | None = None) -> No
     add("--data-root", default=defaults["data_root"],
         help="dataset folder (default: %s)" % (defaults["data_root"] or "$CELEBA_PATH"))
     add("--out", default=defaults["out"],
-        help="folder for sample grids and the checkpoint (default: %(default)s)")
+        help="folder for the sample grids and the checkpoint (default: %(default)s)")
     add("--seed", type=int, default=defaults["seed"],
-        help="seed torch's random number generator (default: %(default)s, unseeded)")
+        help="seed for torch's random numbers (default: %(default)s, unseeded)")
     add("--num-workers", type=at_least(0), default=defaults["num_workers"],
         help="DataLoader worker processes (default: %(default)s)")
     add("--resume", action="store_true",
-        help="continue from the checkpoint in --out up to --epochs")
+        help="continue from the checkpoint in --out, up to --epochs")
     add("--fake-data", type=at_least(1), default=None, metavar="N",
-        help="train on N random images of the dataset's shape instead, no download "
+        help="train on N random images of the dataset's shape, with no download "
         "(default: off)")
     args = parser.parse_args(argv)
     try:

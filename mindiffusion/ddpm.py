@@ -14,11 +14,13 @@ def ddpm_schedules(beta1: float, beta2: float, T: int) -> dict[str, torch.Tensor
     carries no accumulated rounding error.
     """
     if not 0 < beta1 < beta2 < 1:
-        raise ValueError(f"betas must satisfy 0 < beta1 < beta2 < 1, got ({beta1}, {beta2})")
+        raise ValueError(
+            f"betas must satisfy 0 < beta1 < beta2 < 1, got ({beta1}, {beta2})"
+        )
     if T < 1:
-        raise ValueError(f"the number of diffusion steps T must be at least 1, got {T}")
+        raise ValueError(f"T, the number of diffusion steps, must be at least 1: {T}")
 
-    # \beta_t = \beta_1 + (\beta_2 - \beta_1) t / T, linear from beta1 (t=0) to beta2 (t=T)
+    # \beta_t = \beta_1 + (\beta_2 - \beta_1) t / T: beta1 at t = 0, beta2 at t = T
     beta_t = beta1 + (beta2 - beta1) * torch.arange(0, T + 1, dtype=torch.float64) / T
     # \sqrt{\beta_t}, the standard deviation of the noise added at each sampling step
     sqrt_beta_t = torch.sqrt(beta_t)
@@ -32,7 +34,7 @@ def ddpm_schedules(beta1: float, beta2: float, T: int) -> dict[str, torch.Tensor
     oneover_sqrta = 1 / torch.sqrt(alpha_t)
     # \sqrt{1 - \bar{\alpha}_t}, the standard deviation of the noise in x_t
     sqrtmab = torch.sqrt(1 - alphabar_t)
-    # (1 - \alpha_t) / \sqrt{1 - \bar{\alpha}_t}, the weight of eps in the sampler's mean
+    # (1 - \alpha_t) / \sqrt{1 - \bar{\alpha}_t}, the weight of eps in the sampler
     mab_over_sqrtmab = (1 - alpha_t) / sqrtmab
 
     schedules = {
@@ -97,8 +99,8 @@ class DDPM(nn.Module):
             # the same timestep for every image, as a (n_sample, 1) tensor
             t = torch.full((n_sample, 1), i / self.n_T, device=device)
             eps = self.eps_model(x_i, t)
-            # x_{i-1} = 1/\sqrt{\alpha_i} (x_i - (1-\alpha_i)/\sqrt{1-\bar{\alpha}_i} \epsilon)
-            #           + \sqrt{\beta_i} z
+            # x_{i-1} = (x_i - \beta_i/\sqrt{1-\bar{\alpha}_i} eps) / \sqrt{\alpha_i}
+            #           + \sqrt{\beta_i} z,   eps = eps_model(x_i, i / n_T)
             x_i = (
                 self.oneover_sqrta[i] * (x_i - eps * self.mab_over_sqrtmab[i])
                 + self.sqrt_beta_t[i] * z

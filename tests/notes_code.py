@@ -3,6 +3,7 @@
 Only what the notes write in full is here: the NaiveUnet with its blocks (section 4),
 the DummyEpsModel layers (section 2.2) and the sampling loop (section 1.3).
 """
+
 import torch
 import torch.nn as nn
 
@@ -123,7 +124,7 @@ class NaiveUnet(nn.Module):
 
 
 class NotesDummyEpsModel(nn.Module):
-    """Section 2.2's `blk` and `self.conv`, wrapped in the smallest module around them."""
+    """Section 2.2's `blk` and `self.conv`, in the smallest module around them."""
 
     def __init__(self, n_channel):
         super().__init__()

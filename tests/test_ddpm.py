@@ -1,5 +1,6 @@
 """The schedules against their closed forms, and DDPM's loss (Algorithm 1) and sampler
 (Algorithm 2) against a Gaussian oracle whose answers are known in closed form."""
+
 import math
 
 import pytest
@@ -24,15 +25,20 @@ def test_schedules_match_their_closed_forms():
         "alphabar_t": alphabar,
         "sqrtab": [math.sqrt(ab) for ab in alphabar],
         "sqrtmab": [math.sqrt(1 - ab) for ab in alphabar],
-        "mab_over_sqrtmab": [(1 - a) / math.sqrt(1 - ab) for a, ab in zip(alpha, alphabar)],
+        "mab_over_sqrtmab": [
+            (1 - a) / math.sqrt(1 - ab) for a, ab in zip(alpha, alphabar)
+        ],
     }
     assert set(s) == set(expected)
     for name, values in expected.items():
         assert s[name].shape == (T + 1,), name
         assert s[name].dtype == torch.float32, name
         torch.testing.assert_close(
-            s[name].double(), torch.tensor(values, dtype=torch.float64),
-            rtol=2e-7, atol=0, msg=name,
+            s[name].double(),
+            torch.tensor(values, dtype=torch.float64),
+            rtol=2e-7,
+            atol=0,
+            msg=name,
         )
     # beta runs from beta1 at t=0 to beta2 at t=T
     assert s["sqrt_beta_t"][0] ** 2 == pytest.approx(BETAS[0], rel=1e-6)
@@ -40,7 +46,8 @@ def test_schedules_match_their_closed_forms():
 
 
 @pytest.mark.parametrize(
-    "beta1, beta2", [(0.0, 0.02), (-1e-4, 0.02), (0.02, 1e-4), (0.02, 0.02), (1e-4, 1.0)]
+    "beta1, beta2",
+    [(0.0, 0.02), (-1e-4, 0.02), (0.02, 1e-4), (0.02, 0.02), (1e-4, 1.0)],
 )
 def test_out_of_range_betas_raise_value_error(beta1, beta2):
     with pytest.raises(ValueError, match="0 < beta1 < beta2 < 1"):
@@ -58,10 +65,19 @@ def test_fewer_than_one_step_raises_value_error(T):
 def test_schedules_are_buffers_not_parameters():
     ddpm = DDPM(eps_model=nn.Conv2d(1, 1, 1), betas=BETAS, n_T=10)
     buffers = dict(ddpm.named_buffers())
-    for name in ("sqrtab", "sqrtmab", "oneover_sqrta", "mab_over_sqrtmab", "sqrt_beta_t"):
+    for name in (
+        "sqrtab",
+        "sqrtmab",
+        "oneover_sqrta",
+        "mab_over_sqrtmab",
+        "sqrt_beta_t",
+    ):
         assert buffers[name].shape == (11,)
         assert name in ddpm.state_dict()
-    assert {n for n, _ in ddpm.named_parameters()} == {"eps_model.weight", "eps_model.bias"}
+    assert {n for n, _ in ddpm.named_parameters()} == {
+        "eps_model.weight",
+        "eps_model.bias",
+    }
     assert ddpm.double().sqrtab.dtype == torch.float64
 
 
@@ -100,7 +116,8 @@ def test_sampling_walks_n_T_down_to_1_with_one_timestep_tensor_per_image():
 
 
 def test_sampling_adds_noise_only_while_i_is_above_1():
-    # with a zero noise prediction, Algorithm 2 reads x_{i-1} = x_i / sqrt(alpha_i) + sigma_i z,
+    # with a zero noise prediction, Algorithm 2 reads
+    # x_{i-1} = x_i / sqrt(alpha_i) + sigma_i z,
     # sigma_i = sqrt(beta_i), and the last step (i = 1) adds no z
     T = 2
     beta = [BETAS[0] + (BETAS[1] - BETAS[0]) * t / T for t in range(T + 1)]

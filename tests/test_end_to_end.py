@@ -1,4 +1,5 @@
 """Each script run as a user runs it, in a fresh process, on --fake-data."""
+
 import os
 import subprocess
 import sys
@@ -14,13 +15,30 @@ from train_mnist import DummyEpsModel
 
 # script, its flags, the grid it writes and its tile size, its checkpoint and model
 RUNS = [
-    ("train_mnist.py", ["--fake-data", "2", "--batch-size", "2"],
-     "ddpm_sample_0.png", 28, "ddpm_mnist.pth", lambda: DummyEpsModel(1)),
-    ("train_cifar10.py", ["--fake-data", "3", "--batch-size", "2", "--device", "cpu"],
-     "ddpm_sample_cifar0.png", 32, "ddpm_cifar.pth", lambda: NaiveUnet(3, 3, n_feat=128)),
-    ("train_celeba.py", ["--fake-data", "1", "--device", "cpu"],
-     "ddpm_sample_celeba000.png", 128, "ddpm_celeba.pth",
-     lambda: NaiveUnet(3, 3, n_feat=128)),
+    (
+        "train_mnist.py",
+        ["--fake-data", "2", "--batch-size", "2"],
+        "ddpm_sample_0.png",
+        28,
+        "ddpm_mnist.pth",
+        lambda: DummyEpsModel(1),
+    ),
+    (
+        "train_cifar10.py",
+        ["--fake-data", "3", "--batch-size", "2", "--device", "cpu"],
+        "ddpm_sample_cifar0.png",
+        32,
+        "ddpm_cifar.pth",
+        lambda: NaiveUnet(3, 3, n_feat=128),
+    ),
+    (
+        "train_celeba.py",
+        ["--fake-data", "1", "--device", "cpu"],
+        "ddpm_sample_celeba000.png",
+        128,
+        "ddpm_celeba.pth",
+        lambda: NaiveUnet(3, 3, n_feat=128),
+    ),
 ]
 
 
@@ -30,14 +48,31 @@ def test_script_runs_end_to_end_on_fake_data(
 ):
     env = {k: v for k, v in os.environ.items() if k != "CELEBA_PATH"}
     result = subprocess.run(
-        [sys.executable, str(REPO / script), "--epochs", "1", "--n-T", "1",
-         "--num-workers", "0", "--out", "results", *flags],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / script),
+            "--epochs",
+            "1",
+            "--n-T",
+            "1",
+            "--num-workers",
+            "0",
+            "--out",
+            "results",
+            *flags,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     if "--device" not in flags and not torch.cuda.is_available():
-        assert "CUDA is not available here: using cpu instead of cuda:0" in result.stdout
+        assert (
+            "CUDA is not available here: using cpu instead of cuda:0" in result.stdout
+        )
 
     out = tmp_path / "results"
     assert sorted(p.name for p in out.iterdir()) == sorted([grid, checkpoint])
@@ -56,7 +91,11 @@ def test_celeba_without_a_folder_says_where_to_put_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CELEBA_PATH"}
     result = subprocess.run(
         [sys.executable, str(REPO / "train_celeba.py")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [

@@ -1,4 +1,5 @@
-"""The noise models: their shapes, the 32-pixel rule, and equality with the notes' code."""
+"""The noise models: their shapes, the 32-pixel rule, and agreement with the notes."""
+
 import pytest
 import torch
 

@@ -1,0 +1,348 @@
+"""The command line: help and defaults, devices, checkpoints, --resume, and every bad
+input ending in one sentence and a non-zero exit, without a traceback."""
+
+import inspect
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import run_script
+from mindiffusion import cli
+from mindiffusion.ddpm import DDPM
+from train_celeba import train_celeba
+from train_cifar10 import train_cifar10
+from train_mnist import DummyEpsModel, train_mnist
+
+CPUS = os.cpu_count()
+# a CIFAR-10 run of a few seconds on a CPU
+QUICK = dict(device="cpu", batch_size=2, n_T=2, fake_data=3, num_workers=0)
+QUICK_FLAGS = [
+    "--device",
+    "cpu",
+    "--batch-size",
+    "2",
+    "--n-T",
+    "2",
+    "--fake-data",
+    "3",
+    "--num-workers",
+    "0",
+]
+
+
+# the notes' settings for each script; num_workers: the original's, capped at the CPUs
+@pytest.mark.parametrize(
+    "train, epochs, device, batch_size, lr, num_workers",
+    [
+        (train_mnist, 100, "cuda:0", 128, 2e-4, min(20, CPUS)),
+        (train_cifar10, 100, "cuda:1", 512, 1e-5, min(16, CPUS)),
+        (train_celeba, 100, "cuda:1", 32, 2e-5, min(16, CPUS)),
+    ],
+)
+def test_help_shows_each_flag_with_the_notes_defaults(
+    train, epochs, device, batch_size, lr, num_workers, capsys
+):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(train, "", ["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in [
+        ("--epochs", epochs),
+        ("--device", device),
+        ("--batch-size", batch_size),
+        ("--lr", lr),
+        ("--n-T", 1000),
+        ("--out", "contents"),
+        ("--num-workers", num_workers),
+    ]:
+        assert f"{flag} " in text and f"(default: {default})" in text, flag
+    for flag in ["--data-root", "--seed", "--resume", "--fake-data"]:
+        assert f"{flag} " in text, flag
+    assert inspect.signature(train).parameters["n_epoch"].default == epochs
+
+
+def test_a_missing_cuda_device_falls_back_with_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert cli.resolve_device("cuda:1") == torch.device("cpu")
+    assert (
+        capsys.readouterr().out
+        == "CUDA is not available here: using cpu instead of cuda:1\n"
+    )
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert cli.resolve_device("cuda") == torch.device("mps")
+    assert (
+        capsys.readouterr().out
+        == "CUDA is not available here: using mps instead of cuda\n"
+    )
+
+
+def test_a_missing_gpu_index_falls_back_to_cuda_0(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.resolve_device("cuda:1") == torch.device("cuda:0")
+    assert (
+        capsys.readouterr().out
+        == "cuda:1 does not exist (1 GPU(s) here): using cuda:0 instead\n"
+    )
+    assert cli.resolve_device("cuda:0") == torch.device("cuda:0")
+    assert cli.resolve_device("cuda") == torch.device("cuda")
+    assert capsys.readouterr().out == ""
+
+
+def test_cpu_is_taken_as_asked(capsys):
+    assert cli.resolve_device("cpu") == torch.device("cpu")
+    assert capsys.readouterr().out == ""
+
+
+def one_sentence(err):
+    """The single line a bad input prints, without the program's name."""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    return lines[0].split(": error: ", 1)[1]
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("banana", "unknown device 'banana': use cpu, cuda, cuda:N or mps"),
+        ("cuda:x", "unknown device 'cuda:x': use cpu, cuda, cuda:N or mps"),
+        ("meta", "unsupported device 'meta': use cpu, cuda, cuda:N or mps"),
+    ],
+)
+def test_an_unknown_device_is_one_sentence(name, expected, tmp_path, capsys):
+    code, err = run_script(
+        train_cifar10, ["--device", name, "--out", str(tmp_path)], capsys
+    )
+    assert code == 2
+    assert one_sentence(err) == expected
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--epochs", "0", "must be at least 1, got 0"),
+        ("--n-T", "0", "must be at least 1, got 0"),
+        ("--batch-size", "0", "must be at least 1, got 0"),
+        ("--fake-data", "0", "must be at least 1, got 0"),
+        ("--num-workers", "-1", "must be at least 0, got -1"),
+        ("--lr", "0", "must be positive, got 0.0"),
+        ("--epochs", "many", "invalid integer value: 'many'"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_by_the_parser(flag, value, expected, capsys):
+    code, err = run_script(train_mnist, [flag, value], capsys)
+    assert code == 2
+    # argparse prints its usage, then the one line that says what is wrong
+    assert err.splitlines()[-1].endswith(f"error: argument {flag}: {expected}")
+
+
+@pytest.mark.parametrize(
+    "train, name", [(train_mnist, "MNIST"), (train_cifar10, "CIFAR-10")]
+)
+def test_a_dataset_that_is_missing_and_cannot_be_downloaded(
+    train, name, tmp_path, capsys, no_network
+):
+    root = str(tmp_path / "data")
+    code, err = run_script(
+        train,
+        ["--device", "cpu", "--data-root", root, "--out", str(tmp_path / "out")],
+        capsys,
+    )
+    assert code == 2
+    sentence = one_sentence(err)
+    assert sentence.startswith(f"{name} is not in {root} and could not be downloaded (")
+    assert sentence.endswith(
+        "put its files there or point --data-root at them, or run with --fake-data N"
+    )
+
+
+def write_jpg(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    Image.new("RGB", (178, 218), (10, 20, 30)).save(path)
+
+
+def test_celeba_image_folder_mistakes(tmp_path, capsys):
+    def error_for(root):
+        code, err = run_script(
+            train_celeba,
+            [
+                "--device",
+                "cpu",
+                "--data-root",
+                str(root),
+                "--out",
+                str(tmp_path / "out"),
+            ],
+            capsys,
+        )
+        assert code == 2
+        return one_sentence(err)
+
+    layout = "ImageFolder wants the images one folder down, in ROOT/<subfolder>/*.jpg"
+    assert error_for(tmp_path / "nowhere") == (
+        f"{tmp_path / 'nowhere'} is not a folder: give the image folder to --data-root"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert error_for(empty) == f"no images found under {empty}: {layout}"
+    loose = tmp_path / "loose"
+    write_jpg(loose / "000001.jpg")
+    write_jpg(loose / "000002.jpg")
+    assert error_for(loose) == (
+        f"{loose} holds 2 images directly, but {layout}: move them into a subfolder "
+        f"such as {loose / 'all'}"
+    )
+    hollow = tmp_path / "hollow"
+    (hollow / "img_align_celeba").mkdir(parents=True)
+    assert error_for(hollow) == f"no images found under {hollow}: {layout}"
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """A folder holding the checkpoint and grid of a 1-epoch CIFAR-10 run, seed 0."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    train_cifar10(n_epoch=1, seed=0, out=str(out), **QUICK)
+    return out
+
+
+def test_resume_continues_exactly_as_a_straight_run(one_epoch, tmp_path, capsys):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_cifar10(n_epoch=2, seed=0, out=str(straight), **QUICK)
+    shutil.copytree(one_epoch, resumed)
+    cli.main(
+        train_cifar10,
+        "",
+        [
+            *QUICK_FLAGS,
+            "--seed",
+            "0",
+            "--epochs",
+            "2",
+            "--resume",
+            "--out",
+            str(resumed),
+        ],
+    )
+    assert "resuming from" in capsys.readouterr().out
+
+    a = torch.load(straight / "ddpm_cifar.pth", weights_only=True)
+    b = torch.load(resumed / "ddpm_cifar.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for p, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][p][key]), (p, key)
+    for name in ["ddpm_sample_cifar0.png", "ddpm_sample_cifar1.png"]:
+        assert (straight / name).read_bytes() == (resumed / name).read_bytes(), name
+
+
+def test_a_new_run_never_overwrites_a_checkpoint(one_epoch, capsys):
+    checkpoint = one_epoch / "ddpm_cifar.pth"
+    before = checkpoint.read_bytes()
+    code, err = run_script(
+        train_cifar10, [*QUICK_FLAGS, "--out", str(one_epoch)], capsys
+    )
+    assert code == 2
+    assert one_sentence(err) == (
+        f"{checkpoint} already exists: continue it with --resume, "
+        f"or choose another --out"
+    )
+    assert checkpoint.read_bytes() == before
+
+
+def test_resume_when_every_epoch_is_done(one_epoch, capsys):
+    code, err = run_script(
+        train_cifar10,
+        [*QUICK_FLAGS, "--epochs", "1", "--resume", "--out", str(one_epoch)],
+        capsys,
+    )
+    assert code == 2
+    assert one_sentence(err) == (
+        f"--resume: {one_epoch / 'ddpm_cifar.pth'} has already trained 1 epochs; "
+        f"ask for more with --epochs"
+    )
+
+
+class RunsCode:
+    """Unpickling this object runs a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_bad_checkpoints_are_refused_with_one_sentence(one_epoch, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    checkpoint = out / "ddpm_cifar.pth"
+
+    def resume_error():
+        code, err = run_script(
+            train_cifar10, [*QUICK_FLAGS, "--resume", "--out", str(out)], capsys
+        )
+        assert code == 2
+        return one_sentence(err)
+
+    assert resume_error() == f"--resume: there is no checkpoint at {checkpoint}"
+
+    good = (one_epoch / "ddpm_cifar.pth").read_bytes()
+    checkpoint.write_bytes(good[: len(good) // 2])
+    assert resume_error() == f"--resume: {checkpoint} is not a readable checkpoint"
+    checkpoint.write_bytes(b"")
+    assert resume_error() == f"--resume: {checkpoint} is not a readable checkpoint"
+
+    marker = tmp_path / "code-ran"
+    torch.save({"model": RunsCode(marker), "epoch": 1}, checkpoint)
+    assert resume_error() == (
+        f"--resume: {checkpoint} refused: it holds Python objects besides tensors and "
+        f"plain values, and loading them could run code"
+    )
+    assert not marker.exists()
+
+    mnist_ddpm = DDPM(eps_model=DummyEpsModel(1), betas=(1e-4, 0.02), n_T=2)
+    optim = torch.optim.Adam(mnist_ddpm.parameters())
+    cli.save_checkpoint(str(checkpoint), mnist_ddpm, optim, epoch=1)
+    assert resume_error().startswith(
+        f"--resume: {checkpoint} does not fit this script's model and settings ("
+    )
+
+
+def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ddpm.pth")
+    ddpm = DDPM(eps_model=nn.Conv2d(1, 1, 3, padding=1), betas=(1e-4, 0.02), n_T=10)
+    optim = torch.optim.Adam(ddpm.parameters())
+    cli.save_checkpoint(path, ddpm, optim, epoch=1)
+    before = open(path, "rb").read()
+
+    def save_half_then_stop(obj, f):
+        with open(f, "wb") as file:
+            file.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", save_half_then_stop)
+    with torch.no_grad():
+        ddpm.eps_model.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        cli.save_checkpoint(path, ddpm, optim, epoch=2)
+    assert open(path, "rb").read() == before
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+
+
+def test_real_images_tops_up_a_short_batch_from_the_dataset():
+    dataset = [(torch.full((1, 2, 2), float(k)), 0) for k in range(3)]
+    x = torch.full((2, 1, 2, 2), -1.0)
+    real = cli.real_images(x, dataset, 8)
+    assert real[:, 0, 0, 0].tolist() == [-1, -1, 0, 1, 2, 0, 1, 2]
+    assert torch.equal(
+        cli.real_images(torch.zeros(9, 1, 2, 2), dataset, 8), torch.zeros(8, 1, 2, 2)
+    )

@@ -1,0 +1,159 @@
+"""Each script's real dataset loader, on a few images written in the dataset's own
+on-disk format. The model is swapped for a cheap stand-in: the data is under test."""
+
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets.cifar
+from PIL import Image
+
+from mindiffusion.ddpm import DDPM
+from train_celeba import train_celeba
+from train_cifar10 import train_cifar10
+from train_mnist import train_mnist
+
+
+@pytest.fixture
+def seen_batches(monkeypatch):
+    """Record the batches that training sees, and skip the expensive model."""
+    batches = []
+
+    def forward(self, x):
+        batches.append(x.clone())
+        # a loss that touches every parameter, so the optimizer step still runs
+        return sum(p.sum() for p in self.parameters()) * 0.0
+
+    def sample(self, n_sample, size, device):
+        return torch.zeros(n_sample, *size, device=device)
+
+    monkeypatch.setattr(DDPM, "forward", forward)
+    monkeypatch.setattr(DDPM, "sample", sample)
+    return batches
+
+
+def grid_tiles(path, tile):
+    """The 16 tiles of a 4x4 grid PNG, as uint8 tensors of shape (C, tile, tile)."""
+    grid = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)
+    step = tile + 2
+    return [
+        grid[:, 2 + r * step : 2 + r * step + tile, 2 + c * step : 2 + c * step + tile]
+        for r in range(4)
+        for c in range(4)
+    ]
+
+
+def write_idx(path, array):
+    """An IDX file as MNIST ships it: magic 0x08 (unsigned byte) and the dimensions."""
+    header = struct.pack(">I", 0x0800 | array.dim())
+    header += b"".join(struct.pack(">I", n) for n in array.shape)
+    path.write_bytes(header + array.numpy().tobytes())
+
+
+def test_mnist_reads_idx_files(tmp_path, seen_batches):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8, generator=g)
+    write_idx(raw / "train-images-idx3-ubyte", images)
+    write_idx(raw / "train-labels-idx1-ubyte", torch.arange(6, dtype=torch.uint8))
+    write_idx(raw / "t10k-images-idx3-ubyte", images[:2])
+    write_idx(raw / "t10k-labels-idx1-ubyte", torch.arange(2, dtype=torch.uint8))
+
+    train_mnist(
+        n_epoch=1,
+        device="cpu",
+        batch_size=4,
+        n_T=1,
+        data_root=str(tmp_path),
+        out=str(tmp_path / "out"),
+        num_workers=0,
+    )
+
+    x = torch.cat(seen_batches)
+    assert x.shape == (6, 1, 28, 28)
+    # Normalize((0.5,), (1.0,)) maps a byte v to v / 255 - 0.5
+    assert x.min() >= -0.5 and x.max() <= 0.5
+    pixels = ((x + 0.5) * 255).round().to(torch.uint8)[:, 0]
+    assert sorted(map(bytes, pixels.numpy())) == sorted(map(bytes, images.numpy()))
+    assert (tmp_path / "out" / "ddpm_sample_0.png").exists()
+
+
+def test_cifar10_reads_python_batches(tmp_path, monkeypatch, seen_batches):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    # 10 images, rows of 3072 bytes: the red plane, then green, then blue
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=g)
+    for k in range(5):
+        batch = {
+            "data": images[2 * k : 2 * k + 2].reshape(2, 3072).numpy(),
+            "labels": [k, k],
+        }
+        (folder / f"data_batch_{k + 1}").write_bytes(pickle.dumps(batch))
+    test = {"data": images[:1].reshape(1, 3072).numpy(), "labels": [0]}
+    (folder / "test_batch").write_bytes(pickle.dumps(test))
+    meta = {"label_names": [f"class{k}" for k in range(10)]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
+    # torchvision insists on the real files' checksums; keep its check that they exist
+    monkeypatch.setattr(
+        torchvision.datasets.cifar,
+        "check_integrity",
+        lambda path, md5=None: os.path.isfile(path),
+    )
+
+    train_cifar10(
+        n_epoch=1,
+        device="cpu",
+        batch_size=4,
+        n_T=1,
+        data_root=str(tmp_path),
+        out=str(tmp_path / "out"),
+        num_workers=0,
+    )
+
+    x = torch.cat(seen_batches)
+    assert x.shape == (10, 3, 32, 32)
+    # Normalize(0.5, 0.5) maps a byte v to 2 v / 255 - 1
+    pixels = ((x + 1) / 2 * 255).round().to(torch.uint8)
+    written = sorted(map(bytes, images.numpy()))
+    assert sorted(map(bytes, pixels.numpy())) == written
+    # the real half of the grid: 8 of the written images, though the last batch held 2
+    tiles = grid_tiles(tmp_path / "out" / "ddpm_sample_cifar0.png", 32)
+    assert all(bytes(tile.numpy()) in written for tile in tiles[8:])
+
+
+def test_celeba_reads_an_image_folder(tmp_path, seen_batches):
+    faces = tmp_path / "celeba" / "img_align_celeba"
+    faces.mkdir(parents=True)
+    # flat colours survive JPEG and resizing almost unchanged, and tell the files apart
+    colours = [(40 * k, 250 - 40 * k, 60 + 30 * k) for k in range(5)]
+    for k, colour in enumerate(colours):
+        Image.new("RGB", (178, 218), colour).save(faces / f"{k + 1:06d}.jpg")
+
+    train_celeba(
+        n_epoch=1,
+        device="cpu",
+        batch_size=4,
+        n_T=1,
+        data_root=str(tmp_path / "celeba"),
+        out=str(tmp_path / "out"),
+        num_workers=0,
+    )
+
+    def colour_of(image):
+        return [round(v) for v in image.float().mean(dim=(1, 2)).tolist()]
+
+    def is_written(rgb):
+        return any(max(abs(a - b) for a, b in zip(rgb, c)) <= 3 for c in colours)
+
+    x = torch.cat(seen_batches)
+    assert x.shape == (5, 3, 128, 128)
+    pixels = (x + 1) / 2 * 255
+    assert all(is_written(colour_of(image)) for image in pixels)
+    tiles = grid_tiles(tmp_path / "out" / "ddpm_sample_celeba000.png", 128)
+    # 8 real faces, though the last batch held only 1
+    assert all(is_written(colour_of(tile)) for tile in tiles[8:])
