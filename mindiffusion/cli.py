@@ -199,39 +199,39 @@ def positive_float(text: str) -> float:
 
 def main(train: Callable, description: str, argv: list[str] | None = None) -> None:
     """Run `train` with the command line's flags; their defaults are train's own."""
-    defaults = {
-        name: param.default
-        for name, param in inspect.signature(train).parameters.items()
-    }
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add("--epochs", dest="n_epoch", type=at_least(1), default=defaults["n_epoch"],
+    add("--epochs", dest="n_epoch", type=at_least(1), metavar="N",
         help="total epochs to train, also when resuming (default: %(default)s)")
-    add("--device", default=defaults["device"],
+    add("--device", metavar="NAME",
         help="cpu, cuda, cuda:N or mps; a GPU this machine lacks falls back to the "
         "nearest device it has (default: %(default)s)")
-    add("--batch-size", type=at_least(1), default=defaults["batch_size"],
+    add("--batch-size", type=at_least(1), metavar="N",
         help="images per optimizer step (default: %(default)s)")
-    add("--lr", type=positive_float, default=defaults["lr"],
+    add("--lr", type=positive_float,
         help="Adam learning rate (default: %(default)s)")
-    add("--n-T", dest="n_T", type=at_least(1), default=defaults["n_T"],
+    add("--n-T", dest="n_T", type=at_least(1), metavar="T",
         help="diffusion steps T (default: %(default)s)")
-    add("--data-root", default=defaults["data_root"],
-        help="dataset folder (default: %s)" % (defaults["data_root"] or "$CELEBA_PATH"))
-    add("--out", default=defaults["out"],
+    add("--data-root", metavar="DIR",
+        help="dataset folder (default: %(default)s)")
+    add("--out", metavar="DIR",
         help="folder for the sample grids and the checkpoint (default: %(default)s)")
-    add("--seed", type=int, default=defaults["seed"],
-        help="seed for torch's random numbers (default: %(default)s, unseeded)")
-    add("--num-workers", type=at_least(0), default=defaults["num_workers"],
+    add("--seed", type=int, metavar="N",
+        help="seed for torch's random numbers (default: unseeded)")
+    add("--num-workers", type=at_least(0), metavar="N",
         help="DataLoader worker processes (default: %(default)s)")
     add("--resume", action="store_true",
         help="continue from the checkpoint in --out, up to --epochs")
-    add("--fake-data", type=at_least(1), default=None, metavar="N",
+    add("--fake-data", type=at_least(1), metavar="N",
         help="train on N random images of the dataset's shape, with no download "
         "(default: off)")
+    parser.set_defaults(**{
+        name: param.default
+        for name, param in inspect.signature(train).parameters.items()
+    })
     args = parser.parse_args(argv)
     try:
         train(**vars(args))

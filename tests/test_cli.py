@@ -346,3 +346,25 @@ def test_real_images_tops_up_a_short_batch_from_the_dataset():
     assert torch.equal(
         cli.real_images(torch.zeros(9, 1, 2, 2), dataset, 8), torch.zeros(8, 1, 2, 2)
     )
+
+
+def test_ctrl_c_stops_with_one_line_and_keeps_the_checkpoint(
+    one_epoch, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "out"
+    shutil.copytree(one_epoch, out)
+    before = (out / "ddpm_cifar.pth").read_bytes()
+
+    def interrupted(self, x):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DDPM, "forward", interrupted)
+    code, err = run_script(
+        train_cifar10,
+        [*QUICK_FLAGS, "--epochs", "3", "--resume", "--out", str(out)],
+        capsys,
+    )
+    assert code == 130
+    # the progress bar shares stderr; the message is its last line
+    assert err.splitlines()[-1] == f"interrupted: what was saved in {out} is kept"
+    assert (out / "ddpm_cifar.pth").read_bytes() == before
