@@ -7,6 +7,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mindiffusion import cli  # noqa: E402
+
 
 @pytest.fixture
 def no_network(monkeypatch):
@@ -19,8 +21,6 @@ def no_network(monkeypatch):
 
 def run_script(train, argv, capsys):
     """Run a training function through its command line; return (exit code, stderr)."""
-    from mindiffusion import cli
-
     with pytest.raises(SystemExit) as exit_info:
         cli.main(train, "", argv)
     return exit_info.value.code, capsys.readouterr().err

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 from conftest import run_script
 from mindiffusion import cli
@@ -162,8 +163,6 @@ def test_a_dataset_that_is_missing_and_cannot_be_downloaded(
 
 def write_jpg(path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    from PIL import Image
-
     Image.new("RGB", (178, 218), (10, 20, 30)).save(path)
 
 
