@@ -77,17 +77,17 @@ class DDPM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Algorithm 1 (training): the noise-prediction loss for a batch of images."""
         # t ~ Uniform({1, ..., n_T}), one per image
-        _ts = torch.randint(1, self.n_T + 1, (x.shape[0],), device=x.device)
+        t = torch.randint(1, self.n_T + 1, (x.shape[0],), device=x.device)
         # \epsilon \sim N(0, I)
         eps = torch.randn_like(x)
         # x_t = \sqrt{\bar{\alpha}_t} x_0 + \sqrt{1 - \bar{\alpha}_t} \epsilon,
         # the schedules indexed (B,) -> (B, 1, 1, 1) to scale each image
         x_t = (
-            self.sqrtab[_ts, None, None, None] * x
-            + self.sqrtmab[_ts, None, None, None] * eps
+            self.sqrtab[t, None, None, None] * x
+            + self.sqrtmab[t, None, None, None] * eps
         )
         # || \epsilon - \epsilon_\theta(x_t, t) ||^2, with t scaled to (0, 1]
-        return self.criterion(eps, self.eps_model(x_t, _ts / self.n_T))
+        return self.criterion(eps, self.eps_model(x_t, t / self.n_T))
 
     def sample(self, n_sample: int, size, device) -> torch.Tensor:
         """Algorithm 2 (sampling): n_sample images of shape `size`, from x_T to x_0."""
