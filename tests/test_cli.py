@@ -20,17 +20,11 @@ from train_mnist import DummyEpsModel, train_mnist
 CPUS = os.cpu_count()
 # a CIFAR-10 run of a few seconds on a CPU
 QUICK = dict(device="cpu", batch_size=2, n_T=2, fake_data=3, num_workers=0)
+# the same run on the command line: n_T -> --n-T 2, fake_data -> --fake-data 3, ...
 QUICK_FLAGS = [
-    "--device",
-    "cpu",
-    "--batch-size",
-    "2",
-    "--n-T",
-    "2",
-    "--fake-data",
-    "3",
-    "--num-workers",
-    "0",
+    word
+    for key, value in QUICK.items()
+    for word in (f"--{key.replace('_', '-')}", str(value))
 ]
 
 
