@@ -12,7 +12,7 @@ faces, and the checkpoint OUT/ddpm_celeba.pth (OUT is --out, by default contents
 import os
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import transforms
 from torchvision.datasets import FakeData, ImageFolder
 from torchvision.utils import make_grid, save_image
@@ -38,18 +38,32 @@ def train_celeba(
     num_workers: int = min(16, os.cpu_count() or 1),
     resume: bool = False,
     fake_data: int | None = None,
-) -> None:
+    amp: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
+) -> DDPM:
+    # under torchrun, one process per device; a plain run is rank 0 of 1
+    device, rank, world_size = cli.init_processes(device)
     if seed is not None:
-        torch.manual_seed(seed)
-    device = cli.resolve_device(device)
+        # each rank its own noise; DDP starts every rank from rank 0's weights
+        torch.manual_seed(seed + rank)
+    # autocast only where the device has native bfloat16: emulated, it is slower
+    amp = amp and cli.has_native_bf16(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     ddpm = DDPM(eps_model=NaiveUnet(3, 3, n_feat=128), betas=(1e-4, 0.02), n_T=n_T)
-    ddpm.to(device)
+    ddpm.to(device, memory_format=memory_format)
+    if compile:
+        # compiled in place, so that the state_dict keeps the notes' names
+        ddpm.eps_model.compile()
     optim = torch.optim.Adam(ddpm.parameters(), lr=lr)
 
     os.makedirs(out, exist_ok=True)
     checkpoint = os.path.join(out, "ddpm_celeba.pth")
     start_epoch = cli.resume_or_start(checkpoint, resume, ddpm, optim, n_epoch)
+    # under torchrun, DistributedDataParallel: it averages the gradients of all ranks
+    # in backward; a plain run trains ddpm itself
+    parallel_ddpm = cli.distribute(ddpm, device)
 
     # NaiveUnet needs sides that are multiples of 32; [0, 1] -> [-1, 1]
     tf = transforms.Compose(
@@ -65,20 +79,37 @@ def train_celeba(
     else:
         with cli.explain_image_folder(data_root):
             dataset = ImageFolder(root=data_root, transform=tf)
+    # under torchrun, each rank reads its own part of every epoch
+    sampler = DistributedSampler(dataset) if world_size > 1 else None
+    on_cuda = device.type == "cuda"
     dataloader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers
+        dataset,
+        # --batch-size is the global batch, shared out among the ranks
+        batch_size=cli.split_batch(batch_size, world_size),
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        # page-locked batches copy to the GPU while it computes, and the workers
+        # start once rather than at every epoch
+        pin_memory=on_cuda,
+        persistent_workers=on_cuda and num_workers > 0,
     )
 
     for i in range(start_epoch, n_epoch):
-        print(f"Epoch {i} : ")
+        if rank == 0:
+            print(f"Epoch {i} : ")
+        if sampler is not None:
+            # a new shuffle at each epoch, the same one on every rank
+            sampler.set_epoch(i)
         ddpm.train()
 
-        pbar = tqdm(dataloader)
+        pbar = tqdm(dataloader, disable=rank > 0)
         loss_ema = None
         for x, _ in pbar:
             optim.zero_grad()
-            x = x.to(device)
-            loss = ddpm(x)
+            x = x.to(device, memory_format=memory_format, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = parallel_ddpm(x)
             loss.backward()
             # a running average, only to make the progress bar's loss readable
             if loss_ema is None:
@@ -88,6 +119,9 @@ def train_celeba(
             pbar.set_description(f"loss: {loss_ema:.4f}")
             optim.step()
 
+        # rank 0 alone samples and saves; the other ranks go on to the next epoch
+        if rank > 0:
+            continue
         ddpm.eval()
         with torch.no_grad():
             xh = ddpm.sample(8, (3, 128, 128), device)
@@ -98,6 +132,8 @@ def train_celeba(
             save_image(grid, os.path.join(out, f"ddpm_sample_celeba{i:03d}.png"))
 
             cli.save_checkpoint(checkpoint, ddpm, optim, epoch=i + 1)
+
+    return ddpm
 
 
 if __name__ == "__main__":

@@ -89,8 +89,13 @@ class DDPM(nn.Module):
         # || \epsilon - \epsilon_\theta(x_t, t) ||^2, with t scaled to (0, 1]
         return self.criterion(eps, self.eps_model(x_t, t / self.n_T))
 
+    # inference mode: no autograd bookkeeping at all, less even than no_grad keeps
+    @torch.inference_mode()
     def sample(self, n_sample: int, size, device) -> torch.Tensor:
-        """Algorithm 2 (sampling): n_sample images of shape `size`, from x_T to x_0."""
+        """Algorithm 2 (sampling): n_sample images of shape `size`, from x_T to x_0.
+
+        Every tensor is made on `device`: nothing is copied over from the CPU per step.
+        """
         # x_T ~ N(0, I)
         x_i = torch.randn(n_sample, *size, device=device)
         for i in range(self.n_T, 0, -1):

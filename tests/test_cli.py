@@ -54,7 +54,15 @@ def test_help_shows_each_flag_with_the_notes_defaults(
         ("--num-workers", num_workers),
     ]:
         assert f"{flag} " in text and f"(default: {default})" in text, flag
-    for flag in ["--data-root", "--seed", "--resume", "--fake-data"]:
+    for flag in [
+        "--data-root",
+        "--seed",
+        "--resume",
+        "--fake-data",
+        "--amp",
+        "--channels-last",
+        "--compile",
+    ]:
         assert f"{flag} " in text, flag
     assert inspect.signature(train).parameters["n_epoch"].default == epochs
 

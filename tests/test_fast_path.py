@@ -1,0 +1,210 @@
+"""The fast path: --amp, --channels-last and --compile reach the training step, the
+default run is left as the notes have it, and sampling works on the device alone."""
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+import train_celeba
+import train_cifar10
+import train_mnist
+from mindiffusion import cli
+from mindiffusion.ddpm import DDPM
+from mindiffusion.unet import NaiveUnet
+
+SCRIPTS = [
+    (train_mnist, train_mnist.train_mnist),
+    (train_cifar10, train_cifar10.train_cifar10),
+    (train_celeba, train_celeba.train_celeba),
+]
+# one step on two fake images, with a single diffusion step
+TINY_RUN = dict(n_epoch=1, device="cpu", batch_size=2, n_T=1, num_workers=0)
+
+
+def channels_innermost(tensor: torch.Tensor) -> bool:
+    """Whether a 4-d tensor is laid out channels_last: stepping one channel steps one
+    element. (is_contiguous cannot tell when there is a single channel, as in MNIST.)
+    """
+    return tensor.stride(1) == 1
+
+
+@pytest.fixture
+def seen_steps(monkeypatch):
+    """Record what each training step sees, and skip the expensive model."""
+    steps = []
+
+    def forward(self, x):
+        # a matrix product: in float32, unless autocast lowers it to bfloat16
+        product = nn.functional.linear(torch.ones(1, 2), torch.ones(2, 2))
+        # the first weight is a convolution kernel (out, in, kh, kw) in every script
+        weight = next(self.eps_model.parameters())
+        steps.append(
+            dict(
+                compute_dtype=product.dtype,
+                batch_channels_last=channels_innermost(x),
+                weight_channels_last=channels_innermost(weight),
+            )
+        )
+        return sum(p.sum() for p in self.parameters()) * 0.0
+
+    def sample(self, n_sample, size, device):
+        return torch.zeros(n_sample, *size, device=device)
+
+    monkeypatch.setattr(DDPM, "forward", forward)
+    monkeypatch.setattr(DDPM, "sample", sample)
+    return steps
+
+
+def native_bf16(monkeypatch, native: bool):
+    """Make this CPU look as if it had bfloat16 units, or as if it had none."""
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native, raising=False
+    )
+
+
+@pytest.mark.parametrize("module, train", SCRIPTS)
+def test_the_default_run_is_float32_and_contiguous(
+    module, train, seen_steps, tmp_path, monkeypatch
+):
+    native_bf16(monkeypatch, True)
+    train(out=str(tmp_path), fake_data=2, **TINY_RUN)
+    assert seen_steps[0]["compute_dtype"] == torch.float32
+    assert not seen_steps[0]["batch_channels_last"]
+    assert not seen_steps[0]["weight_channels_last"]
+
+
+@pytest.mark.parametrize("module, train", SCRIPTS)
+def test_amp_autocasts_the_forward_pass_to_bfloat16(
+    module, train, seen_steps, tmp_path, monkeypatch, capsys
+):
+    native_bf16(monkeypatch, True)
+    train(out=str(tmp_path), fake_data=2, amp=True, **TINY_RUN)
+    assert seen_steps[0]["compute_dtype"] == torch.bfloat16
+    assert "bfloat16" not in capsys.readouterr().out
+
+
+def test_amp_without_native_bfloat16_says_so_and_stays_float32(
+    seen_steps, tmp_path, monkeypatch, capsys
+):
+    native_bf16(monkeypatch, False)
+    train_cifar10.train_cifar10(out=str(tmp_path), fake_data=2, amp=True, **TINY_RUN)
+    assert seen_steps[0]["compute_dtype"] == torch.float32
+    lines = [line for line in capsys.readouterr().out.splitlines() if "--amp" in line]
+    assert lines == [
+        "--amp: this CPU has no native bfloat16, so training stays in float32"
+    ]
+
+
+@pytest.mark.parametrize(
+    "capability, native", [((7, 5), False), ((8, 0), True), ((9, 0), True)]
+)
+def test_a_gpu_has_native_bfloat16_from_ampere_on(
+    capability, native, monkeypatch, capsys
+):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "Some GPU")
+    assert cli.has_native_bf16(torch.device("cuda", 0)) is native
+    out = capsys.readouterr().out
+    if native:
+        assert out == ""
+    else:
+        assert out == (
+            "--amp: this GPU (Some GPU) has no native bfloat16, "
+            "so training stays in float32\n"
+        )
+
+
+@pytest.mark.parametrize("module, train", SCRIPTS)
+def test_channels_last_reaches_the_model_and_the_batches(
+    module, train, seen_steps, tmp_path
+):
+    train(out=str(tmp_path), fake_data=2, channels_last=True, **TINY_RUN)
+    assert seen_steps[0]["batch_channels_last"]
+    assert seen_steps[0]["weight_channels_last"]
+
+
+@pytest.mark.parametrize("module, train", SCRIPTS)
+def test_compile_compiles_the_noise_model_in_place(
+    module, train, seen_steps, tmp_path, monkeypatch
+):
+    compiled = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self: compiled.append(self))
+    ddpm = train(out=str(tmp_path), fake_data=2, compile=True, **TINY_RUN)
+    # nn.Module.compile, unlike torch.compile, keeps the module and its state_dict
+    assert compiled == [ddpm.eps_model]
+
+
+class StopBeforeTraining(Exception):
+    pass
+
+
+@pytest.mark.parametrize("module, train", SCRIPTS)
+@pytest.mark.parametrize(
+    "device, pinned, persistent",
+    [("cuda", True, True), ("cpu", False, False)],
+)
+def test_on_cuda_the_loader_pins_memory_and_keeps_its_workers(
+    module, train, device, pinned, persistent, tmp_path, monkeypatch
+):
+    loader_options = {}
+
+    def data_loader(dataset, **options):
+        loader_options.update(options)
+        raise StopBeforeTraining
+
+    monkeypatch.setattr(
+        cli, "init_processes", lambda name: (torch.device(device, 0), 0, 1)
+    )
+    # no GPU here: the model stays where it is
+    monkeypatch.setattr(DDPM, "to", lambda self, *args, **kwargs: self)
+    monkeypatch.setattr(module, "DataLoader", data_loader)
+    with pytest.raises(StopBeforeTraining):
+        train(out=str(tmp_path), fake_data=2, num_workers=2)
+    assert loader_options["pin_memory"] is pinned
+    assert loader_options["persistent_workers"] is persistent
+    assert loader_options["num_workers"] == 2
+
+
+class RecordingEps(nn.Module):
+    """Predicts zero noise, and notes whether autograd was switched off for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inference_mode = []
+
+    def forward(self, x, t):
+        self.inference_mode.append(torch.is_inference_mode_enabled())
+        return torch.zeros_like(x)
+
+
+def test_sampling_runs_in_inference_mode_and_training_does_not():
+    ddpm = DDPM(RecordingEps(), (1e-4, 0.02), n_T=3)
+    ddpm(torch.zeros(2, 1, 4, 4))
+    ddpm.sample(2, (1, 4, 4), torch.device("cpu"))
+    assert ddpm.eps_model.inference_mode == [False, True, True, True]
+
+
+class TensorDevices(TorchFunctionMode):
+    """Record the device of every tensor that a torch function returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.devices = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for value in result if isinstance(result, tuple) else (result,):
+            if isinstance(value, torch.Tensor):
+                self.devices.add(value.device.type)
+        return result
+
+
+def test_sampling_makes_every_tensor_on_the_device_it_samples_on():
+    # the meta device stands for a GPU: a tensor made on the CPU would show up here
+    ddpm = DDPM(NaiveUnet(1, 1, n_feat=8), (1e-4, 0.02), n_T=3).to("meta")
+    with TensorDevices() as mode:
+        x = ddpm.sample(2, (1, 32, 32), torch.device("meta"))
+    assert x.device.type == "meta"
+    assert mode.devices == {"meta"}
