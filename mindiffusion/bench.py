@@ -146,9 +146,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="autocast to bfloat16 on the fast path even where the "
                         "device only emulates it, to see what that costs "
                         "(default: off)")
+    parser.add_argument("--only", metavar="NAME",
+                        help="measure only the setups whose name starts with NAME: "
+                        "mnist, cifar-10 or celeba (default: all three)")
     parser.add_argument("--json", metavar="FILE",
                         help="also write the numbers to FILE (default: off)")
     args = parser.parse_args(argv)
+    prefix = (args.only or "").lower()
+    setups = [setup for setup in SETUPS if setup[0].lower().startswith(prefix)]
+    if not setups:
+        parser.error(f"--only {args.only}: no setup's name starts so")
     try:
         device = cli.resolve_device(args.device)
     except cli.UserError as err:
@@ -167,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         machine += f"{torch.get_num_threads()} threads"
     print(f"{machine}, torch {torch.__version__}; fast path: {fast}")
     rows = []
-    for setup in SETUPS:
+    for setup in setups:
         for path in ("default", "fast"):
             rows.append(measure(setup, path, device, args.quick, fast))
             print(f"measured {setup[0]}, {path} path", flush=True)

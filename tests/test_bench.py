@@ -90,3 +90,21 @@ def test_an_unwritable_json_file_is_one_sentence(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err == f"could not write {missing}: No such file or directory\n"
+
+
+def test_only_picks_setups_by_the_start_of_their_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(
+        bench,
+        "SETUPS",
+        [("Tiny A", tiny, (1, 32, 32), 64, 16), ("Tiny B", tiny, (1, 32, 64), 32, 8)],
+    )
+    argv = ["--device", "cpu", "--quick", "--json", str(tmp_path / "b.json")]
+    bench.main(argv + ["--only", "tiny b"])
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [row["setup"] for row in rows] == ["Tiny B", "Tiny B"]
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv + ["--only", "cifar"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "error: --only cifar: no setup's name starts so\n"
+    )
