@@ -3,6 +3,7 @@
     python train_celeba.py --data-root DIR    # the notes' run, on cuda:1
     CELEBA_PATH=DIR python train_celeba.py    # the same, folder from the environment
     python train_celeba.py --fake-data 8 --epochs 1 --n-T 10   # a quick smoke run
+    torchrun --nproc_per_node=4 train_celeba.py --data-root DIR   # on 4 GPUs
 
 DIR is read by torchvision's ImageFolder, so the images sit one folder down:
 DIR/<subfolder>/*.jpg (for CelebA, DIR/img_align_celeba/*.jpg).

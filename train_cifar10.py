@@ -2,6 +2,7 @@
 
     python train_cifar10.py                                  # the notes' run, on cuda:1
     python train_cifar10.py --fake-data 64 --epochs 1 --n-T 10   # a quick smoke run
+    torchrun --nproc_per_node=4 train_cifar10.py             # the same run on 4 GPUs
 
 Each epoch writes OUT/ddpm_sample_cifar{epoch}.png, 8 samples above 8 real images,
 and the checkpoint OUT/ddpm_cifar.pth (OUT is --out, by default contents/).

@@ -2,6 +2,7 @@
 
     python train_mnist.py                                  # the notes' run, on cuda:0
     python train_mnist.py --fake-data 64 --epochs 1 --n-T 10   # a quick smoke run
+    torchrun --nproc_per_node=4 train_mnist.py             # the same run on 4 GPUs
 
 Each epoch writes a 4x4 grid of samples, OUT/ddpm_sample_{epoch}.png, and the
 checkpoint OUT/ddpm_mnist.pth (OUT is --out, by default contents/).

@@ -113,8 +113,8 @@ def split_batch(batch_size: int, world_size: int) -> int:
 def has_native_bf16(device: torch.device) -> bool:
     """Whether `device` computes in bfloat16 natively; if not, say so in one line.
 
-    Elsewhere autocast still runs, but emulated: on this repository's AVX2 test CPU a
-    NaiveUnet training step took 24 times longer in bfloat16 than in float32.
+    Elsewhere autocast still runs, but emulated: on this repository's AVX2 test CPU,
+    NaiveUnet trained 10 times slower in bfloat16 than in float32 (README).
     """
     if device.type == "cuda":
         # bfloat16 tensor cores came with Ampere, compute capability 8.0
