@@ -117,8 +117,7 @@ def train_mnist(
     )
 
     for i in range(start_epoch, n_epoch):
-        if rank == 0:
-            print(f"Epoch {i} : ")
+        cli.say(f"Epoch {i} : ")
         if sampler is not None:
             # a new shuffle at each epoch, the same one on every rank
             sampler.set_epoch(i)

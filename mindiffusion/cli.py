@@ -128,8 +128,8 @@ def has_native_bf16(device: torch.device) -> bool:
         )
         where = "this CPU"
     else:
-        native = False
-        where = device.type.upper()
+        say(f"--amp: bfloat16 autocast is for CUDA and CPUs; {device} stays in float32")
+        return False
     if not native:
         say(f"--amp: {where} has no native bfloat16, so training stays in float32")
     return native

@@ -208,3 +208,10 @@ def test_sampling_makes_every_tensor_on_the_device_it_samples_on():
         x = ddpm.sample(2, (1, 32, 32), torch.device("meta"))
     assert x.device.type == "meta"
     assert mode.devices == {"meta"}
+
+
+def test_amp_on_mps_says_it_stays_float32(capsys):
+    assert cli.has_native_bf16(torch.device("mps")) is False
+    assert capsys.readouterr().out == (
+        "--amp: bfloat16 autocast is for CUDA and CPUs; mps stays in float32\n"
+    )
