@@ -11,6 +11,7 @@ import os
 
 import torch
 import torch.nn as nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import transforms
 from torchvision.datasets import MNIST, FakeData
@@ -67,6 +68,7 @@ def train_mnist(
     amp: bool = False,
     channels_last: bool = False,
     compile: bool = False,
+    ema: float | None = None,
 ) -> DDPM:
     # under torchrun, one process per device; a plain run is rank 0 of 1
     device, rank, world_size = cli.init_processes(device)
@@ -79,14 +81,31 @@ def train_mnist(
 
     ddpm = DDPM(eps_model=DummyEpsModel(1), betas=(1e-4, 0.02), n_T=n_T)
     ddpm.to(device, memory_format=memory_format)
+    # --ema: a copy whose weights follow an exponential moving average of ddpm's,
+    # e <- ema * e + (1 - ema) * w after each step; BatchNorm statistics included
+    ema_ddpm = None
+    if ema is not None:
+        ema_avg = get_ema_multi_avg_fn(ema)
+        ema_ddpm = AveragedModel(ddpm, multi_avg_fn=ema_avg, use_buffers=True)
     if compile:
         # compiled in place, so that the state_dict keeps the notes' names
         ddpm.eps_model.compile()
     optim = torch.optim.Adam(ddpm.parameters(), lr=lr)
+    # what python -m mindiffusion.sample needs to rebuild this DDPM from a checkpoint
+    recipe = dict(
+        eps_model="DummyEpsModel",
+        eps_model_args=(1,),
+        betas=(1e-4, 0.02),
+        n_T=n_T,
+        image_size=(1, 28, 28),
+        normalize=((0.5,), (1.0,)),
+    )
 
     os.makedirs(out, exist_ok=True)
     checkpoint = os.path.join(out, "ddpm_mnist.pth")
-    start_epoch = cli.resume_or_start(checkpoint, resume, ddpm, optim, n_epoch)
+    start_epoch = cli.resume_or_start(
+        checkpoint, resume, ddpm, optim, n_epoch, ema=ema_ddpm
+    )
     # under torchrun, DistributedDataParallel: it averages the gradients of all ranks
     # in backward; a plain run trains ddpm itself
     parallel_ddpm = cli.distribute(ddpm, device)
@@ -138,18 +157,24 @@ def train_mnist(
                 loss_ema = 0.9 * loss_ema + 0.1 * loss.item()
             pbar.set_description(f"loss: {loss_ema:.4f}")
             optim.step()
+            if ema_ddpm is not None:
+                ema_ddpm.update_parameters(ddpm)
 
         # rank 0 alone samples and saves; the other ranks go on to the next epoch
         if rank > 0:
             continue
         ddpm.eval()
+        # with --ema, the grid shows what the averaged weights draw
+        sampling_ddpm = ddpm if ema_ddpm is None else ema_ddpm.module.eval()
         with torch.no_grad():
-            xh = ddpm.sample(16, (1, 28, 28), device)
+            xh = sampling_ddpm.sample(16, (1, 28, 28), device)
             # undo the Normalize above: [-0.5, 0.5] -> [0, 1]
             grid = make_grid(xh, normalize=True, value_range=(-0.5, 0.5), nrow=4)
             save_image(grid, os.path.join(out, f"ddpm_sample_{i}.png"))
 
-            cli.save_checkpoint(checkpoint, ddpm, optim, epoch=i + 1)
+            cli.save_checkpoint(
+                checkpoint, ddpm, optim, epoch=i + 1, recipe=recipe, ema=ema_ddpm
+            )
 
     return ddpm
 

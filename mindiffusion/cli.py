@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -193,9 +194,15 @@ def real_images(x: torch.Tensor, dataset: Dataset, n: int = 8) -> torch.Tensor:
 
 
 def save_checkpoint(
-    path: str, ddpm: nn.Module, optim: torch.optim.Optimizer, epoch: int
+    path: str,
+    ddpm: nn.Module,
+    optim: torch.optim.Optimizer,
+    epoch: int,
+    recipe: dict,
+    ema: AveragedModel | None = None,
 ) -> None:
-    """Save all that `--resume` needs after `epoch` epochs, as tensors and plain values.
+    """Save all that `--resume` needs after `epoch` epochs, as tensors and plain values,
+    with the recipe that rebuilds the model and, under --ema, the averaged weights.
 
     The file is written beside the old one and renamed over it, so an interrupted save
     never destroys the last good checkpoint.
@@ -207,20 +214,49 @@ def save_checkpoint(
         "epoch": epoch,
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": cuda_rng,
+        "recipe": recipe,
+        "ema": None if ema is None else ema.state_dict(),
     }
     tmp_path = path + ".tmp"
     torch.save(state, tmp_path)
     os.replace(tmp_path, path)
 
 
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint at `path`, on the CPU, as tensors and plain values only."""
+    if not os.path.exists(path):
+        raise UserError(f"there is no checkpoint at {path}")
+    unreadable = f"{path} is not a readable checkpoint"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only=True names the first class or function the file would import
+        if "GLOBAL" in str(err):
+            raise UserError(
+                f"{path} refused: it holds Python objects besides tensors "
+                f"and plain values, and loading them could run code"
+            ) from None
+        raise UserError(unreadable) from None
+    except (RuntimeError, EOFError, OSError):
+        raise UserError(unreadable) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(unreadable)
+    return state
+
+
 def resume_or_start(
-    path: str, resume: bool, ddpm: nn.Module, optim: torch.optim.Optimizer, n_epoch: int
+    path: str,
+    resume: bool,
+    ddpm: nn.Module,
+    optim: torch.optim.Optimizer,
+    n_epoch: int,
+    ema: AveragedModel | None = None,
 ) -> int:
     """The epoch to start at: 0 for a new run, or where the checkpoint at `path` ended.
 
-    Resuming restores the model, the optimizer and the random number generators, so
-    the run goes on exactly as if it had never stopped. A new run refuses to overwrite
-    an existing checkpoint.
+    Resuming restores the model, the optimizer, the averaged weights of --ema and the
+    random number generators, so the run goes on exactly as if it had never stopped.
+    A new run refuses to overwrite an existing checkpoint.
     """
     if not resume:
         if os.path.exists(path):
@@ -229,30 +265,23 @@ def resume_or_start(
                 f"or choose another --out"
             )
         return 0
-    if not os.path.exists(path):
-        raise UserError(f"--resume: there is no checkpoint at {path}")
-    unreadable = f"--resume: {path} is not a readable checkpoint"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # weights_only=True names the first class or function the file would import
-        if "GLOBAL" in str(err):
-            raise UserError(
-                f"--resume: {path} refused: it holds Python objects besides tensors "
-                f"and plain values, and loading them could run code"
-            ) from None
-        raise UserError(unreadable) from None
-    except (RuntimeError, EOFError, OSError):
-        raise UserError(unreadable) from None
+        state = load_checkpoint(path)
+    except UserError as err:
+        raise UserError(f"--resume: {err}") from None
     try:
         ddpm.load_state_dict(state["model"])
         optim.load_state_dict(state["optimizer"])
         epoch = int(state["epoch"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise UserError(
             f"--resume: {path} does not fit this script's model and settings "
             f"({str(err).splitlines()[0]})"
         ) from None
+    if ema is not None and state.get("ema") is None:
+        say("--ema: the checkpoint has no average yet: it starts from these weights")
     if epoch >= n_epoch:
         raise UserError(
             f"--resume: {path} has already trained {epoch} epochs; "
@@ -280,6 +309,14 @@ def at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return integer
+
+
+def decay(text: str) -> float:
+    """An argparse type: a float strictly between 0 and 1."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
 
 
 def positive_float(text: str) -> float:
@@ -328,6 +365,9 @@ def main(train: Callable, description: str, argv: list[str] | None = None) -> No
         "has native bfloat16; float32 elsewhere (default: off)")
     add("--channels-last", action="store_true",
         help="model and batches in channels_last memory format (default: off)")
+    add("--ema", type=decay, metavar="DECAY",
+        help="also keep an exponential moving average of the weights, such as "
+        "0.999, in the checkpoint, and draw the grids from it (default: off)")
     add("--compile", action="store_true",
         help="torch.compile the noise model; the first steps wait for the compiler "
         "(default: off)")

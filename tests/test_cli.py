@@ -312,7 +312,7 @@ def test_bad_checkpoints_are_refused_with_one_sentence(one_epoch, tmp_path, caps
 
     mnist_ddpm = DDPM(eps_model=DummyEpsModel(1), betas=(1e-4, 0.02), n_T=2)
     optim = torch.optim.Adam(mnist_ddpm.parameters())
-    cli.save_checkpoint(str(checkpoint), mnist_ddpm, optim, epoch=1)
+    cli.save_checkpoint(str(checkpoint), mnist_ddpm, optim, epoch=1, recipe={})
     assert resume_error().startswith(
         f"--resume: {checkpoint} does not fit this script's model and settings ("
     )
@@ -322,7 +322,7 @@ def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
     path = str(tmp_path / "ddpm.pth")
     ddpm = DDPM(eps_model=nn.Conv2d(1, 1, 3, padding=1), betas=(1e-4, 0.02), n_T=10)
     optim = torch.optim.Adam(ddpm.parameters())
-    cli.save_checkpoint(path, ddpm, optim, epoch=1)
+    cli.save_checkpoint(path, ddpm, optim, epoch=1, recipe={})
     before = open(path, "rb").read()
 
     def save_half_then_stop(obj, f):
@@ -334,7 +334,7 @@ def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
     with torch.no_grad():
         ddpm.eps_model.weight.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
-        cli.save_checkpoint(path, ddpm, optim, epoch=2)
+        cli.save_checkpoint(path, ddpm, optim, epoch=2, recipe={})
     assert open(path, "rb").read() == before
     assert torch.load(path, weights_only=True)["epoch"] == 1
 

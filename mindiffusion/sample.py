@@ -1,0 +1,165 @@
+"""Draw images from a checkpoint of the training scripts, with DDPM or DDIM.
+
+    python -m mindiffusion.sample contents/ddpm_cifar.pth                 # n_T steps
+    python -m mindiffusion.sample contents/ddpm_cifar.pth --sampler ddim  # 50 steps
+    python -m mindiffusion.sample contents/ddpm_mnist.pth --progress 8    # watch it
+
+Run it from the repository's root. The checkpoint's recipe rebuilds its model, and
+its averaged weights are used when it was trained with --ema. The grid is written
+beside the checkpoint, under a name no earlier file has, unless --out says where.
+"""
+import argparse
+import itertools
+import math
+import os
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from mindiffusion import cli
+from mindiffusion.ddim import DDIM
+from mindiffusion.ddpm import DDPM
+from mindiffusion.unet import NaiveUnet
+from train_mnist import DummyEpsModel
+
+# the noise models a recipe may name
+EPS_MODELS = {"NaiveUnet": NaiveUnet, "DummyEpsModel": DummyEpsModel}
+
+
+def load_ddpm(
+    path: str, sampler: str, steps: int, eta: float, use_ema: bool
+) -> tuple[DDPM, dict]:
+    """The checkpoint's DDPM (or, for sampler "ddim", a DDIM) and its recipe."""
+    state = cli.load_checkpoint(path)
+    recipe = state.get("recipe")
+    if not recipe or recipe.get("eps_model") not in EPS_MODELS:
+        raise cli.UserError(
+            f"{path} has no recipe for its model: it was saved before checkpoints "
+            f"kept one, or by another program"
+        )
+    eps_model = EPS_MODELS[recipe["eps_model"]](*recipe["eps_model_args"])
+    betas, n_T = recipe["betas"], recipe["n_T"]
+    if sampler == "ddim":
+        if steps > n_T:
+            raise cli.UserError(f"--steps {steps} is more than the model's n_T = {n_T}")
+        ddpm = DDIM(eps_model, betas, n_T, eta=eta, n_steps=steps)
+    else:
+        ddpm = DDPM(eps_model, betas, n_T)
+
+    weights = state["model"]
+    if use_ema and state.get("ema") is not None:
+        # AveragedModel's state_dict: the averaged DDPM under "module.", and a count
+        weights = {
+            name.removeprefix("module."): value
+            for name, value in state["ema"].items()
+            if name != "n_averaged"
+        }
+    elif use_ema:
+        print(f"{path} has no averaged weights (trained without --ema): using its own")
+    try:
+        ddpm.load_state_dict(weights)
+    except RuntimeError as err:
+        raise cli.UserError(
+            f"{path} does not fit its recipe ({str(err).splitlines()[0]})"
+        ) from None
+    return ddpm, recipe
+
+
+def denormalize(x: torch.Tensor, normalize) -> torch.Tensor:
+    """Undo the training script's Normalize(mean, std): back to pixels in [0, 1]."""
+    mean, std = (torch.tensor(v, device=x.device).view(-1, 1, 1) for v in normalize)
+    return (x * std + mean).clamp(0, 1)
+
+
+def free_path(path: str) -> str:
+    """`path`, or path with _2, _3, ... before its extension: the first not taken."""
+    stem, extension = os.path.splitext(path)
+    for k in itertools.count(1):
+        candidate = path if k == 1 else f"{stem}_{k}{extension}"
+        if not os.path.exists(candidate):
+            return candidate
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m mindiffusion.sample",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("checkpoint", help="a .pth file written by one of the training scripts")
+    add("--n", type=cli.at_least(1), default=16,
+        help="number of images (default: %(default)s)")
+    add("--sampler", choices=("ddpm", "ddim"), default="ddpm",
+        help="ddpm walks all n_T steps; ddim walks --steps of them "
+        "(default: %(default)s)")
+    add("--steps", type=cli.at_least(1), default=50,
+        help="DDIM's steps, at most the model's n_T (default: %(default)s)")
+    add("--eta", type=float, default=0.0,
+        help="DDIM's noise, from 0 (none) to 1 (as much as DDPM) "
+        "(default: %(default)s)")
+    add("--device", default="cuda", metavar="NAME",
+        help="cpu, cuda, cuda:N or mps; falls back as the training scripts do "
+        "(default: %(default)s)")
+    add("--seed", type=int, metavar="N",
+        help="seed for torch's random numbers (default: unseeded)")
+    add("--out", metavar="PNG",
+        help="where to write the grid; an existing file is never replaced "
+        "(default: beside the checkpoint, as CHECKPOINT_SAMPLER.png)")
+    add("--progress", type=cli.at_least(2), metavar="K",
+        help="also write one strip per image: K snapshots from x_T to x_0, as "
+        "OUT_progress{image}.png (default: off)")
+    add("--no-ema", dest="use_ema", action="store_false",
+        help="sample with the trained weights, not their --ema average")
+    args = parser.parse_args(argv)
+    if not 0 <= args.eta <= 1:
+        parser.error(f"argument --eta: must be between 0 and 1, got {args.eta}")
+
+    try:
+        if args.out is not None and os.path.exists(args.out):
+            raise cli.UserError(f"{args.out} already exists: choose another --out")
+        device = cli.resolve_device(args.device)
+        ddpm, recipe = load_ddpm(
+            args.checkpoint, args.sampler, args.steps, args.eta, args.use_ema
+        )
+    except cli.UserError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    ddpm.to(device).eval()
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+
+    snapshots = []
+    if args.progress:
+        n_calls = args.steps if args.sampler == "ddim" else ddpm.n_T
+        if args.progress > n_calls + 1:
+            parser.exit(2, f"{parser.prog}: error: --progress {args.progress} is more "
+                        f"than the {n_calls + 1} states of a {n_calls}-step walk\n")
+        # states 0..n_calls: the model's input at each call (state 0 is x_T), then x_0
+        keep = torch.linspace(0, n_calls, args.progress).round().long().tolist()
+        calls = itertools.count()
+
+        def keep_snapshot(module, inputs):
+            if next(calls) in keep:
+                snapshots.append(inputs[0].clone())
+
+        ddpm.eps_model.register_forward_pre_hook(keep_snapshot)
+
+    x = ddpm.sample(args.n, recipe["image_size"], device)
+    images = denormalize(x, recipe["normalize"])
+    stem = os.path.splitext(args.checkpoint)[0]
+    out = args.out or free_path(f"{stem}_{args.sampler}.png")
+    save_image(make_grid(images, nrow=math.ceil(math.sqrt(args.n))), out)
+    print(f"wrote {out}")
+
+    if args.progress:
+        snapshots.append(x)
+        # (K, n, C, H, W) -> one row of K snapshots for each of the n images
+        strips = denormalize(torch.stack(snapshots), recipe["normalize"]).unbind(1)
+        for j, strip in enumerate(strips):
+            strip_path = free_path(f"{os.path.splitext(out)[0]}_progress{j}.png")
+            save_image(make_grid(strip, nrow=len(strip)), strip_path)
+        print(f"wrote {len(strips)} strips of {len(snapshots)} snapshots beside it")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""DDIM: its timesteps and model calls, its last step onto x_0, and its samples against
+the Gaussian oracle, whose DDIM walk can be followed exactly in closed form."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mindiffusion.ddim import DDIM
+from mindiffusion.ddpm import DDPM
+from test_ddpm import BETAS, GaussianOracle
+
+
+class CountingEps(nn.Module):
+    """Predicts zero noise, and records the timestep of each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen_t = []
+
+    def forward(self, x, t):
+        self.seen_t.append(t[0].item())
+        return torch.zeros_like(x)
+
+
+def test_ddim_walks_n_steps_evenly_spaced_timesteps_from_n_T():
+    ddim = DDIM(CountingEps(), BETAS, n_T=1000, n_steps=50)
+    ddim.sample(2, (1, 2, 2), torch.device("cpu"))
+    # t / n_T = 1, 0.98, ..., 0.02: 50 calls, the next stop after 0.02 being x_0
+    expected = [(1000 - 20 * k) / 1000 for k in range(50)]
+    assert ddim.eps_model.seen_t == pytest.approx(expected)
+
+
+def test_ddim_with_50_steps_calls_the_model_20_times_less_than_ddpm():
+    ddpm = DDPM(CountingEps(), BETAS, n_T=1000)
+    ddim = DDIM(CountingEps(), BETAS, n_T=1000, n_steps=50)
+    ddpm.sample(1, (1, 2, 2), torch.device("cpu"))
+    ddim.sample(1, (1, 2, 2), torch.device("cpu"))
+    assert len(ddpm.eps_model.seen_t) == 1000 and len(ddim.eps_model.seen_t) == 50
+    assert len(ddpm.eps_model.seen_t) / len(ddim.eps_model.seen_t) == 20
+
+
+def test_without_n_steps_ddim_calls_the_model_at_every_timestep():
+    ddim = DDIM(CountingEps(), BETAS, n_T=7)
+    ddim.sample(1, (1, 2, 2), torch.device("cpu"))
+    assert ddim.eps_model.seen_t == pytest.approx([t / 7 for t in range(7, 0, -1)])
+
+
+class ConstantEps(nn.Module):
+    """Predicts the same noise everywhere, and keeps the last x_t it was given."""
+
+    def forward(self, x, t):
+        self.last_x_t = x.clone()
+        return torch.full_like(x, 0.3)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_the_last_step_lands_on_the_models_x_0(eta):
+    # x_0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) at the last timestep, t = 20:
+    # no noise and no eps term are left, whatever eta is
+    ddim = DDIM(ConstantEps(), BETAS, n_T=1000, eta=eta, n_steps=50)
+    torch.manual_seed(0)
+    x_0 = ddim.sample(3, (1, 4, 4), torch.device("cpu"))
+    ab = ddim.alphabar_t[20]
+    expected = (ddim.eps_model.last_x_t - (1 - ab).sqrt() * 0.3) / ab.sqrt()
+    torch.testing.assert_close(x_0, expected)
+
+
+def test_a_ddpm_state_dict_loads_into_ddim():
+    ddpm = DDPM(nn.Conv2d(1, 1, 3, padding=1), BETAS, n_T=1000)
+    ddim = DDIM(nn.Conv2d(1, 1, 3, padding=1), BETAS, n_T=1000, n_steps=50)
+    ddim.load_state_dict(ddpm.state_dict())
+    assert torch.equal(ddim.eps_model.weight, ddpm.eps_model.weight)
+
+
+@pytest.mark.parametrize("n_steps, eta", [(0, 0.0), (1001, 0.0), (50, -0.1), (50, 1.5)])
+def test_out_of_range_steps_or_eta_raise_value_error(n_steps, eta):
+    with pytest.raises(ValueError):
+        DDIM(CountingEps(), BETAS, n_T=1000, eta=eta, n_steps=n_steps)
+
+
+def ddim_walk_of_the_oracle(mu, sd, n_T, n_steps, eta):
+    """The exact mean and std of DDIM's output when the model is the Gaussian oracle.
+
+    Each step of eq. 12 is affine in x_t, x_prev = A x_t + B + sigma z, so from
+    x_T ~ N(0, 1) the mean and variance follow in closed form, in float64.
+    """
+    beta = [BETAS[0] + (BETAS[1] - BETAS[0]) * t / n_T for t in range(n_T + 1)]
+    alphabar = [math.prod(1 - b for b in beta[: t + 1]) for t in range(n_T + 1)]
+    mean, var = 0.0, 1.0
+    tau = [round(n_T - k * n_T / n_steps) for k in range(n_steps + 1)]
+    for t, t_prev in zip(tau[:-1], tau[1:]):
+        a, a_prev = alphabar[t], (alphabar[t_prev] if t_prev > 0 else 1.0)
+        # the oracle: eps = c (x_t - sqrt(a) mu)
+        c = math.sqrt(1 - a) / (a * sd**2 + 1 - a)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        direction = math.sqrt(max(1 - a_prev - sigma**2, 0.0))
+        # x_0 guess = ((1 - sqrt(1 - a) c) x_t + sqrt(1 - a) c sqrt(a) mu) / sqrt(a)
+        A = (
+            math.sqrt(a_prev) * (1 - math.sqrt(1 - a) * c) / math.sqrt(a)
+            + direction * c
+        )
+        B = (
+            math.sqrt(a_prev) * math.sqrt(1 - a) * c - direction * c * math.sqrt(a)
+        ) * mu
+        mean, var = A * mean + B, A**2 * var + sigma**2
+    return mean, math.sqrt(var)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("mu, sd", [(0.5, 0.3), (-1.0, 2.0)])
+def test_ddim_50_steps_with_the_oracle_gives_back_the_data(mu, sd, eta):
+    n_T = 1000
+    oracle = GaussianOracle(mu, sd, n_T)
+    calls = []
+    oracle.register_forward_hook(lambda module, args, out: calls.append(1))
+    ddim = DDIM(eps_model=oracle, betas=BETAS, n_T=n_T, eta=eta, n_steps=50)
+    torch.manual_seed(0)
+    x = ddim.sample(256, (1, 16, 16), torch.device("cpu"))
+    assert len(calls) == 50
+    walk_mean, walk_sd = ddim_walk_of_the_oracle(mu, sd, n_T, 50, eta)
+    # 65,536 pixels: standard errors sd/256 for the mean and about sd/362 for the std
+    assert abs(x.mean().item() - walk_mean) < 0.02 * sd
+    assert abs(x.std().item() - walk_sd) < 0.02 * sd
+    assert abs(walk_mean - mu) < 0.02 * sd
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("mu, sd", [(0.5, 0.3), (-1.0, 2.0)])
+def test_the_oracles_walk_reaches_the_data_as_the_steps_grow(mu, sd, eta):
+    # DDIM's discretisation error: with few steps the std comes out low (by 9% for
+    # sd 0.3 at 50 steps with eta 0), and the error shrinks as the steps grow
+    errors = [
+        abs(ddim_walk_of_the_oracle(mu, sd, 1000, n_steps, eta)[1] - sd) / sd
+        for n_steps in (10, 50, 200, 1000)
+    ]
+    assert errors == sorted(errors, reverse=True)
+    assert errors[1] < 0.2 and errors[-1] < 0.015

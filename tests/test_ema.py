@@ -1,0 +1,90 @@
+"""--ema: the averaged weights against the closed-form moving average of the weights
+training went through, the grid drawn from them, and --resume carrying them on."""
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from mindiffusion.ddpm import DDPM
+from train_cifar10 import train_cifar10
+
+# two steps of 2 fake CIFAR-10 images per epoch, on the CPU
+RUN = dict(device="cpu", batch_size=2, n_T=2, fake_data=4, num_workers=0, seed=0)
+
+
+@pytest.fixture
+def sampled_by(monkeypatch):
+    """Record which DDPM draws each grid, and skip the drawing."""
+    samplers = []
+
+    def sample(self, n_sample, size, device):
+        samplers.append(self)
+        return torch.zeros(n_sample, *size, device=device)
+
+    monkeypatch.setattr(DDPM, "sample", sample)
+    return samplers
+
+
+def test_ema_is_the_moving_average_of_the_weights_and_draws_the_grid(
+    tmp_path, sampled_by
+):
+    trajectory = []
+
+    def keep_weights(optimizer, args, kwargs):
+        trajectory.append(
+            [p.detach().clone() for p in optimizer.param_groups[0]["params"]]
+        )
+
+    handle = register_optimizer_step_post_hook(keep_weights)
+    try:
+        ddpm = train_cifar10(n_epoch=1, out=str(tmp_path), ema=0.5, **RUN)
+    finally:
+        handle.remove()
+    assert len(trajectory) == 2
+    # e_1 = w_1, then e_k = 0.5 e_{k-1} + 0.5 w_k
+    expected = trajectory[0]
+    for weights in trajectory[1:]:
+        expected = [0.5 * e + 0.5 * w for e, w in zip(expected, weights)]
+
+    saved = torch.load(tmp_path / "ddpm_cifar.pth", weights_only=True)
+    names = [name for name, _ in ddpm.named_parameters()]
+    for name, value in zip(names, expected):
+        torch.testing.assert_close(saved["ema"][f"module.{name}"], value)
+        assert torch.equal(saved["model"][name], trajectory[-1][names.index(name)])
+    # the grid came from the average, not from the trained weights
+    (sampler,) = sampled_by
+    assert sampler is not ddpm
+    torch.testing.assert_close(
+        sampler.eps_model.out.weight, expected[names.index("eps_model.out.weight")]
+    )
+    assert not torch.equal(sampler.eps_model.out.weight, ddpm.eps_model.out.weight)
+
+
+def test_resume_carries_the_average_on(tmp_path, sampled_by, capsys):
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    train_cifar10(n_epoch=2, out=str(straight), ema=0.5, **RUN)
+    train_cifar10(n_epoch=1, out=str(halves), ema=0.5, **RUN)
+    train_cifar10(n_epoch=2, out=str(halves), ema=0.5, resume=True, **RUN)
+    one_go = torch.load(straight / "ddpm_cifar.pth", weights_only=True)["ema"]
+    resumed = torch.load(halves / "ddpm_cifar.pth", weights_only=True)["ema"]
+    assert one_go.keys() == resumed.keys()
+    for name in one_go:
+        assert torch.equal(one_go[name], resumed[name]), name
+    assert int(resumed["n_averaged"]) == 4
+
+
+def test_ema_turned_on_when_resuming_starts_from_the_resumed_weights(
+    tmp_path, sampled_by, capsys
+):
+    train_cifar10(n_epoch=1, out=str(tmp_path), **RUN)
+    assert torch.load(tmp_path / "ddpm_cifar.pth", weights_only=True)["ema"] is None
+    ddpm = train_cifar10(n_epoch=2, out=str(tmp_path), ema=0.5, resume=True, **RUN)
+    assert (
+        "--ema: the checkpoint has no average yet: it starts from these weights"
+        in capsys.readouterr().out
+    )
+    saved = torch.load(tmp_path / "ddpm_cifar.pth", weights_only=True)
+    assert int(saved["ema"]["n_averaged"]) == 2
+    assert not torch.equal(
+        saved["ema"]["module.eps_model.out.weight"], ddpm.eps_model.out.weight
+    )
