@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         help="also write one strip per image: K snapshots from x_T to x_0, as "
         "OUT_progress{image}.png (default: off)")
     add("--no-ema", dest="use_ema", action="store_false",
-        help="sample with the trained weights, not their --ema average")
+        help="sample with the trained weights, not their --ema average (default: "
+        "the average, where the checkpoint has one)")
     args = parser.parse_args(argv)
     if not 0 <= args.eta <= 1:
         parser.error(f"argument --eta: must be between 0 and 1, got {args.eta}")

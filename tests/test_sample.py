@@ -121,29 +121,15 @@ def png_tiles(path, tile, count):
 
 def test_a_grid_and_strips_from_x_T_to_x_0(checkpoints, tmp_path, capsys):
     out = tmp_path / "grid.png"
+    flags = "--n 3 --sampler ddim --steps 3 --progress 3 --device cpu --seed 0"
     sample.main(
-        [
-            str(checkpoints["cifar10"]["path"]),
-            "--n",
-            "3",
-            "--sampler",
-            "ddim",
-            "--steps",
-            "2",
-            "--progress",
-            "3",
-            "--device",
-            "cpu",
-            "--seed",
-            "0",
-            "--out",
-            str(out),
-        ]
+        [str(checkpoints["cifar10"]["path"]), *flags.split(), "--out", str(out)]
     )
     # 3 images in rows of 2, each 32 pixels with make_grid's 2-pixel padding
     assert Image.open(out).size == (70, 70)
     grid = png_tiles(out, 32, 3)
-    # x_T, the noise the sampler starts from with --seed 0
+    # 3 snapshots of the 4 states of a 3-step walk: x_T, the state after 2 steps, x_0
+    # x_T is the noise the sampler starts from with --seed 0
     torch.manual_seed(0)
     x_T = sample.denormalize(torch.randn(3, 3, 32, 32), ((0.5,) * 3, (0.5,) * 3))
     x_T = x_T.mul(255).add(0.5).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
@@ -158,17 +144,7 @@ def test_a_grid_and_strips_from_x_T_to_x_0(checkpoints, tmp_path, capsys):
 
 def test_the_default_name_never_replaces_a_file(checkpoints, capsys):
     path = checkpoints["mnist"]["path"]
-    argv = [
-        str(path),
-        "--n",
-        "1",
-        "--sampler",
-        "ddim",
-        "--steps",
-        "1",
-        "--device",
-        "cpu",
-    ]
+    argv = [str(path), *"--n 1 --sampler ddim --steps 1 --device cpu".split()]
     sample.main(argv)
     sample.main(argv)
     written = sorted(p.name for p in path.parent.glob("ddpm_mnist_ddim*.png"))
@@ -176,10 +152,9 @@ def test_the_default_name_never_replaces_a_file(checkpoints, capsys):
     with pytest.raises(SystemExit) as exit_info:
         sample.main(argv + ["--out", str(path.parent / "ddpm_mnist_ddim.png")])
     assert exit_info.value.code == 2
+    first = path.parent / "ddpm_mnist_ddim.png"
     assert capsys.readouterr().err.endswith(
-        "error: "
-        + str(path.parent / "ddpm_mnist_ddim.png")
-        + " already exists: choose another --out\n"
+        f"error: {first} already exists: choose another --out\n"
     )
 
 
