@@ -1,13 +1,17 @@
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 # the training scripts live at the top of the repository, beside mindiffusion/
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mindiffusion import cli  # noqa: E402
+from mindiffusion.ddpm import DDPM  # noqa: E402
 
 
 @pytest.fixture
@@ -24,3 +28,37 @@ def run_script(train, argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(train, "", argv)
     return exit_info.value.code, capsys.readouterr().err
+
+
+def cheap_ddpm(patch, on_forward=None, on_sample=None):
+    """Swap DDPM's costly calls for cheap stand-ins while `patch` lasts.
+
+    The training loss is zero but reaches every parameter, so the optimizer still
+    steps; the samples are zeros. on_forward(ddpm, x) and on_sample(ddpm, size) see
+    each call.
+    """
+
+    def forward(self, x):
+        if on_forward is not None:
+            on_forward(self, x)
+        return sum(p.sum() for p in self.parameters()) * 0.0
+
+    def sample(self, n_sample, size, device):
+        if on_sample is not None:
+            on_sample(self, size)
+        return torch.zeros(n_sample, *size, device=device)
+
+    patch.setattr(DDPM, "forward", forward)
+    patch.setattr(DDPM, "sample", sample)
+
+
+def grid_tiles(path, tile):
+    """The tiles of a make_grid PNG, row by row, as uint8 tensors (C, tile, tile)."""
+    grid = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)
+    step = tile + 2
+    rows, columns = (grid.shape[1] - 2) // step, (grid.shape[2] - 2) // step
+    return [
+        grid[:, 2 + r * step : 2 + r * step + tile, 2 + c * step : 2 + c * step + tile]
+        for r in range(rows)
+        for c in range(columns)
+    ]

@@ -62,6 +62,7 @@ def test_help_shows_each_flag_with_the_notes_defaults(
         "--amp",
         "--channels-last",
         "--compile",
+        "--ema",
     ]:
         assert f"{flag} " in text, flag
     assert inspect.signature(train).parameters["n_epoch"].default == epochs
@@ -133,6 +134,8 @@ def test_an_unknown_device_is_one_sentence(name, expected, tmp_path, capsys):
         ("--fake-data", "0", "must be at least 1, got 0"),
         ("--num-workers", "-1", "must be at least 0, got -1"),
         ("--lr", "0", "must be positive, got 0.0"),
+        ("--ema", "1", "must be between 0 and 1, got 1.0"),
+        ("--ema", "0", "must be between 0 and 1, got 0.0"),
         ("--epochs", "many", "invalid integer value: 'many'"),
     ],
 )

@@ -5,13 +5,12 @@ import os
 import pickle
 import struct
 
-import numpy as np
 import pytest
 import torch
 import torchvision.datasets.cifar
 from PIL import Image
 
-from mindiffusion.ddpm import DDPM
+from conftest import cheap_ddpm, grid_tiles
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist
@@ -24,29 +23,8 @@ SMALL_RUN = dict(n_epoch=1, device="cpu", batch_size=4, n_T=1, num_workers=0)
 def seen_batches(monkeypatch):
     """Record the batches that training sees, and skip the expensive model."""
     batches = []
-
-    def forward(self, x):
-        batches.append(x.clone())
-        # a loss that touches every parameter, so the optimizer step still runs
-        return sum(p.sum() for p in self.parameters()) * 0.0
-
-    def sample(self, n_sample, size, device):
-        return torch.zeros(n_sample, *size, device=device)
-
-    monkeypatch.setattr(DDPM, "forward", forward)
-    monkeypatch.setattr(DDPM, "sample", sample)
+    cheap_ddpm(monkeypatch, on_forward=lambda ddpm, x: batches.append(x.clone()))
     return batches
-
-
-def grid_tiles(path, tile):
-    """The 16 tiles of a 4x4 grid PNG, as uint8 tensors of shape (C, tile, tile)."""
-    grid = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)
-    step = tile + 2
-    return [
-        grid[:, 2 + r * step : 2 + r * step + tile, 2 + c * step : 2 + c * step + tile]
-        for r in range(4)
-        for c in range(4)
-    ]
 
 
 def write_idx(path, array):
