@@ -1,2 +1,3 @@
-"""A minimal DDPM: the schedules and loss/sampling logic (`ddpm`), the notes' UNet
-(`unet`), and the command-line plumbing shared by the three training scripts (`cli`)."""
+"""A minimal DDPM: the schedules, loss and sampler (`ddpm`), the notes' UNet (`unet`),
+the DDIM sampler (`ddim`), the plumbing shared by the three training scripts (`cli`),
+and two commands: `python -m mindiffusion.sample` and `python -m mindiffusion.bench`."""
