@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.out is not None and os.path.exists(args.out):
             raise cli.UserError(f"{args.out} already exists: choose another --out")
+        if args.out is not None and not os.path.isdir(os.path.dirname(args.out) or "."):
+            raise cli.UserError(f"--out {args.out}: its folder does not exist")
         device = cli.resolve_device(args.device)
         ddpm, recipe = load_ddpm(
             args.checkpoint, args.sampler, args.steps, args.eta, args.use_ema

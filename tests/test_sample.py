@@ -167,6 +167,10 @@ def test_bad_checkpoints_and_settings_are_one_sentence(checkpoints, tmp_path, ca
     assert sample_error([good, "--eta", "2"], capsys) == (
         "argument --eta: must be between 0 and 1, got 2.0"
     )
+    nowhere = str(tmp_path / "no" / "grid.png")
+    assert sample_error([good, "--out", nowhere], capsys) == (
+        f"--out {nowhere}: its folder does not exist"
+    )
     assert sample_error([good, "--progress", "5"], capsys) == (
         "--progress 5 is more than the 4 states of a 3-step walk"
     )
