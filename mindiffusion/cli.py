@@ -28,9 +28,14 @@ class UserError(Exception):
     """A mistake in the command line or the data, explained in one sentence."""
 
 
+def process_rank() -> int:
+    """This process's rank: torchrun sets RANK; a plain run is rank 0."""
+    return int(os.environ.get("RANK", 0))
+
+
 def say(message: str) -> None:
     """Print a line once: under torchrun only rank 0 speaks."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if process_rank() == 0:
         print(message)
 
 
@@ -71,7 +76,7 @@ def init_processes(name: str) -> tuple[torch.device, int, int]:
     """
     if "LOCAL_RANK" not in os.environ:
         return resolve_device(name), 0, 1
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world_size = process_rank(), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     device = resolve_device(name)
     if device.type == "cuda":
@@ -290,7 +295,7 @@ def resume_or_start(
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = process_rank()
     if rank > 0:
         # the checkpoint holds rank 0's generator: the other ranks seed their own
         # from it, so that no two ranks draw the same noise

@@ -14,6 +14,7 @@ import math
 import os
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import make_grid, save_image
 
 from mindiffusion import cli
@@ -46,18 +47,17 @@ def load_ddpm(
     else:
         ddpm = DDPM(eps_model, betas, n_T)
 
-    weights = state["model"]
-    if use_ema and state.get("ema") is not None:
-        # AveragedModel's state_dict: the averaged DDPM under "module.", and a count
-        weights = {
-            name.removeprefix("module."): value
-            for name, value in state["ema"].items()
-            if name != "n_averaged"
-        }
-    elif use_ema:
+    averaged = use_ema and state.get("ema") is not None
+    if use_ema and not averaged:
         print(f"{path} has no averaged weights (trained without --ema): using its own")
     try:
-        ddpm.load_state_dict(weights)
+        if averaged:
+            # the averaged copy, rebuilt as the training script kept it
+            ema_ddpm = AveragedModel(ddpm, use_buffers=True)
+            ema_ddpm.load_state_dict(state["ema"])
+            ddpm = ema_ddpm.module
+        else:
+            ddpm.load_state_dict(state["model"])
     except RuntimeError as err:
         raise cli.UserError(
             f"{path} does not fit its recipe ({str(err).splitlines()[0]})"
@@ -125,6 +125,12 @@ def main(argv: list[str] | None = None) -> None:
         ddpm, recipe = load_ddpm(
             args.checkpoint, args.sampler, args.steps, args.eta, args.use_ema
         )
+        n_calls = args.steps if args.sampler == "ddim" else ddpm.n_T
+        if args.progress and args.progress > n_calls + 1:
+            raise cli.UserError(
+                f"--progress {args.progress} is more than the {n_calls + 1} states "
+                f"of a {n_calls}-step walk"
+            )
     except cli.UserError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     ddpm.to(device).eval()
@@ -133,10 +139,6 @@ def main(argv: list[str] | None = None) -> None:
 
     snapshots = []
     if args.progress:
-        n_calls = args.steps if args.sampler == "ddim" else ddpm.n_T
-        if args.progress > n_calls + 1:
-            parser.exit(2, f"{parser.prog}: error: --progress {args.progress} is more "
-                        f"than the {n_calls + 1} states of a {n_calls}-step walk\n")
         # states 0..n_calls: the model's input at each call (state 0 is x_T), then x_0
         keep = torch.linspace(0, n_calls, args.progress).round().long().tolist()
         calls = itertools.count()
