@@ -20,7 +20,7 @@ from torchvision.datasets import FakeData, ImageFolder
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from mindiffusion import cli
+from mindiffusion import checkpoints, cli
 from mindiffusion.ddpm import DDPM
 from mindiffusion.unet import NaiveUnet
 
@@ -76,10 +76,10 @@ def train_celeba(
         normalize=((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     )
 
-    os.makedirs(out, exist_ok=True)
+    cli.output_folder(out)
     checkpoint = os.path.join(out, "ddpm_celeba.pth")
-    start_epoch = cli.resume_or_start(
-        checkpoint, resume, ddpm, optim, n_epoch, ema=ema_ddpm
+    start = checkpoints.resume_or_start(
+        checkpoint, resume, ddpm, optim, n_epoch, recipe, seed, ema=ema_ddpm
     )
     # under torchrun, DistributedDataParallel: it averages the gradients of all ranks
     # in backward; a plain run trains ddpm itself
@@ -99,27 +99,29 @@ def train_celeba(
     else:
         with cli.explain_image_folder(data_root):
             dataset = ImageFolder(root=data_root, transform=tf)
-    # under torchrun, each rank reads its own part of every epoch
-    sampler = DistributedSampler(dataset) if world_size > 1 else None
+    # each epoch's shuffle depends on the run's seed and the epoch alone, so --resume
+    # sees the order a straight run sees; under torchrun, each rank reads its part
+    sampler = DistributedSampler(dataset, world_size, rank, seed=start.data_seed)
     on_cuda = device.type == "cuda"
     dataloader = DataLoader(
         dataset,
         # --batch-size is the global batch, shared out among the ranks
         batch_size=cli.split_batch(batch_size, world_size),
-        shuffle=sampler is None,
         sampler=sampler,
         num_workers=num_workers,
+        # the workers' seeds come from a generator of their own, so that starting
+        # workers never draws from the one that makes the training noise
+        generator=torch.Generator(),
         # page-locked batches copy to the GPU while it computes, and the workers
         # start once rather than at every epoch
         pin_memory=on_cuda,
         persistent_workers=on_cuda and num_workers > 0,
     )
 
-    for i in range(start_epoch, n_epoch):
+    for i in range(start.epoch, n_epoch):
         cli.say(f"Epoch {i} : ")
-        if sampler is not None:
-            # a new shuffle at each epoch, the same one on every rank
-            sampler.set_epoch(i)
+        # a new shuffle at each epoch, the same one on every rank
+        sampler.set_epoch(i)
         ddpm.train()
 
         pbar = tqdm(dataloader, disable=rank > 0)
@@ -140,23 +142,23 @@ def train_celeba(
             if ema_ddpm is not None:
                 ema_ddpm.update_parameters(ddpm)
 
-        # rank 0 alone samples and saves; the other ranks go on to the next epoch
-        if rank > 0:
-            continue
-        ddpm.eval()
-        # with --ema, the grid shows what the averaged weights draw
-        sampling_ddpm = ddpm if ema_ddpm is None else ema_ddpm.module.eval()
-        with torch.no_grad():
-            xh = sampling_ddpm.sample(8, (3, 128, 128), device)
-            # CelebA's 202,599 faces leave a last batch of 7: real_images tops it up
-            xset = torch.cat([xh, cli.real_images(x, dataset, 8)], dim=0)
-            # value_range undoes the Normalize above: [-1, 1] -> [0, 1]
-            grid = make_grid(xset, normalize=True, value_range=(-1, 1), nrow=4)
-            save_image(grid, os.path.join(out, f"ddpm_sample_celeba{i:03d}.png"))
+        # rank 0 alone samples and saves, while the other ranks wait for it
+        if rank == 0:
+            ddpm.eval()
+            # with --ema, the grid shows what the averaged weights draw
+            sampling_ddpm = ddpm if ema_ddpm is None else ema_ddpm.module.eval()
+            with torch.no_grad():
+                xh = sampling_ddpm.sample(8, (3, 128, 128), device)
+                # CelebA's 202,599 faces leave a last batch of 7: real_images tops it up
+                xset = torch.cat([xh, cli.real_images(x, dataset, 8)], dim=0)
+                # value_range undoes the Normalize above: [-1, 1] -> [0, 1]
+                grid = make_grid(xset, normalize=True, value_range=(-1, 1), nrow=4)
+                save_image(grid, os.path.join(out, f"ddpm_sample_celeba{i:03d}.png"))
 
-            cli.save_checkpoint(
-                checkpoint, ddpm, optim, epoch=i + 1, recipe=recipe, ema=ema_ddpm
-            )
+                checkpoints.save_checkpoint(
+                    checkpoint, ddpm, optim, recipe, i + 1, start.data_seed, ema_ddpm
+                )
+        cli.wait_for_rank_0()
 
     return ddpm
 

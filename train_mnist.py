@@ -18,7 +18,7 @@ from torchvision.datasets import MNIST, FakeData
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from mindiffusion import cli
+from mindiffusion import checkpoints, cli
 from mindiffusion.ddpm import DDPM
 
 
@@ -101,10 +101,10 @@ def train_mnist(
         normalize=((0.5,), (1.0,)),
     )
 
-    os.makedirs(out, exist_ok=True)
+    cli.output_folder(out)
     checkpoint = os.path.join(out, "ddpm_mnist.pth")
-    start_epoch = cli.resume_or_start(
-        checkpoint, resume, ddpm, optim, n_epoch, ema=ema_ddpm
+    start = checkpoints.resume_or_start(
+        checkpoint, resume, ddpm, optim, n_epoch, recipe, seed, ema=ema_ddpm
     )
     # under torchrun, DistributedDataParallel: it averages the gradients of all ranks
     # in backward; a plain run trains ddpm itself
@@ -119,27 +119,29 @@ def train_mnist(
     else:
         with cli.explain_missing_dataset("MNIST", data_root):
             dataset = MNIST(data_root, train=True, download=True, transform=tf)
-    # under torchrun, each rank reads its own part of every epoch
-    sampler = DistributedSampler(dataset) if world_size > 1 else None
+    # each epoch's shuffle depends on the run's seed and the epoch alone, so --resume
+    # sees the order a straight run sees; under torchrun, each rank reads its part
+    sampler = DistributedSampler(dataset, world_size, rank, seed=start.data_seed)
     on_cuda = device.type == "cuda"
     dataloader = DataLoader(
         dataset,
         # --batch-size is the global batch, shared out among the ranks
         batch_size=cli.split_batch(batch_size, world_size),
-        shuffle=sampler is None,
         sampler=sampler,
         num_workers=num_workers,
+        # the workers' seeds come from a generator of their own, so that starting
+        # workers never draws from the one that makes the training noise
+        generator=torch.Generator(),
         # page-locked batches copy to the GPU while it computes, and the workers
         # start once rather than at every epoch
         pin_memory=on_cuda,
         persistent_workers=on_cuda and num_workers > 0,
     )
 
-    for i in range(start_epoch, n_epoch):
+    for i in range(start.epoch, n_epoch):
         cli.say(f"Epoch {i} : ")
-        if sampler is not None:
-            # a new shuffle at each epoch, the same one on every rank
-            sampler.set_epoch(i)
+        # a new shuffle at each epoch, the same one on every rank
+        sampler.set_epoch(i)
         ddpm.train()
 
         pbar = tqdm(dataloader, disable=rank > 0)
@@ -160,21 +162,21 @@ def train_mnist(
             if ema_ddpm is not None:
                 ema_ddpm.update_parameters(ddpm)
 
-        # rank 0 alone samples and saves; the other ranks go on to the next epoch
-        if rank > 0:
-            continue
-        ddpm.eval()
-        # with --ema, the grid shows what the averaged weights draw
-        sampling_ddpm = ddpm if ema_ddpm is None else ema_ddpm.module.eval()
-        with torch.no_grad():
-            xh = sampling_ddpm.sample(16, (1, 28, 28), device)
-            # undo the Normalize above: [-0.5, 0.5] -> [0, 1]
-            grid = make_grid(xh, normalize=True, value_range=(-0.5, 0.5), nrow=4)
-            save_image(grid, os.path.join(out, f"ddpm_sample_{i}.png"))
+        # rank 0 alone samples and saves, while the other ranks wait for it
+        if rank == 0:
+            ddpm.eval()
+            # with --ema, the grid shows what the averaged weights draw
+            sampling_ddpm = ddpm if ema_ddpm is None else ema_ddpm.module.eval()
+            with torch.no_grad():
+                xh = sampling_ddpm.sample(16, (1, 28, 28), device)
+                # undo the Normalize above: [-0.5, 0.5] -> [0, 1]
+                grid = make_grid(xh, normalize=True, value_range=(-0.5, 0.5), nrow=4)
+                save_image(grid, os.path.join(out, f"ddpm_sample_{i}.png"))
 
-            cli.save_checkpoint(
-                checkpoint, ddpm, optim, epoch=i + 1, recipe=recipe, ema=ema_ddpm
-            )
+                checkpoints.save_checkpoint(
+                    checkpoint, ddpm, optim, recipe, i + 1, start.data_seed, ema_ddpm
+                )
+        cli.wait_for_rank_0()
 
     return ddpm
 

@@ -1,5 +1,6 @@
 """Plumbing shared by the three training scripts: flags, device choice, torchrun,
-missing data and checkpoints. The training loop itself stays in each script.
+the output folder and missing data. The training loop itself stays in each script;
+checkpoints and --resume are in `checkpoints`.
 
 A mistake in the command line or the data raises `UserError`; `main` prints it as one
 sentence and exits with status 2, without a traceback.
@@ -9,19 +10,21 @@ import contextlib
 import inspect
 import io
 import os
-import pickle
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 DEVICES = "use cpu, cuda, cuda:N or mps"
+
+# under torchrun, a gloo group in which the ranks wait for rank 0 without a time limit
+patient_group = None
 
 
 class UserError(Exception):
@@ -91,17 +94,57 @@ def init_processes(name: str) -> tuple[torch.device, int, int]:
     elif device.type != "cpu":
         raise UserError(f"torchrun runs on CUDA GPUs or on the CPU, not on {device}")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    global patient_group
+    # a year: longer than any grid takes to draw, and torchrun ends the group anyway
+    # when a process dies
+    patient_group = dist.new_group(backend="gloo", timeout=timedelta(days=365))
     return device, rank, world_size
+
+
+def wait_for_rank_0() -> None:
+    """Under torchrun, hold every rank here until rank 0 has drawn its grid and saved.
+
+    The process group's own collectives give up after 30 minutes, and a 1000-step
+    MNIST grid takes 48 on a CPU, so the ranks meet in the patient group instead.
+    """
+    if dist.is_initialized():
+        dist.barrier(group=patient_group)
+
+
+def shared_seed(seed: int | None) -> int:
+    """`seed`, or if there is none a random one; under torchrun, rank 0's on all."""
+    if seed is not None:
+        return seed
+    drawn = torch.randint(2**62, ())
+    if dist.is_initialized():
+        dist.broadcast(drawn, src=0, group=patient_group)
+    return int(drawn)
+
+
+def output_folder(out: str) -> None:
+    """Make the folder --out names, or say in one sentence why it cannot be made."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a folder: choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out} cannot be made ({err.strerror})") from None
 
 
 def distribute(ddpm: nn.Module, device: torch.device) -> nn.Module:
     """Under torchrun, ddpm inside DistributedDataParallel; otherwise ddpm itself.
 
     DDP starts every rank from rank 0's weights and averages the gradients of all
-    ranks during backward, so every rank takes the same optimizer step.
+    ranks during backward, so every rank takes the same optimizer step. On GPUs,
+    BatchNorm becomes SyncBatchNorm, which normalises over the global batch as one
+    GPU would; torch's SyncBatchNorm runs on GPUs only, so CPU ranks keep BatchNorm
+    and normalise their own share of the batch.
     """
     if not dist.is_initialized():
         return ddpm
+    if device.type == "cuda":
+        # in place, on the same parameters and buffers: the optimizer keeps them
+        ddpm = nn.SyncBatchNorm.convert_sync_batchnorm(ddpm)
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(ddpm, device_ids=device_ids)
 
@@ -196,112 +239,6 @@ def real_images(x: torch.Tensor, dataset: Dataset, n: int = 8) -> torch.Tensor:
         return x[:n]
     top_up = [dataset[j % len(dataset)][0] for j in range(n - len(x))]
     return torch.cat([x, torch.stack(top_up).to(x.device)])
-
-
-def save_checkpoint(
-    path: str,
-    ddpm: nn.Module,
-    optim: torch.optim.Optimizer,
-    epoch: int,
-    recipe: dict,
-    ema: AveragedModel | None = None,
-) -> None:
-    """Save all that `--resume` needs after `epoch` epochs, as tensors and plain values,
-    with the recipe that rebuilds the model and, under --ema, the averaged weights.
-
-    The file is written beside the old one and renamed over it, so an interrupted save
-    never destroys the last good checkpoint.
-    """
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-    state = {
-        "model": ddpm.state_dict(),
-        "optimizer": optim.state_dict(),
-        "epoch": epoch,
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": cuda_rng,
-        "recipe": recipe,
-        "ema": None if ema is None else ema.state_dict(),
-    }
-    tmp_path = path + ".tmp"
-    torch.save(state, tmp_path)
-    os.replace(tmp_path, path)
-
-
-def load_checkpoint(path: str) -> dict:
-    """The checkpoint at `path`, on the CPU, as tensors and plain values only."""
-    if not os.path.exists(path):
-        raise UserError(f"there is no checkpoint at {path}")
-    unreadable = f"{path} is not a readable checkpoint"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # weights_only=True names the first class or function the file would import
-        if "GLOBAL" in str(err):
-            raise UserError(
-                f"{path} refused: it holds Python objects besides tensors "
-                f"and plain values, and loading them could run code"
-            ) from None
-        raise UserError(unreadable) from None
-    except (RuntimeError, EOFError, OSError):
-        raise UserError(unreadable) from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise UserError(unreadable)
-    return state
-
-
-def resume_or_start(
-    path: str,
-    resume: bool,
-    ddpm: nn.Module,
-    optim: torch.optim.Optimizer,
-    n_epoch: int,
-    ema: AveragedModel | None = None,
-) -> int:
-    """The epoch to start at: 0 for a new run, or where the checkpoint at `path` ended.
-
-    Resuming restores the model, the optimizer, the averaged weights of --ema and the
-    random number generators, so the run goes on exactly as if it had never stopped.
-    A new run refuses to overwrite an existing checkpoint.
-    """
-    if not resume:
-        if os.path.exists(path):
-            raise UserError(
-                f"{path} already exists: continue it with --resume, "
-                f"or choose another --out"
-            )
-        return 0
-    try:
-        state = load_checkpoint(path)
-    except UserError as err:
-        raise UserError(f"--resume: {err}") from None
-    try:
-        ddpm.load_state_dict(state["model"])
-        optim.load_state_dict(state["optimizer"])
-        epoch = int(state["epoch"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise UserError(
-            f"--resume: {path} does not fit this script's model and settings "
-            f"({str(err).splitlines()[0]})"
-        ) from None
-    if ema is not None and state.get("ema") is None:
-        say("--ema: the checkpoint has no average yet: it starts from these weights")
-    if epoch >= n_epoch:
-        raise UserError(
-            f"--resume: {path} has already trained {epoch} epochs; "
-            f"ask for more with --epochs"
-        )
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    rank = process_rank()
-    if rank > 0:
-        # the checkpoint holds rank 0's generator: the other ranks seed their own
-        # from it, so that no two ranks draw the same noise
-        torch.manual_seed(int(torch.randint(2**62, (rank,))[-1]))
-    say(f"resuming from {path}: {epoch} epoch(s) done")
-    return epoch
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

@@ -14,10 +14,11 @@ import math
 import os
 
 import torch
+from PIL import Image
 from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import make_grid, save_image
 
-from mindiffusion import cli
+from mindiffusion import checkpoints, cli
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
 from mindiffusion.unet import NaiveUnet
@@ -28,10 +29,11 @@ EPS_MODELS = {"NaiveUnet": NaiveUnet, "DummyEpsModel": DummyEpsModel}
 
 
 def load_ddpm(
-    path: str, sampler: str, steps: int, eta: float, use_ema: bool
+    path: str, sampler: str, steps: int | None, eta: float, use_ema: bool
 ) -> tuple[DDPM, dict]:
-    """The checkpoint's DDPM (or, for sampler "ddim", a DDIM) and its recipe."""
-    state = cli.load_checkpoint(path)
+    """The checkpoint's DDPM (or, for sampler "ddim", a DDIM of `steps` steps, by
+    default 50 or n_T if it has fewer) and its recipe."""
+    state = checkpoints.load_checkpoint(path)
     recipe = state.get("recipe")
     if not recipe or recipe.get("eps_model") not in EPS_MODELS:
         raise cli.UserError(
@@ -41,6 +43,7 @@ def load_ddpm(
     eps_model = EPS_MODELS[recipe["eps_model"]](*recipe["eps_model_args"])
     betas, n_T = recipe["betas"], recipe["n_T"]
     if sampler == "ddim":
+        steps = min(50, n_T) if steps is None else steps
         if steps > n_T:
             raise cli.UserError(f"--steps {steps} is more than the model's n_T = {n_T}")
         ddpm = DDIM(eps_model, betas, n_T, eta=eta, n_steps=steps)
@@ -80,6 +83,21 @@ def free_path(path: str) -> str:
             return candidate
 
 
+def check_out(out: str) -> None:
+    """Refuse a grid path that could not be written, before sampling takes its time."""
+    if os.path.exists(out):
+        raise cli.UserError(f"{out} already exists: choose another --out")
+    folder, extension = os.path.split(out)[0] or ".", os.path.splitext(out)[1]
+    if not os.path.isdir(folder):
+        raise cli.UserError(f"--out {out}: its folder does not exist")
+    if extension.lower() not in Image.registered_extensions():
+        raise cli.UserError(
+            f"--out {out}: give the image a file extension, such as .png"
+        )
+    if not os.access(folder, os.W_OK):
+        raise cli.UserError(f"cannot write {out}: its folder is not writable")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m mindiffusion.sample",
@@ -93,11 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     add("--sampler", choices=("ddpm", "ddim"), default="ddpm",
         help="ddpm walks all n_T steps; ddim walks --steps of them "
         "(default: %(default)s)")
-    add("--steps", type=cli.at_least(1), default=50,
-        help="DDIM's steps, at most the model's n_T (default: %(default)s)")
-    add("--eta", type=float, default=0.0,
-        help="DDIM's noise, from 0 (none) to 1 (as much as DDPM) "
-        "(default: %(default)s)")
+    add("--steps", type=cli.at_least(1),
+        help="DDIM's steps, at most the model's n_T (default: 50, or n_T if less)")
+    add("--eta", type=float,
+        help="DDIM's noise, from 0 (none) to 1 (the posterior variance of the DDPM "
+        "paper, a little below the beta_t that --sampler ddpm adds) (default: 0)")
     add("--device", default="cuda", metavar="NAME",
         help="cpu, cuda, cuda:N or mps; falls back as the training scripts do "
         "(default: %(default)s)")
@@ -113,19 +131,22 @@ def main(argv: list[str] | None = None) -> None:
         help="sample with the trained weights, not their --ema average (default: "
         "the average, where the checkpoint has one)")
     args = parser.parse_args(argv)
+    if args.sampler == "ddpm" and (args.steps, args.eta) != (None, None):
+        parser.error("--steps and --eta are DDIM's: add --sampler ddim, or drop them")
+    if args.eta is None:
+        args.eta = 0.0
     if not 0 <= args.eta <= 1:
         parser.error(f"argument --eta: must be between 0 and 1, got {args.eta}")
 
     try:
-        if args.out is not None and os.path.exists(args.out):
-            raise cli.UserError(f"{args.out} already exists: choose another --out")
-        if args.out is not None and not os.path.isdir(os.path.dirname(args.out) or "."):
-            raise cli.UserError(f"--out {args.out}: its folder does not exist")
         device = cli.resolve_device(args.device)
         ddpm, recipe = load_ddpm(
             args.checkpoint, args.sampler, args.steps, args.eta, args.use_ema
         )
-        n_calls = args.steps if args.sampler == "ddim" else ddpm.n_T
+        stem = os.path.splitext(args.checkpoint)[0]
+        out = args.out or free_path(f"{stem}_{args.sampler}.png")
+        check_out(out)
+        n_calls = getattr(ddpm, "n_steps", ddpm.n_T)
         if args.progress and args.progress > n_calls + 1:
             raise cli.UserError(
                 f"--progress {args.progress} is more than the {n_calls + 1} states "
@@ -151,8 +172,6 @@ def main(argv: list[str] | None = None) -> None:
 
     x = ddpm.sample(args.n, recipe["image_size"], device)
     images = denormalize(x, recipe["normalize"])
-    stem = os.path.splitext(args.checkpoint)[0]
-    out = args.out or free_path(f"{stem}_{args.sampler}.png")
     save_image(make_grid(images, nrow=math.ceil(math.sqrt(args.n))), out)
     print(f"wrote {out}")
 

@@ -30,18 +30,19 @@ def run_script(train, argv, capsys):
     return exit_info.value.code, capsys.readouterr().err
 
 
-def cheap_ddpm(patch, on_forward=None, on_sample=None):
+def cheap_ddpm(patch, on_forward=None, on_sample=None, moving=False):
     """Swap DDPM's costly calls for cheap stand-ins while `patch` lasts.
 
-    The training loss is zero but reaches every parameter, so the optimizer still
-    steps; the samples are zeros. on_forward(ddpm, x) and on_sample(ddpm, size) see
-    each call.
+    The training loss reaches every parameter, so the optimizer still steps; it is
+    zero, or with `moving` the sum of the weights, whose gradient 1 makes each step
+    move every weight. The samples are zeros. on_forward(ddpm, x) and
+    on_sample(ddpm, size) see each call.
     """
 
     def forward(self, x):
         if on_forward is not None:
             on_forward(self, x)
-        return sum(p.sum() for p in self.parameters()) * 0.0
+        return sum(p.sum() for p in self.parameters()) * float(moving)
 
     def sample(self, n_sample, size, device):
         if on_sample is not None:

@@ -11,7 +11,7 @@ import torch.nn as nn
 from PIL import Image
 
 from conftest import run_script
-from mindiffusion import cli
+from mindiffusion import checkpoints, cli
 from mindiffusion.ddpm import DDPM
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
@@ -315,7 +315,7 @@ def test_bad_checkpoints_are_refused_with_one_sentence(one_epoch, tmp_path, caps
 
     mnist_ddpm = DDPM(eps_model=DummyEpsModel(1), betas=(1e-4, 0.02), n_T=2)
     optim = torch.optim.Adam(mnist_ddpm.parameters())
-    cli.save_checkpoint(str(checkpoint), mnist_ddpm, optim, epoch=1, recipe={})
+    checkpoints.save_checkpoint(str(checkpoint), mnist_ddpm, optim, {}, 1, 0)
     assert resume_error().startswith(
         f"--resume: {checkpoint} does not fit this script's model and settings ("
     )
@@ -325,7 +325,7 @@ def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
     path = str(tmp_path / "ddpm.pth")
     ddpm = DDPM(eps_model=nn.Conv2d(1, 1, 3, padding=1), betas=(1e-4, 0.02), n_T=10)
     optim = torch.optim.Adam(ddpm.parameters())
-    cli.save_checkpoint(path, ddpm, optim, epoch=1, recipe={})
+    checkpoints.save_checkpoint(path, ddpm, optim, {}, 1, 0)
     before = open(path, "rb").read()
 
     def save_half_then_stop(obj, f):
@@ -337,7 +337,7 @@ def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
     with torch.no_grad():
         ddpm.eps_model.weight.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
-        cli.save_checkpoint(path, ddpm, optim, epoch=2, recipe={})
+        checkpoints.save_checkpoint(path, ddpm, optim, {}, 2, 0)
     assert open(path, "rb").read() == before
     assert torch.load(path, weights_only=True)["epoch"] == 1
 
@@ -372,3 +372,14 @@ def test_ctrl_c_stops_with_one_line_and_keeps_the_checkpoint(
     # the progress bar shares stderr; the message is its last line
     assert err.splitlines()[-1] == f"interrupted: what was saved in {out} is kept"
     assert (out / "ddpm_cifar.pth").read_bytes() == before
+
+
+def test_an_out_that_names_a_file_is_one_sentence(tmp_path, capsys):
+    out = tmp_path / "notes.txt"
+    out.write_text("kept")
+    code, err = run_script(train_cifar10, [*QUICK_FLAGS, "--out", str(out)], capsys)
+    assert code == 2
+    assert one_sentence(err) == (
+        f"--out {out} is a file, not a folder: choose another --out"
+    )
+    assert out.read_text() == "kept"

@@ -1,12 +1,16 @@
 """DDIM: its timesteps and model calls, its last step onto x_0, and its samples against
 the Gaussian oracle, whose DDIM walk can be followed exactly in closed form."""
 
+import itertools
 import math
+import operator
 
 import pytest
 import torch
 import torch.nn as nn
 
+from conftest import REPO
+from mindiffusion import sample
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
 from test_ddpm import BETAS, GaussianOracle
@@ -137,3 +141,24 @@ def test_the_oracles_walk_reaches_the_data_as_the_steps_grow(mu, sd, eta):
     ]
     assert errors == sorted(errors, reverse=True)
     assert errors[1] < 0.2 and errors[-1] < 0.015
+
+
+def test_eta_1_is_the_posterior_variance_which_the_words_say(capsys):
+    """At eta 1, DDIM's sigma^2 is the DDPM paper's posterior variance
+    beta-tilde_t = (1 - alphabar_{t-1}) / (1 - alphabar_t) beta_t, below the beta_t
+    that DDPM.sample adds: the help and the README must not call them equal."""
+    # the schedule in float64, from its definition: beta_t linear over t = 0..1000
+    beta = [BETAS[0] + (BETAS[1] - BETAS[0]) * t / 1000 for t in range(1001)]
+    alphabar = list(itertools.accumulate((1 - b for b in beta), operator.mul))
+
+    def ratio(t):
+        return (1 - alphabar[t - 1]) / (1 - alphabar[t])
+
+    assert [round(ratio(t), 2) for t in (2, 100, 1000)] == [0.61, 0.98, 1.0]
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    readme = " ".join((REPO / "README.md").read_text().split())
+    for text in (help_text, readme):
+        assert "as much as DDPM" not in text and "posterior variance" in text
+    assert "0.61 at t = 2, 0.98 at t = 100" in readme

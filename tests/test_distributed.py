@@ -7,9 +7,12 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
 
 from conftest import REPO
 from mindiffusion import cli
+from mindiffusion.ddpm import DDPM
+from train_mnist import DummyEpsModel
 
 # 8 fake images in global batches of 4: two steps per epoch, 2 images per rank each
 FLAGS = "--device cpu --fake-data 8 --batch-size 4 --n-T 2 --num-workers 0 --seed 0"
@@ -110,3 +113,46 @@ def test_torchrun_on_mps_is_one_sentence(monkeypatch):
         cli.UserError, match=r"^torchrun runs on CUDA GPUs or on the CPU"
     ):
         cli.init_processes("mps")
+
+
+def test_a_grid_slower_than_the_process_groups_timeout(tmp_path, no_network):
+    """While rank 0 draws, the other ranks wait without a time limit."""
+    out = tmp_path / "out"
+    torchrun(
+        str(REPO / "tests" / "ddp_slow_grid.py"),
+        "train_cifar10",
+        *FLAGS.split(),
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert torch.load(out / "ddpm_cifar.pth", weights_only=True)["epoch"] == 2
+
+
+def test_two_ranks_take_the_step_of_one_with_groupnorm(tmp_path):
+    torchrun(str(REPO / "tests" / "ddp_equal_steps.py"), "out.pt", cwd=tmp_path)
+    difference = torch.load(tmp_path / "out.pt")
+    assert difference["NaiveUnet"] < 1e-5
+    # on the CPU each rank normalises its own half: BatchNorm's gradients differ
+    assert difference["DummyEpsModel"] > 1e-2
+
+
+@pytest.mark.parametrize(
+    "device, norm", [("cuda", nn.SyncBatchNorm), ("cpu", nn.BatchNorm2d)]
+)
+def test_under_ddp_batchnorm_is_synchronised_on_gpus_only(device, norm, monkeypatch):
+    monkeypatch.setattr(cli.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(
+        cli, "DistributedDataParallel", lambda module, device_ids: module
+    )
+    ddpm = DDPM(DummyEpsModel(1), betas=(1e-4, 0.02), n_T=2)
+    parameters = list(ddpm.parameters())
+    distributed = cli.distribute(ddpm, torch.device(device))
+    norms = [m for m in distributed.modules() if "Norm" in type(m).__name__]
+    assert len(norms) == 7 and {type(m) for m in norms} == {norm}
+    # the optimizer, made before, still holds the model's parameters
+    assert all(
+        a is b for a, b in zip(distributed.parameters(), parameters, strict=True)
+    )

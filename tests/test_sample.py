@@ -11,6 +11,7 @@ from torchvision.datasets import FakeData
 from conftest import cheap_ddpm, grid_tiles
 from mindiffusion import sample
 from mindiffusion.ddpm import DDPM
+from mindiffusion.unet import NaiveUnet
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist
@@ -164,7 +165,7 @@ def test_bad_checkpoints_and_settings_are_one_sentence(checkpoints, tmp_path, ca
     assert sample_error([good, "--sampler", "ddim", "--steps", "4"], capsys) == (
         "--steps 4 is more than the model's n_T = 3"
     )
-    assert sample_error([good, "--eta", "2"], capsys) == (
+    assert sample_error([good, "--sampler", "ddim", "--eta", "2"], capsys) == (
         "argument --eta: must be between 0 and 1, got 2.0"
     )
     nowhere = str(tmp_path / "no" / "grid.png")
@@ -180,3 +181,36 @@ def test_a_checkpoint_that_is_not_one_is_refused(tmp_path, capsys):
     path = tmp_path / "weights.pth"
     torch.save(torch.zeros(3), path)
     assert sample_error([str(path)], capsys) == f"{path} is not a readable checkpoint"
+
+
+@pytest.mark.parametrize("flags", [["--steps", "1"], ["--eta", "0.9"]])
+def test_ddim_flags_with_the_ddpm_sampler_are_refused(flags, checkpoints, capsys):
+    path = str(checkpoints["cifar10"]["path"])
+    assert sample_error([path, "--sampler", "ddpm", *flags], capsys) == (
+        "--steps and --eta are DDIM's: add --sampler ddim, or drop them"
+    )
+
+
+def test_ddim_defaults_to_50_steps_or_n_T_when_the_model_has_fewer(checkpoints):
+    path = str(checkpoints["cifar10"]["path"])
+    small, _ = sample.load_ddpm(path, "ddim", None, 0.0, use_ema=False)
+    assert small.n_T == small.n_steps == 3
+    state = torch.load(path, weights_only=True)
+    state["recipe"]["n_T"] = 200
+    state["model"].update(DDPM(NaiveUnet(3, 3, 128), (1e-4, 0.02), 200).state_dict())
+    path_200 = path.replace(".pth", "_200.pth")
+    torch.save(state, path_200)
+    large, _ = sample.load_ddpm(path_200, "ddim", None, 0.0, use_ema=False)
+    assert large.n_steps == 50
+
+
+@pytest.mark.parametrize("name", ["grid", "grid.pth"])
+def test_an_out_that_is_no_image_is_refused_before_sampling(
+    name, checkpoints, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(DDPM, "sample", lambda *args: pytest.fail("sampled"))
+    out = tmp_path / name
+    path = str(checkpoints["cifar10"]["path"])
+    assert sample_error([path, "--out", str(out)], capsys) == (
+        f"--out {out}: give the image a file extension, such as .png"
+    )

@@ -1,0 +1,140 @@
+"""Checkpoints and --resume: nothing saved is dropped, settings that cannot change are
+named, a machine with fewer GPUs resumes, and worker processes leave the order exact."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import train_cifar10 as cifar10_script
+from conftest import cheap_ddpm, run_script
+from mindiffusion import checkpoints
+from train_cifar10 import train_cifar10
+
+# two steps of 2 fake CIFAR-10 images per epoch, on the CPU
+RUN = dict(device="cpu", batch_size=2, n_T=2, fake_data=4, seed=0)
+FLAGS = "--device cpu --batch-size 2 --n-T 2 --fake-data 4 --num-workers 0".split()
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory):
+    """The folder of a 1-epoch CIFAR-10 run with --ema 0.9."""
+    out = tmp_path_factory.mktemp("ema_run")
+    train_cifar10(n_epoch=1, out=str(out), ema=0.9, num_workers=0, **RUN)
+    return out
+
+
+def test_a_resume_without_ema_refuses_to_drop_the_average(ema_run, capsys):
+    checkpoint = ema_run / "ddpm_cifar.pth"
+    before = checkpoint.read_bytes()
+    code, err = run_script(
+        train_cifar10, [*FLAGS, "--epochs", "2", "--resume", "--out", str(ema_run)],
+        capsys,
+    )
+    assert code == 2
+    assert err.splitlines()[-1].split("error: ", 1)[1] == (
+        f"--resume: {checkpoint} keeps an --ema average that this run would drop: "
+        f"resume with --ema DECAY to carry it on"
+    )
+    assert checkpoint.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--n-T", "3"], "--n-T 2 (this run: 3)"),
+        (["--lr", "0.5"], None),
+    ],
+)
+def test_a_resume_names_the_setting_that_cannot_change(ema_run, flags, named, capsys):
+    # the last --n-T given wins over FLAGS' own
+    argv = [*FLAGS, "--ema", "0.9", "--epochs", "1", "--resume", "--out", str(ema_run)]
+    code, err = run_script(train_cifar10, [*argv, *flags], capsys)
+    assert code == 2
+    sentence = err.splitlines()[-1].split("error: ", 1)[1]
+    if named is None:
+        # --lr may change: the refusal is only that every epoch is done
+        assert "has already trained 1 epochs" in sentence
+    else:
+        assert sentence == (
+            f"--resume: {ema_run / 'ddpm_cifar.pth'} was trained with {named}: "
+            f"resume with the checkpoint's settings, or choose another --out"
+        )
+
+
+def test_a_different_model_is_named_too(ema_run):
+    saved = torch.load(ema_run / "ddpm_cifar.pth", weights_only=True)["recipe"]
+    recipe = dict(saved, eps_model="DummyEpsModel", eps_model_args=(1,))
+    with pytest.raises(checkpoints.UserError) as error:
+        checkpoints.check_recipe("ckpt", saved, recipe)
+    assert str(error.value) == (
+        "--resume: ckpt was trained with the model NaiveUnet (this run: "
+        "DummyEpsModel), the model's arguments (3, 3, 128) (this run: (1,)): resume "
+        "with the checkpoint's settings, or choose another --out"
+    )
+
+
+def test_a_checkpoint_from_more_gpus_restores_what_fits(monkeypatch, capsys):
+    restored = []
+
+    def set_rng_state(state, device):
+        # as on a real machine: a GPU it does not have is an IndexError
+        if device >= 1:
+            raise IndexError("list index out of range")
+        restored.append((device, state))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)
+    states = [torch.full((4,), k, dtype=torch.uint8) for k in range(8)]
+    checkpoints.restore_cuda_rng(states)
+    assert [device for device, _ in restored] == [0]
+    assert torch.equal(restored[0][1], states[0])
+    assert capsys.readouterr().out == (
+        "--resume: the checkpoint holds the random state of 8 GPU(s) and this machine "
+        "has 1: the other 7 are not restored, so the run goes on exactly only as far "
+        "as it can\n"
+    )
+
+
+def test_resume_is_exact_with_persistent_workers(tmp_path, monkeypatch):
+    def persistent(*args, **kwargs):
+        # what the scripts' loader does on CUDA, forced on the CPU
+        return DataLoader(*args, **dict(kwargs, persistent_workers=True))
+
+    monkeypatch.setattr(cifar10_script, "DataLoader", persistent)
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    train_cifar10(n_epoch=2, out=str(straight), num_workers=1, **RUN)
+    train_cifar10(n_epoch=1, out=str(halves), num_workers=1, **RUN)
+    train_cifar10(n_epoch=2, out=str(halves), num_workers=1, resume=True, **RUN)
+    a = torch.load(straight / "ddpm_cifar.pth", weights_only=True)["model"]
+    b = torch.load(halves / "ddpm_cifar.pth", weights_only=True)["model"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_the_data_order_follows_the_seed_and_splits_across_ranks(
+    tmp_path, monkeypatch
+):
+    """Each rank of a torchrun run reads its share of the epoch, in an order that
+    --seed sets (the ranks are played one after the other here)."""
+    seen = []
+    # each image is known by its first pixel
+    cheap_ddpm(monkeypatch, on_forward=lambda ddpm, x: seen.append(x[:, 0, 0, 0]))
+    orders = {}
+    for seed in (0, 1):
+        for rank in (0, 1):
+            seen.clear()
+            monkeypatch.setattr(
+                cifar10_script.cli,
+                "init_processes",
+                lambda name: (torch.device("cpu"), rank, 2),
+            )
+            run = dict(RUN, seed=seed, fake_data=8, batch_size=4, num_workers=0)
+            train_cifar10(n_epoch=1, out=str(tmp_path / f"{seed}{rank}"), **run)
+            orders[seed, rank] = torch.cat(seen).tolist()
+    for seed in (0, 1):
+        # two batches of 2 on each rank, together all 8 images once
+        assert len(orders[seed, 0]) == len(orders[seed, 1]) == 4
+        assert len(set(orders[seed, 0] + orders[seed, 1])) == 8
+    assert orders[0, 0] != orders[1, 0]
