@@ -11,7 +11,7 @@ import os
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, FakeData
 from torchvision.utils import make_grid, save_image
@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from mindiffusion import checkpoints, cli
 from mindiffusion.ddpm import DDPM
+from mindiffusion.duties import StepDuties
 from mindiffusion.unet import NaiveUnet
 
 
@@ -38,6 +39,8 @@ def train_cifar10(
     channels_last: bool = False,
     compile: bool = False,
     ema: float | None = None,
+    save_every: int | None = 1000,
+    grad_clip: float | None = None,
 ) -> DDPM:
     # under torchrun, one process per device; a plain run is rank 0 of 1
     device, rank, world_size = cli.init_processes(device)
@@ -71,10 +74,9 @@ def train_cifar10(
     )
 
     cli.output_folder(out)
-    checkpoint = os.path.join(out, "ddpm_cifar.pth")
-    start = checkpoints.resume_or_start(
-        checkpoint, resume, ddpm, optim, n_epoch, recipe, seed, ema=ema_ddpm
-    )
+    path = os.path.join(out, "ddpm_cifar.pth")
+    checkpoint = checkpoints.Checkpoint(path, ddpm, optim, recipe, ema=ema_ddpm)
+    start = checkpoint.resume_or_start(resume, n_epoch, seed, lr)
     # under torchrun, DistributedDataParallel: it averages the gradients of all ranks
     # in backward; a plain run trains ddpm itself
     parallel_ddpm = cli.distribute(ddpm, device)
@@ -88,14 +90,16 @@ def train_cifar10(
     else:
         with cli.explain_missing_dataset("CIFAR-10", data_root):
             dataset = CIFAR10(data_root, train=True, download=True, transform=tf)
+    # --batch-size is the global batch, shared out among the ranks
+    rank_batch = cli.split_batch(batch_size, world_size)
     # each epoch's shuffle depends on the run's seed and the epoch alone, so --resume
-    # sees the order a straight run sees; under torchrun, each rank reads its part
-    sampler = DistributedSampler(dataset, world_size, rank, seed=start.data_seed)
+    # sees the order a straight run sees, from the batch it stopped at; under
+    # torchrun, each rank reads its part
+    sampler = checkpoints.ResumableSampler(dataset, world_size, rank, rank_batch, start)
     on_cuda = device.type == "cuda"
     dataloader = DataLoader(
         dataset,
-        # --batch-size is the global batch, shared out among the ranks
-        batch_size=cli.split_batch(batch_size, world_size),
+        batch_size=rank_batch,
         sampler=sampler,
         num_workers=num_workers,
         # the workers' seeds come from a generator of their own, so that starting
@@ -106,6 +110,8 @@ def train_cifar10(
         pin_memory=on_cuda,
         persistent_workers=on_cuda and num_workers > 0,
     )
+    # the checks and saves around each optimizer step
+    duties = StepDuties(checkpoint, start, len(dataloader), save_every, grad_clip)
 
     for i in range(start.epoch, n_epoch):
         cli.say(f"Epoch {i} : ")
@@ -127,9 +133,11 @@ def train_cifar10(
             else:
                 loss_ema = 0.9 * loss_ema + 0.1 * loss.item()
             pbar.set_description(f"loss: {loss_ema:.4f}")
+            duties.before_step(i, loss)
             optim.step()
             if ema_ddpm is not None:
                 ema_ddpm.update_parameters(ddpm)
+            duties.after_step()
 
         # rank 0 alone samples and saves, while the other ranks wait for it
         if rank == 0:
@@ -143,9 +151,7 @@ def train_cifar10(
                 grid = make_grid(xset, normalize=True, value_range=(-1, 1), nrow=4)
                 save_image(grid, os.path.join(out, f"ddpm_sample_cifar{i}.png"))
 
-                checkpoints.save_checkpoint(
-                    checkpoint, ddpm, optim, recipe, i + 1, start.data_seed, ema_ddpm
-                )
+                checkpoint.save(i + 1)
         cli.wait_for_rank_0()
 
     return ddpm

@@ -12,7 +12,7 @@ import os
 import torch
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import MNIST, FakeData
 from torchvision.utils import make_grid, save_image
@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from mindiffusion import checkpoints, cli
 from mindiffusion.ddpm import DDPM
+from mindiffusion.duties import StepDuties
 
 
 # padding 3 keeps a 7x7 convolution at 28x28: no pooling, no skips, no UNet
@@ -69,6 +70,8 @@ def train_mnist(
     channels_last: bool = False,
     compile: bool = False,
     ema: float | None = None,
+    save_every: int | None = 1000,
+    grad_clip: float | None = None,
 ) -> DDPM:
     # under torchrun, one process per device; a plain run is rank 0 of 1
     device, rank, world_size = cli.init_processes(device)
@@ -102,10 +105,9 @@ def train_mnist(
     )
 
     cli.output_folder(out)
-    checkpoint = os.path.join(out, "ddpm_mnist.pth")
-    start = checkpoints.resume_or_start(
-        checkpoint, resume, ddpm, optim, n_epoch, recipe, seed, ema=ema_ddpm
-    )
+    path = os.path.join(out, "ddpm_mnist.pth")
+    checkpoint = checkpoints.Checkpoint(path, ddpm, optim, recipe, ema=ema_ddpm)
+    start = checkpoint.resume_or_start(resume, n_epoch, seed, lr)
     # under torchrun, DistributedDataParallel: it averages the gradients of all ranks
     # in backward; a plain run trains ddpm itself
     parallel_ddpm = cli.distribute(ddpm, device)
@@ -119,14 +121,16 @@ def train_mnist(
     else:
         with cli.explain_missing_dataset("MNIST", data_root):
             dataset = MNIST(data_root, train=True, download=True, transform=tf)
+    # --batch-size is the global batch, shared out among the ranks
+    rank_batch = cli.split_batch(batch_size, world_size)
     # each epoch's shuffle depends on the run's seed and the epoch alone, so --resume
-    # sees the order a straight run sees; under torchrun, each rank reads its part
-    sampler = DistributedSampler(dataset, world_size, rank, seed=start.data_seed)
+    # sees the order a straight run sees, from the batch it stopped at; under
+    # torchrun, each rank reads its part
+    sampler = checkpoints.ResumableSampler(dataset, world_size, rank, rank_batch, start)
     on_cuda = device.type == "cuda"
     dataloader = DataLoader(
         dataset,
-        # --batch-size is the global batch, shared out among the ranks
-        batch_size=cli.split_batch(batch_size, world_size),
+        batch_size=rank_batch,
         sampler=sampler,
         num_workers=num_workers,
         # the workers' seeds come from a generator of their own, so that starting
@@ -137,6 +141,8 @@ def train_mnist(
         pin_memory=on_cuda,
         persistent_workers=on_cuda and num_workers > 0,
     )
+    # the checks and saves around each optimizer step
+    duties = StepDuties(checkpoint, start, len(dataloader), save_every, grad_clip)
 
     for i in range(start.epoch, n_epoch):
         cli.say(f"Epoch {i} : ")
@@ -158,9 +164,11 @@ def train_mnist(
             else:
                 loss_ema = 0.9 * loss_ema + 0.1 * loss.item()
             pbar.set_description(f"loss: {loss_ema:.4f}")
+            duties.before_step(i, loss)
             optim.step()
             if ema_ddpm is not None:
                 ema_ddpm.update_parameters(ddpm)
+            duties.after_step()
 
         # rank 0 alone samples and saves, while the other ranks wait for it
         if rank == 0:
@@ -173,9 +181,7 @@ def train_mnist(
                 grid = make_grid(xh, normalize=True, value_range=(-0.5, 0.5), nrow=4)
                 save_image(grid, os.path.join(out, f"ddpm_sample_{i}.png"))
 
-                checkpoints.save_checkpoint(
-                    checkpoint, ddpm, optim, recipe, i + 1, start.data_seed, ema_ddpm
-                )
+                checkpoint.save(i + 1)
         cli.wait_for_rank_0()
 
     return ddpm

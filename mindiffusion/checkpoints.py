@@ -3,6 +3,7 @@
 A checkpoint is a dictionary of tensors and plain values, so that it loads with
 `torch.load(..., weights_only=True)` and can never run code.
 """
+import itertools
 import os
 import pickle
 from typing import NamedTuple
@@ -10,6 +11,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import Dataset, DistributedSampler
 
 from mindiffusion.cli import UserError, process_rank, say, shared_seed
 
@@ -23,41 +25,136 @@ RECIPE_FLAGS = {
 
 
 class Start(NamedTuple):
-    """Where a run starts: the epochs already done, and the seed of the data order."""
+    """Where a run starts: the epochs done, the batches done in the next one, and
+    the seed of the data order."""
 
     epoch: int
+    batches: int
     data_seed: int
 
 
-def save_checkpoint(
-    path: str,
-    ddpm: nn.Module,
-    optim: torch.optim.Optimizer,
-    recipe: dict,
-    epoch: int,
-    data_seed: int,
-    ema: AveragedModel | None = None,
-) -> None:
-    """Save all that `--resume` needs after `epoch` epochs, with the recipe that
-    rebuilds the model and, under --ema, the averaged weights.
+class Checkpoint:
+    """The checkpoint file of a run, and the objects it saves and restores."""
 
-    The file is written beside the old one and renamed over it, so an interrupted save
-    never destroys the last good checkpoint.
-    """
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-    state = {
-        "model": ddpm.state_dict(),
-        "optimizer": optim.state_dict(),
-        "epoch": epoch,
-        "data_seed": data_seed,
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": cuda_rng,
-        "recipe": recipe,
-        "ema": None if ema is None else ema.state_dict(),
-    }
-    tmp_path = path + ".tmp"
-    torch.save(state, tmp_path)
-    os.replace(tmp_path, path)
+    def __init__(
+        self,
+        path: str,
+        ddpm: nn.Module,
+        optim: torch.optim.Optimizer,
+        recipe: dict,
+        ema: AveragedModel | None = None,
+    ) -> None:
+        self.path, self.ddpm, self.optim, self.recipe, self.ema = (
+            path, ddpm, optim, recipe, ema
+        )
+        self.data_seed = 0
+
+    def save(self, epoch: int, batches: int = 0) -> None:
+        """Save all that `--resume` needs, after `batches` batches of epoch `epoch`
+        (0 at the end of an epoch), with the recipe and the --ema average.
+
+        The file is written beside the old one, flushed to the disk, and renamed over
+        it, so neither a failed save nor a power cut leaves anything but a whole
+        checkpoint under its name.
+        """
+        cuda = torch.cuda.is_initialized()
+        state = {
+            "model": self.ddpm.state_dict(),
+            "optimizer": self.optim.state_dict(),
+            "epoch": epoch,
+            "batches": batches,
+            "data_seed": self.data_seed,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if cuda else [],
+            "recipe": self.recipe,
+            "ema": None if self.ema is None else self.ema.state_dict(),
+        }
+        folder = os.path.dirname(self.path) or "."
+        tmp_path = self.path + ".tmp"
+        try:
+            with open(tmp_path, "wb") as file:
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp_path, self.path)
+            # the rename itself reaches the disk only with its folder
+            folder_fd = os.open(folder, os.O_RDONLY)
+            os.fsync(folder_fd)
+            os.close(folder_fd)
+        except (OSError, RuntimeError) as err:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+            reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+            raise UserError(
+                f"the checkpoint could not be saved in {folder} ({reason}): the "
+                f"previous one there is kept; make room or give another --out, then "
+                f"--resume"
+            ) from None
+        except BaseException:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+            raise
+
+    def resume_or_start(
+        self, resume: bool, n_epoch: int, seed: int | None, lr: float
+    ) -> Start:
+        """Where to start: epoch 0 for a new run, or where the checkpoint ended.
+
+        Resuming restores the model, the optimizer, the averaged weights of --ema, the
+        data order and the random number generators, so the run goes on exactly as if
+        it had never stopped; `lr` replaces the checkpoint's learning rate. A new run
+        refuses to overwrite an existing checkpoint.
+        """
+        path, ema = self.path, self.ema
+        if not resume:
+            if os.path.exists(path):
+                raise UserError(
+                    f"{path} already exists: continue it with --resume, "
+                    f"or choose another --out"
+                )
+            self.data_seed = shared_seed(seed)
+            return Start(epoch=0, batches=0, data_seed=self.data_seed)
+        try:
+            state = load_checkpoint(path)
+        except UserError as err:
+            raise UserError(f"--resume: {err}") from None
+        check_recipe(path, state.get("recipe") or {}, self.recipe)
+        if ema is None and state.get("ema") is not None:
+            raise UserError(
+                f"--resume: {path} keeps an --ema average that this run would drop: "
+                f"resume with --ema DECAY to carry it on"
+            )
+        try:
+            self.ddpm.load_state_dict(state["model"])
+            self.optim.load_state_dict(state["optimizer"])
+            epoch, batches = int(state["epoch"]), int(state.get("batches", 0))
+            if ema is not None and state.get("ema") is not None:
+                ema.load_state_dict(state["ema"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise UserError(
+                f"--resume: {path} does not fit this script's model and settings "
+                f"({str(err).splitlines()[0]})"
+            ) from None
+        if ema is not None and state.get("ema") is None:
+            say("--ema: the checkpoint has no average yet: it starts from these "
+                "weights")
+        if epoch >= n_epoch:
+            raise UserError(
+                f"--resume: {path} has already trained {epoch} epochs; "
+                f"ask for more with --epochs"
+            )
+        set_lr(self.optim, lr)
+        torch.set_rng_state(state["rng_cpu"])
+        restore_cuda_rng(state["rng_cuda"])
+        rank = process_rank()
+        if rank > 0:
+            # the checkpoint holds rank 0's generator: the other ranks seed their own
+            # from it, so that no two ranks draw the same noise
+            torch.manual_seed(int(torch.randint(2**62, (rank,))[-1]))
+        say(f"resuming from {path}: {epoch} epoch(s) and {batches} batch(es) done")
+        # checkpoints from before the data order was seeded shuffled with seed 0
+        self.data_seed = int(state.get("data_seed", 0))
+        return Start(epoch=epoch, batches=batches, data_seed=self.data_seed)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -117,64 +214,41 @@ def restore_cuda_rng(states: list[torch.Tensor]) -> None:
         )
 
 
-def resume_or_start(
-    path: str,
-    resume: bool,
-    ddpm: nn.Module,
-    optim: torch.optim.Optimizer,
-    n_epoch: int,
-    recipe: dict,
-    seed: int | None,
-    ema: AveragedModel | None = None,
-) -> Start:
-    """Where to start: epoch 0 for a new run, or where the checkpoint at `path` ended.
+def set_lr(optim: torch.optim.Optimizer, lr: float) -> None:
+    """Give the optimizer the learning rate of this run, and say so if it changed:
+    loading the optimizer's state brought back the checkpoint's."""
+    old = optim.param_groups[0]["lr"]
+    if old != lr:
+        for group in optim.param_groups:
+            group["lr"] = lr
+        say(f"--lr: the checkpoint trained at {old}; this run goes on at {lr}")
 
-    Resuming restores the model, the optimizer, the averaged weights of --ema, the
-    data order and the random number generators, so the run goes on exactly as if it
-    had never stopped. A new run refuses to overwrite an existing checkpoint.
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler, whose shuffle depends on its seed and the epoch alone, that
+    starts the epoch `start` after the batches `start` had done.
+
+    The batches done are skipped here, as indices: they are never loaded.
     """
-    if not resume:
-        if os.path.exists(path):
-            raise UserError(
-                f"{path} already exists: continue it with --resume, "
-                f"or choose another --out"
-            )
-        return Start(epoch=0, data_seed=shared_seed(seed))
-    try:
-        state = load_checkpoint(path)
-    except UserError as err:
-        raise UserError(f"--resume: {err}") from None
-    check_recipe(path, state.get("recipe") or {}, recipe)
-    if ema is None and state.get("ema") is not None:
-        raise UserError(
-            f"--resume: {path} keeps an --ema average that this run would drop: "
-            f"resume with --ema DECAY to carry it on"
-        )
-    try:
-        ddpm.load_state_dict(state["model"])
-        optim.load_state_dict(state["optimizer"])
-        epoch = int(state["epoch"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise UserError(
-            f"--resume: {path} does not fit this script's model and settings "
-            f"({str(err).splitlines()[0]})"
-        ) from None
-    if ema is not None and state.get("ema") is None:
-        say("--ema: the checkpoint has no average yet: it starts from these weights")
-    if epoch >= n_epoch:
-        raise UserError(
-            f"--resume: {path} has already trained {epoch} epochs; "
-            f"ask for more with --epochs"
-        )
-    torch.set_rng_state(state["rng_cpu"])
-    restore_cuda_rng(state["rng_cuda"])
-    rank = process_rank()
-    if rank > 0:
-        # the checkpoint holds rank 0's generator: the other ranks seed their own
-        # from it, so that no two ranks draw the same noise
-        torch.manual_seed(int(torch.randint(2**62, (rank,))[-1]))
-    say(f"resuming from {path}: {epoch} epoch(s) done")
-    # checkpoints from before the data order was seeded shuffled with seed 0
-    return Start(epoch=epoch, data_seed=int(state.get("data_seed", 0)))
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        world_size: int,
+        rank: int,
+        batch_size: int,
+        start: Start,
+    ) -> None:
+        super().__init__(dataset, world_size, rank, seed=start.data_seed)
+        self.batch_size, self.start, self.skip = batch_size, start, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        done = self.start.batches if epoch == self.start.epoch else 0
+        self.skip = done * self.batch_size
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip

@@ -315,7 +315,7 @@ def test_bad_checkpoints_are_refused_with_one_sentence(one_epoch, tmp_path, caps
 
     mnist_ddpm = DDPM(eps_model=DummyEpsModel(1), betas=(1e-4, 0.02), n_T=2)
     optim = torch.optim.Adam(mnist_ddpm.parameters())
-    checkpoints.save_checkpoint(str(checkpoint), mnist_ddpm, optim, {}, 1, 0)
+    checkpoints.Checkpoint(str(checkpoint), mnist_ddpm, optim, {}).save(1)
     assert resume_error().startswith(
         f"--resume: {checkpoint} does not fit this script's model and settings ("
     )
@@ -325,21 +325,21 @@ def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
     path = str(tmp_path / "ddpm.pth")
     ddpm = DDPM(eps_model=nn.Conv2d(1, 1, 3, padding=1), betas=(1e-4, 0.02), n_T=10)
     optim = torch.optim.Adam(ddpm.parameters())
-    checkpoints.save_checkpoint(path, ddpm, optim, {}, 1, 0)
+    checkpoints.Checkpoint(path, ddpm, optim, {}).save(1)
     before = open(path, "rb").read()
 
-    def save_half_then_stop(obj, f):
-        with open(f, "wb") as file:
-            file.write(b"half a checkpoint")
+    def save_half_then_stop(obj, file):
+        file.write(b"half a checkpoint")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", save_half_then_stop)
     with torch.no_grad():
         ddpm.eps_model.weight.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
-        checkpoints.save_checkpoint(path, ddpm, optim, {}, 2, 0)
+        checkpoints.Checkpoint(path, ddpm, optim, {}).save(2)
     assert open(path, "rb").read() == before
     assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["ddpm.pth"]
 
 
 def test_real_images_tops_up_a_short_batch_from_the_dataset():

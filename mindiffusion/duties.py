@@ -1,0 +1,120 @@
+"""The run's duties around each optimizer step, besides the step itself.
+
+Before the step: refuse a loss or gradient that is not finite, so that divergence
+never reaches the weights or the disk, and clip the gradients under --grad-clip.
+After it: save every --save-every steps, and stop cleanly when a signal came.
+"""
+import contextlib
+import math
+import signal
+
+import torch
+import torch.distributed as dist
+
+from mindiffusion import cli
+from mindiffusion.checkpoints import Checkpoint, Start
+
+# what a scheduler sends before it stops a job (SLURM's --signal sends SIGUSR1 ahead)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# the signal received while a step ran, or 0
+received = 0
+
+
+class Stopped(Exception):
+    """The run saved and stopped on a signal; it exits with 128 + the signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def remember(signum: int, frame) -> None:
+    global received
+    # a second Ctrl-C quits at once
+    if signum == signal.SIGINT and received == signal.SIGINT:
+        raise KeyboardInterrupt
+    received = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While the run lasts, a stop signal ends it after the current step."""
+    global received
+    received = 0
+    previous = {signum: signal.signal(signum, remember) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        received = 0
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class StepDuties:
+    """Calls before and after each optimizer step, for the run of `checkpoint`."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        start: Start,
+        batches_per_epoch: int,
+        save_every: int | None,
+        grad_clip: float | None,
+    ) -> None:
+        self.checkpoint, self.save_every, self.grad_clip = (
+            checkpoint, save_every, grad_clip
+        )
+        self.batches_per_epoch = batches_per_epoch
+        self.epoch, self.batches, self.steps = start.epoch, start.batches, 0
+
+    def before_step(self, epoch: int, loss: torch.Tensor) -> None:
+        """Clip under --grad-clip, and stop if the loss or a gradient is not finite."""
+        if epoch != self.epoch:
+            self.epoch, self.batches = epoch, 0
+        parameters = [
+            p
+            for group in self.checkpoint.optim.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        # without --grad-clip the bound is infinite: the gradients are multiplied by
+        # exactly 1, and only their total norm is read
+        norm = torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip or math.inf)
+        if not (math.isfinite(loss.item()) and math.isfinite(norm.item())):
+            raise cli.UserError(
+                f"training diverged at epoch {epoch}, step {self.batches + 1}: the "
+                f"loss is {loss.item()} and the gradient norm {norm.item()}, so the "
+                f"weights were not updated and the last checkpoint is kept; try a "
+                f"lower --lr or --grad-clip 1.0, then --resume"
+            )
+
+    def after_step(self) -> None:
+        """Save every --save-every steps, and stop here if a signal came."""
+        self.batches += 1
+        self.steps += 1
+        epoch_done = self.batches == self.batches_per_epoch
+        rank_0 = cli.process_rank() == 0
+        # the epoch's end saves anyway, after its grid
+        if self.save_every and self.steps % self.save_every == 0 and not epoch_done:
+            if rank_0:
+                self.checkpoint.save(self.epoch, self.batches)
+        signum = torch.tensor(received)
+        if dist.is_initialized():
+            # under torchrun, every rank stops after the same step
+            dist.all_reduce(signum, dist.ReduceOp.MAX, group=cli.patient_group)
+        if not signum:
+            return
+        where = f"epoch {self.epoch}, step {self.batches}"
+        if epoch_done:
+            where = f"the end of epoch {self.epoch}, before its grid"
+        if rank_0:
+            self.checkpoint.save(*(
+                (self.epoch + 1, 0) if epoch_done else (self.epoch, self.batches)
+            ))
+        cli.wait_for_rank_0()
+        name = signal.Signals(int(signum)).name
+        raise Stopped(
+            int(signum),
+            f"stopped by {name} after {where}: saved in {self.checkpoint.path}; "
+            f"run the same command with --resume to go on",
+        )

@@ -1,0 +1,212 @@
+"""Long runs: step checkpoints and exact mid-epoch resume, stopping on a signal,
+divergence that never reaches the disk, saves that fail, and --lr on resume."""
+
+import errno
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+
+from mindiffusion import checkpoints, cli, duties
+from mindiffusion.ddpm import DDPM
+from train_celeba import train_celeba
+from train_cifar10 import train_cifar10
+from train_mnist import train_mnist
+
+SCRIPTS = [train_mnist, train_cifar10, train_celeba]
+# 4 steps of 2 fake images per epoch, on the CPU
+FLAGS = "--device cpu --batch-size 2 --n-T 2 --fake-data 8 --num-workers 0 --seed 0"
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """A cheap loss and sampler that still depend on the batch, the random numbers
+    and the weights, so that any slip in the order or the state shows in the end.
+
+    Setting plan["signal"] = (k, signum) raises signum during the k-th call from then.
+    """
+    plan = {"signal": (0, 0)}
+
+    def forward(self, x):
+        k, signum = plan["signal"]
+        plan["signal"] = (k - 1, signum)
+        if k == 1:
+            signal.raise_signal(signum)
+        weights = sum(p.sum() for p in self.parameters())
+        return (x.mean() + torch.rand(())) * weights * 1e-3
+
+    def sample(self, n_sample, size, device):
+        return torch.randn(n_sample, *size)
+
+    monkeypatch.setattr(DDPM, "forward", forward)
+    monkeypatch.setattr(DDPM, "sample", sample)
+    return plan
+
+
+def train(script, argv, capsys):
+    """Run `script`'s command line; return its exit code, stderr's last line without
+    the program's name, and stdout."""
+    try:
+        cli.main(script, "", argv)
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    out, err = capsys.readouterr()
+    last = (err.strip().splitlines() or [""])[-1]
+    return code, last.split(": error: ", 1)[-1], out
+
+
+def same_files(a, b):
+    assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+    for name in os.listdir(a):
+        if name.endswith(".png"):
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    (path,) = a.glob("*.pth")
+    one, other = (torch.load(d / path.name, weights_only=True) for d in (a, b))
+    for part in ("model", "ema"):
+        for name, value in (one[part] or {}).items():
+            assert torch.equal(value, other[part][name]), (part, name)
+    for p, state in one["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, other["optimizer"]["state"][p][key]), (p, key)
+
+
+# each script, each stop signal: a scheduler's, SLURM's warning, a first Ctrl-C
+@pytest.mark.parametrize(
+    "script, signum",
+    zip(SCRIPTS, [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT]),
+)
+def test_a_signal_mid_epoch_saves_and_resume_is_bit_identical(
+    script, signum, stand_in, tmp_path, capsys
+):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    argv = [*FLAGS.split(), "--epochs", "2", "--ema", "0.5"]
+    assert train(script, [*argv, "--out", str(straight)], capsys)[0] == 0
+    # the signal comes during the second step of the first epoch
+    stand_in["signal"] = (2, signum)
+    code, line, _ = train(script, [*argv, "--out", str(stopped)], capsys)
+    (path,) = stopped.glob("*.pth")
+    assert code == 128 + signum
+    assert line == (
+        f"stopped by {signal.Signals(signum).name} after epoch 0, step 2: saved in "
+        f"{path}; run the same command with --resume to go on"
+    )
+    state = torch.load(path, weights_only=True)
+    assert (state["epoch"], state["batches"]) == (0, 2)
+    assert train(script, [*argv, "--out", str(stopped), "--resume"], capsys)[0] == 0
+    same_files(straight, stopped)
+
+
+def test_a_kill_loses_only_the_steps_since_the_last_save(
+    stand_in, tmp_path, monkeypatch, capsys
+):
+    """A kill -9 right after each save is a resume from that save: each one ends as
+    the run that never stopped."""
+    argv = [*FLAGS.split(), "--epochs", "2", "--save-every", "3"]
+    straight = tmp_path / "straight"
+    saves = []
+    save = checkpoints.Checkpoint.save
+
+    def save_and_keep(self, epoch, batches=0):
+        save(self, epoch, batches)
+        kept = tmp_path / f"kill{len(saves)}"
+        shutil.copytree(os.path.dirname(self.path), kept)
+        saves.append((kept, epoch, batches))
+
+    monkeypatch.setattr(checkpoints.Checkpoint, "save", save_and_keep)
+    assert train(train_cifar10, [*argv, "--out", str(straight)], capsys)[0] == 0
+    monkeypatch.setattr(checkpoints.Checkpoint, "save", save)
+    # steps 3 and 6 of 8, and the two epoch ends
+    assert [(e, b) for _, e, b in saves] == [(0, 3), (1, 0), (1, 2), (2, 0)]
+    for kept, epoch, batches in saves[:-1]:
+        # what the killed run had written: the checkpoint and its grids so far
+        resumed = train(train_cifar10, [*argv, "--out", str(kept), "--resume"], capsys)
+        assert resumed[0] == 0
+        same_files(straight, kept)
+
+
+def test_divergence_stops_before_the_step_and_keeps_the_checkpoint(tmp_path, capsys):
+    flags = "--device cpu --batch-size 2 --n-T 2 --fake-data 4 --num-workers 0"
+    out = tmp_path / "out"
+    argv = [*flags.split(), "--out", str(out)]
+    assert train(train_cifar10, [*argv, "--epochs", "1"], capsys)[0] == 0
+    before = (out / "ddpm_cifar.pth").read_bytes()
+    grids = sorted(os.listdir(out))
+    code, line, _ = train(
+        train_cifar10,
+        [*argv, "--epochs", "2", "--resume", "--lr", "1e30"],
+        capsys,
+    )
+    assert code == 2
+    assert line.startswith("training diverged at epoch 1, step 2:")
+    assert line.endswith(
+        "so the weights were not updated and the last checkpoint is kept; try a lower "
+        "--lr or --grad-clip 1.0, then --resume"
+    )
+    assert (out / "ddpm_cifar.pth").read_bytes() == before
+    assert sorted(os.listdir(out)) == grids
+
+
+def test_lr_given_on_resume_applies_and_is_announced(stand_in, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [*FLAGS.split(), "--out", str(out)]
+    assert train(train_cifar10, [*argv, "--epochs", "1"], capsys)[0] == 0
+    code, _, printed = train(
+        train_cifar10, [*argv, "--epochs", "2", "--resume", "--lr", "0.5"], capsys
+    )
+    assert code == 0
+    assert "--lr: the checkpoint trained at 1e-05; this run goes on at 0.5\n" in printed
+    state = torch.load(out / "ddpm_cifar.pth", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.5
+
+
+def test_a_save_that_fails_half_way_is_one_sentence(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    argv = [*FLAGS.split(), "--fake-data", "2", "--n-T", "1", "--out", str(out)]
+    assert train(train_cifar10, [*argv, "--epochs", "1"], capsys)[0] == 0
+    before = (out / "ddpm_cifar.pth").read_bytes()
+
+    def disk_full(obj, file):
+        file.write(b"the first half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    code, line, _ = train(train_cifar10, [*argv, "--epochs", "2", "--resume"], capsys)
+    assert code == 2
+    assert line == (
+        f"the checkpoint could not be saved in {out} (No "
+        f"space left on device): the previous one there is kept; make room or give "
+        f"another --out, then --resume"
+    )
+    assert (out / "ddpm_cifar.pth").read_bytes() == before
+    assert not (out / "ddpm_cifar.pth.tmp").exists()
+
+
+def test_grad_clip_bounds_the_norm_and_without_it_nothing_changes():
+    ddpm = DDPM(torch.nn.Conv2d(1, 1, 3, padding=1), (1e-4, 0.02), 2)
+    optim = torch.optim.Adam(ddpm.parameters())
+    checkpoint = checkpoints.Checkpoint("unused", ddpm, optim, {})
+    start = checkpoints.Start(epoch=0, batches=0, data_seed=0)
+    for clip in (None, 0.01):
+        ddpm.zero_grad()
+        (ddpm.eps_model.weight.sum() * 100).backward()
+        before = ddpm.eps_model.weight.grad.clone()
+        step_duties = duties.StepDuties(checkpoint, start, 4, None, clip)
+        step_duties.before_step(0, torch.ones(()))
+        after = ddpm.eps_model.weight.grad
+        if clip is None:
+            assert torch.equal(after, before)
+        else:
+            # the total norm is bias and weight together; the bias has no gradient
+            assert after.norm().item() == pytest.approx(clip, rel=1e-4)
+
+
+def test_a_second_ctrl_c_quits_at_once():
+    with duties.stop_on_signals():
+        duties.remember(signal.SIGINT, None)
+        assert duties.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            duties.remember(signal.SIGINT, None)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
