@@ -66,7 +66,7 @@ def train_mnist(
     num_workers: int = min(20, os.cpu_count() or 1),
     resume: bool = False,
     fake_data: int | None = None,
-    amp: bool = False,
+    amp: str | None = None,
     channels_last: bool = False,
     compile: bool = False,
     ema: float | None = None,
@@ -78,8 +78,10 @@ def train_mnist(
     if seed is not None:
         # each rank its own noise; DDP starts every rank from rank 0's weights
         torch.manual_seed(seed + rank)
-    # autocast only where the device has native bfloat16: emulated, it is slower
-    amp = amp and cli.has_native_bf16(device)
+    # --amp: the dtype of the training forward pass, or None for float32
+    amp_dtype = cli.autocast_dtype(amp, device)
+    # float16 needs its loss scaled, so that small gradients do not round to zero
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     ddpm = DDPM(eps_model=DummyEpsModel(1), betas=(1e-4, 0.02), n_T=n_T)
@@ -106,7 +108,7 @@ def train_mnist(
 
     cli.output_folder(out)
     path = os.path.join(out, "ddpm_mnist.pth")
-    checkpoint = checkpoints.Checkpoint(path, ddpm, optim, recipe, ema=ema_ddpm)
+    checkpoint = checkpoints.Checkpoint(path, ddpm, optim, recipe, ema_ddpm, scaler)
     start = checkpoint.resume_or_start(resume, n_epoch, seed, lr)
     # under torchrun, DistributedDataParallel: it averages the gradients of all ranks
     # in backward; a plain run trains ddpm itself
@@ -155,7 +157,7 @@ def train_mnist(
         for x, _ in pbar:
             optim.zero_grad()
             x = x.to(device, memory_format=memory_format, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, amp_dtype, enabled=bool(amp_dtype)):
                 loss = parallel_ddpm(x)
             loss.backward()
             # a running average, only to make the progress bar's loss readable

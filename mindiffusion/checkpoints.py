@@ -34,7 +34,8 @@ class Start(NamedTuple):
 
 
 class Checkpoint:
-    """The checkpoint file of a run, and the objects it saves and restores."""
+    """The checkpoint file of a run, and the objects it saves and restores: the
+    model, the optimizer, the --ema average and the float16 loss scaler."""
 
     def __init__(
         self,
@@ -43,10 +44,13 @@ class Checkpoint:
         optim: torch.optim.Optimizer,
         recipe: dict,
         ema: AveragedModel | None = None,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         self.path, self.ddpm, self.optim, self.recipe, self.ema = (
             path, ddpm, optim, recipe, ema
         )
+        # a disabled scaler when --amp is not fp16: its state is empty
+        self.scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
         self.data_seed = 0
 
     def save(self, epoch: int, batches: int = 0) -> None:
@@ -68,6 +72,7 @@ class Checkpoint:
             "rng_cuda": torch.cuda.get_rng_state_all() if cuda else [],
             "recipe": self.recipe,
             "ema": None if self.ema is None else self.ema.state_dict(),
+            "scaler": self.scaler.state_dict(),
         }
         folder = os.path.dirname(self.path) or "."
         tmp_path = self.path + ".tmp"
@@ -130,6 +135,8 @@ class Checkpoint:
             epoch, batches = int(state["epoch"]), int(state.get("batches", 0))
             if ema is not None and state.get("ema") is not None:
                 ema.load_state_dict(state["ema"])
+            if self.scaler.is_enabled() and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise UserError(
                 f"--resume: {path} does not fit this script's model and settings "

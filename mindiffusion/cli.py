@@ -184,6 +184,21 @@ def has_native_bf16(device: torch.device) -> bool:
     return native
 
 
+def autocast_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
+    """The dtype that --amp autocasts the training forward pass to; None: float32.
+
+    auto takes bfloat16 where the device computes it natively, and float16 (with a
+    GradScaler, in the script) on CUDA GPUs of compute capability 7.x, such as the
+    T4 and the V100, which have float16 tensor cores but no bfloat16; elsewhere it
+    stays in float32 and says so. bf16 and fp16 force their dtype anywhere.
+    """
+    if amp in (None, "bf16", "fp16"):
+        return {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 7:
+        return torch.float16
+    return torch.bfloat16 if has_native_bf16(device) else None
+
+
 @contextlib.contextmanager
 def explain_missing_dataset(name: str, root: str):
     """Turn a failed torchvision download into one sentence that says what to do.
@@ -302,9 +317,11 @@ def main(train: Callable, description: str, argv: list[str] | None = None) -> No
     add("--fake-data", type=at_least(1), metavar="N",
         help="train on N random images of the dataset's shape, with no download "
         "(default: off)")
-    add("--amp", action="store_true",
-        help="bfloat16 autocast around the training forward pass, where the device "
-        "has native bfloat16; float32 elsewhere (default: off)")
+    add("--amp", nargs="?", const="auto", choices=("auto", "bf16", "fp16"),
+        help="autocast the training forward pass: auto (a bare --amp) takes bfloat16 "
+        "where it is native, float16 with loss scaling on CUDA GPUs of compute "
+        "capability 7.x (T4, V100), float32 elsewhere; bf16 or fp16 force one "
+        "(default: off)")
     add("--channels-last", action="store_true",
         help="model and batches in channels_last memory format (default: off)")
     add("--ema", type=decay, metavar="DECAY",

@@ -2,7 +2,9 @@
 
 Before the step: refuse a loss or gradient that is not finite, so that divergence
 never reaches the weights or the disk, and clip the gradients under --grad-clip.
-After it: save every --save-every steps, and stop cleanly when a signal came.
+After it: save every --save-every steps, and stop cleanly when a signal came. Under
+--amp fp16, the loss is scaled for backward and the gradients unscaled before the
+step, as torch's GradScaler does, with the notes' loss.backward() and optim.step().
 """
 import contextlib
 import math
@@ -18,6 +20,9 @@ from mindiffusion.checkpoints import Checkpoint, Start
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # the signal received while a step ran, or 0
 received = 0
+# float16 steps that overflow in a row before the run counts as diverged: by then
+# the loss scale has fallen from 65536 to about 1e-5
+MAX_OVERFLOWS = 32
 
 
 class Stopped(Exception):
@@ -66,30 +71,51 @@ class StepDuties:
         )
         self.batches_per_epoch = batches_per_epoch
         self.epoch, self.batches, self.steps = start.epoch, start.batches, 0
+        self.overflows = 0
+        if checkpoint.scaler.is_enabled():
+            checkpoint.ddpm.register_forward_hook(self.scale_backward)
+
+    def scale_backward(self, ddpm, inputs, loss: torch.Tensor) -> None:
+        """Make backward start from the loss times the scale, while the loss itself,
+        and the progress bar's, stay as they are."""
+        loss.register_hook(self.checkpoint.scaler.scale)
 
     def before_step(self, epoch: int, loss: torch.Tensor) -> None:
-        """Clip under --grad-clip, and stop if the loss or a gradient is not finite."""
+        """Clip under --grad-clip, and stop if the loss or a gradient is not finite;
+        under fp16, a gradient that overflowed skips the step instead."""
         if epoch != self.epoch:
             self.epoch, self.batches = epoch, 0
+        optim, scaler = self.checkpoint.optim, self.checkpoint.scaler
         parameters = [
-            p
-            for group in self.checkpoint.optim.param_groups
-            for p in group["params"]
+            p for group in optim.param_groups for p in group["params"]
             if p.grad is not None
         ]
+        if scaler.is_enabled():
+            scaler.unscale_(optim)
         # without --grad-clip the bound is infinite: the gradients are multiplied by
         # exactly 1, and only their total norm is read
         norm = torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip or math.inf)
-        if not (math.isfinite(loss.item()) and math.isfinite(norm.item())):
+        finite = math.isfinite(norm.item())
+        self.overflows = 0 if finite else self.overflows + 1
+        overflow = scaler.is_enabled() and not finite
+        if overflow and self.overflows < MAX_OVERFLOWS:
+            # float16 overflowed: the scaler lowers its scale, and this step is
+            # skipped, for the optimizer leaves alone what has no gradient
+            for p in parameters:
+                p.grad = None
+        elif not (math.isfinite(loss.item()) and finite):
             raise cli.UserError(
                 f"training diverged at epoch {epoch}, step {self.batches + 1}: the "
-                f"loss is {loss.item()} and the gradient norm {norm.item()}, so the "
-                f"weights were not updated and the last checkpoint is kept; try a "
-                f"lower --lr or --grad-clip 1.0, then --resume"
+                f"loss is {loss.item()} and the gradient norm {norm.item()}"
+                + (f" for {self.overflows} float16 steps in a row" if overflow else "")
+                + ", so the weights were not updated and the last checkpoint is "
+                "kept; try a lower --lr or --grad-clip 1.0, then --resume"
             )
 
     def after_step(self) -> None:
         """Save every --save-every steps, and stop here if a signal came."""
+        if self.checkpoint.scaler.is_enabled():
+            self.checkpoint.scaler.update()
         self.batches += 1
         self.steps += 1
         epoch_done = self.batches == self.batches_per_epoch

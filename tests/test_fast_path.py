@@ -76,7 +76,7 @@ def test_amp_autocasts_the_forward_pass_to_bfloat16(
     module, train, seen_steps, tmp_path, monkeypatch, capsys
 ):
     native_bf16(monkeypatch, True)
-    train(out=str(tmp_path), fake_data=2, amp=True, **TINY_RUN)
+    train(out=str(tmp_path), fake_data=2, amp="auto", **TINY_RUN)
     assert seen_steps[0]["compute_dtype"] == torch.bfloat16
     assert "bfloat16" not in capsys.readouterr().out
 
@@ -85,7 +85,7 @@ def test_amp_without_native_bfloat16_says_so_and_stays_float32(
     seen_steps, tmp_path, monkeypatch, capsys
 ):
     native_bf16(monkeypatch, False)
-    train_cifar10.train_cifar10(out=str(tmp_path), fake_data=2, amp=True, **TINY_RUN)
+    train_cifar10.train_cifar10(out=str(tmp_path), fake_data=2, amp="auto", **TINY_RUN)
     assert seen_steps[0]["compute_dtype"] == torch.float32
     lines = [line for line in capsys.readouterr().out.splitlines() if "--amp" in line]
     assert lines == [

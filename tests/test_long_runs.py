@@ -210,3 +210,81 @@ def test_a_second_ctrl_c_quits_at_once():
         with pytest.raises(KeyboardInterrupt):
             duties.remember(signal.SIGINT, None)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_fp16_scales_the_loss_and_its_scaler_survives_resume(
+    stand_in, tmp_path, capsys
+):
+    argv = [*FLAGS.split(), "--amp", "fp16"]
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    assert train(train_cifar10, [*argv, "--epochs", "2", "--out", str(straight)],
+                 capsys)[0] == 0
+    stand_in["signal"] = (2, signal.SIGTERM)
+    assert train(train_cifar10, [*argv, "--epochs", "2", "--out", str(halves)],
+                 capsys)[0] == 128 + signal.SIGTERM
+    assert train(train_cifar10, [*argv, "--epochs", "2", "--out", str(halves),
+                                 "--resume"], capsys)[0] == 0
+    same_files(straight, halves)
+    a, b = (torch.load(d / "ddpm_cifar.pth", weights_only=True) for d in (straight, halves))
+    # 8 steps without an overflow, counted towards growing the scale
+    assert a["scaler"]["scale"] == 2.0**16 and a["scaler"]["_growth_tracker"] == 8
+    assert a["scaler"] == b["scaler"]
+
+
+def test_an_fp16_overflow_skips_the_step_and_is_not_divergence(
+    stand_in, tmp_path, monkeypatch, capsys
+):
+    grad_scaler = torch.amp.GradScaler
+    monkeypatch.setattr(
+        torch.amp, "GradScaler",
+        lambda *args, **kwargs: grad_scaler(*args, init_scale=3e38, **kwargs),
+    )
+    # every gradient is 10, so 10 times the scale overflows float32 (3.4e38) until
+    # the scale, halved at each overflow, is 3e38 / 2**4
+    monkeypatch.setattr(
+        DDPM, "forward", lambda self, x: 10 * sum(p.sum() for p in self.parameters())
+    )
+    out = tmp_path / "out"
+    argv = [*FLAGS.split(), "--amp", "fp16", "--epochs", "1", "--out", str(out)]
+    # 8 steps, of which the first 4 are skipped
+    assert train(train_cifar10, [*argv, "--fake-data", "16"], capsys)[0] == 0
+    state = torch.load(out / "ddpm_cifar.pth", weights_only=True)
+    assert int(state["optimizer"]["state"][0]["step"]) == 8 - 4
+    assert state["scaler"]["scale"] == pytest.approx(3e38 / 2**4)
+
+
+@pytest.mark.parametrize(
+    "capability, dtype", [((6, 1), None), ((7, 0), torch.float16),
+                          ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                          ((9, 0), torch.bfloat16)]
+)
+def test_amp_auto_picks_by_the_gpus_compute_capability(
+    capability, dtype, monkeypatch, capsys
+):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "Some GPU")
+    gpu = torch.device("cuda", 0)
+    assert cli.autocast_dtype("auto", gpu) is dtype
+    assert cli.autocast_dtype("fp16", gpu) is torch.float16
+    assert cli.autocast_dtype("bf16", gpu) is torch.bfloat16
+    assert cli.autocast_dtype(None, gpu) is None
+    said = capsys.readouterr().out
+    assert said == ("" if dtype else "--amp: this GPU (Some GPU) has no native "
+                    "bfloat16, so training stays in float32\n")
+
+
+def test_fp16_overflowing_step_after_step_is_divergence(
+    stand_in, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(
+        DDPM, "forward", lambda self, x: sum(p.sum() for p in self.parameters()) * 1e38
+    )
+    out = tmp_path / "out"
+    argv = [*FLAGS.split(), "--amp", "fp16", "--epochs", "1", "--out", str(out)]
+    code, line, _ = train(train_cifar10, [*argv, "--fake-data", "80"], capsys)
+    assert code == 2
+    assert line.startswith(
+        f"training diverged at epoch 0, step {duties.MAX_OVERFLOWS}: the loss is "
+    )
+    assert f"for {duties.MAX_OVERFLOWS} float16 steps in a row, so" in line
+    assert not out.joinpath("ddpm_cifar.pth").exists()
