@@ -152,7 +152,7 @@ def train_celeba(
                 ema_ddpm.update_parameters(ddpm)
             duties.after_step()
 
-        # rank 0 alone samples and saves, while the other ranks wait for it
+        # rank 0 alone draws the grid; the other ranks wait for it in the save
         if rank == 0:
             ddpm.eval()
             # with --ema, the grid shows what the averaged weights draw
@@ -165,8 +165,7 @@ def train_celeba(
                 grid = make_grid(xset, normalize=True, value_range=(-1, 1), nrow=4)
                 save_image(grid, os.path.join(out, f"ddpm_sample_celeba{i:03d}.png"))
 
-                checkpoint.save(i + 1)
-        cli.wait_for_rank_0()
+        checkpoint.save(i + 1)
 
     return ddpm
 

@@ -172,7 +172,7 @@ def train_mnist(
                 ema_ddpm.update_parameters(ddpm)
             duties.after_step()
 
-        # rank 0 alone samples and saves, while the other ranks wait for it
+        # rank 0 alone draws the grid; the other ranks wait for it in the save
         if rank == 0:
             ddpm.eval()
             # with --ema, the grid shows what the averaged weights draw
@@ -183,8 +183,7 @@ def train_mnist(
                 grid = make_grid(xh, normalize=True, value_range=(-0.5, 0.5), nrow=4)
                 save_image(grid, os.path.join(out, f"ddpm_sample_{i}.png"))
 
-                checkpoint.save(i + 1)
-        cli.wait_for_rank_0()
+        checkpoint.save(i + 1)
 
     return ddpm
 

@@ -9,11 +9,13 @@ import pickle
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import Dataset, DistributedSampler
 
-from mindiffusion.cli import UserError, process_rank, say, shared_seed
+from mindiffusion import cli
+from mindiffusion.cli import UserError, say, shared_seed
 
 # the recipe's entries that a flag sets, for the sentence that refuses a resume
 RECIPE_FLAGS = {
@@ -61,15 +63,22 @@ class Checkpoint:
         it, so neither a failed save nor a power cut leaves anything but a whole
         checkpoint under its name.
         """
-        cuda = torch.cuda.is_initialized()
+        # every rank's generators, so that each one resumes its own stream; on CUDA,
+        # the generator of the GPU this rank trains on
+        device = next(self.ddpm.parameters()).device
+        on_cuda = device.type == "cuda"
+        rng_cpu = cli.gather(torch.get_rng_state())
+        rng_cuda = cli.gather(torch.cuda.get_rng_state(device) if on_cuda else None)
+        if cli.process_rank() > 0:
+            return
         state = {
             "model": self.ddpm.state_dict(),
             "optimizer": self.optim.state_dict(),
             "epoch": epoch,
             "batches": batches,
             "data_seed": self.data_seed,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if cuda else [],
+            "rng_cpu": rng_cpu,
+            "rng_cuda": rng_cuda if on_cuda else [],
             "recipe": self.recipe,
             "ema": None if self.ema is None else self.ema.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -151,13 +160,7 @@ class Checkpoint:
                 f"ask for more with --epochs"
             )
         set_lr(self.optim, lr)
-        torch.set_rng_state(state["rng_cpu"])
-        restore_cuda_rng(state["rng_cuda"])
-        rank = process_rank()
-        if rank > 0:
-            # the checkpoint holds rank 0's generator: the other ranks seed their own
-            # from it, so that no two ranks draw the same noise
-            torch.manual_seed(int(torch.randint(2**62, (rank,))[-1]))
+        restore_rng(state["rng_cpu"], state["rng_cuda"], self.ddpm)
         say(f"resuming from {path}: {epoch} epoch(s) and {batches} batch(es) done")
         # checkpoints from before the data order was seeded shuffled with seed 0
         self.data_seed = int(state.get("data_seed", 0))
@@ -208,16 +211,33 @@ def check_recipe(path: str, saved: dict, recipe: dict) -> None:
         )
 
 
-def restore_cuda_rng(states: list[torch.Tensor]) -> None:
-    """Give each GPU its saved random state, as far as this machine has the GPUs."""
-    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    for index, state in enumerate(states[:n_gpus]):
-        torch.cuda.set_rng_state(state, index)
-    if len(states) > n_gpus:
+def restore_rng(
+    rng_cpu: list[torch.Tensor], rng_cuda: list[torch.Tensor], ddpm: nn.Module
+) -> None:
+    """Give each rank its saved generators, as far as the checkpoint has them: one
+    from a run on more processes or GPUs than this one restores what fits, and says
+    in one line what it could not restore."""
+    rank = cli.process_rank()
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    # a checkpoint from before the ranks' generators were kept holds rank 0's alone
+    rng_cpu = [rng_cpu] if torch.is_tensor(rng_cpu) else rng_cpu
+    if rank < len(rng_cpu):
+        torch.set_rng_state(rng_cpu[rank])
+    else:
+        # a rank the checkpoint has no generator for forks one from rank 0's, so
+        # that no two ranks draw the same noise
+        torch.set_rng_state(rng_cpu[0])
+        torch.manual_seed(int(torch.randint(2**62, (rank,))[-1]))
+    device = next(ddpm.parameters()).device
+    on_cuda = device.type == "cuda"
+    if on_cuda and rank < len(rng_cuda):
+        torch.cuda.set_rng_state(rng_cuda[rank], device)
+    if (len(rng_cpu), len(rng_cuda)) != (world_size, world_size if on_cuda else 0):
         say(
-            f"--resume: the checkpoint holds the random state of {len(states)} GPU(s) "
-            f"and this machine has {n_gpus}: the other {len(states) - n_gpus} are "
-            f"not restored, so the run goes on exactly only as far as it can"
+            f"--resume: the checkpoint holds the random states of {len(rng_cpu)} "
+            f"process(es) and {len(rng_cuda)} GPU(s), and this run has {world_size} "
+            f"on {device.type}: what does not fit is not restored, so the run does "
+            f"not go on exactly as it would have"
         )
 
 

@@ -101,14 +101,18 @@ def init_processes(name: str) -> tuple[torch.device, int, int]:
     return device, rank, world_size
 
 
-def wait_for_rank_0() -> None:
-    """Under torchrun, hold every rank here until rank 0 has drawn its grid and saved.
+def gather(value) -> list:
+    """`value` from every rank, in rank order; a plain run's is a list of one.
 
-    The process group's own collectives give up after 30 minutes, and a 1000-step
-    MNIST grid takes 48 on a CPU, so the ranks meet in the patient group instead.
+    The ranks meet in the patient group: while rank 0 draws a grid, which can take
+    longer than the process group's 30 minutes (a 1000-step MNIST grid takes 48 on a
+    CPU), the other ranks wait here without a time limit.
     """
-    if dist.is_initialized():
-        dist.barrier(group=patient_group)
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value, group=patient_group)
+    return values
 
 
 def shared_seed(seed: int | None) -> int:

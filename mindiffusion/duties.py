@@ -119,11 +119,9 @@ class StepDuties:
         self.batches += 1
         self.steps += 1
         epoch_done = self.batches == self.batches_per_epoch
-        rank_0 = cli.process_rank() == 0
         # the epoch's end saves anyway, after its grid
         if self.save_every and self.steps % self.save_every == 0 and not epoch_done:
-            if rank_0:
-                self.checkpoint.save(self.epoch, self.batches)
+            self.checkpoint.save(self.epoch, self.batches)
         signum = torch.tensor(received)
         if dist.is_initialized():
             # under torchrun, every rank stops after the same step
@@ -133,11 +131,9 @@ class StepDuties:
         where = f"epoch {self.epoch}, step {self.batches}"
         if epoch_done:
             where = f"the end of epoch {self.epoch}, before its grid"
-        if rank_0:
-            self.checkpoint.save(*(
-                (self.epoch + 1, 0) if epoch_done else (self.epoch, self.batches)
-            ))
-        cli.wait_for_rank_0()
+        self.checkpoint.save(*(
+            (self.epoch + 1, 0) if epoch_done else (self.epoch, self.batches)
+        ))
         name = signal.Signals(int(signum)).name
         raise Stopped(
             int(signum),

@@ -1,3 +1,4 @@
+import signal
 import sys
 from pathlib import Path
 
@@ -63,3 +64,28 @@ def grid_tiles(path, tile):
         for r in range(rows)
         for c in range(columns)
     ]
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """A cheap loss and sampler that still depend on the batch, the random numbers
+    and the weights, so that any slip in the order or the state shows in the end.
+
+    Setting plan["signal"] = (k, signum) raises signum during the k-th call from then.
+    """
+    plan = {"signal": (0, 0)}
+
+    def forward(self, x):
+        k, signum = plan["signal"]
+        plan["signal"] = (k - 1, signum)
+        if k == 1:
+            signal.raise_signal(signum)
+        weights = sum(p.sum() for p in self.parameters())
+        return (x.mean() + torch.rand(())) * weights * 1e-3
+
+    def sample(self, n_sample, size, device):
+        return torch.randn(n_sample, *size)
+
+    monkeypatch.setattr(DDPM, "forward", forward)
+    monkeypatch.setattr(DDPM, "sample", sample)
+    return plan

@@ -4,12 +4,19 @@
 
 Each rank writes OUT/rank{r}.pt (OUT is --out): its weights after training, the size
 of each batch it trained on, and its random generator's state at its first step.
+Three variables of the environment change the run:
+- PG_TIMEOUT=S: the process group gives up on a collective after S seconds;
+- SLOW_GRID=S: the first grid takes S seconds to draw (the grids are zeros);
+- SIGTERM_AT=K0,K1: rank r sends itself SIGTERM during its K_r-th training step.
 """
 
 import functools
 import importlib
 import os
+import signal
 import sys
+import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -23,22 +30,41 @@ from mindiffusion.ddpm import DDPM  # noqa: E402
 def main() -> None:
     script, *flags = sys.argv[1:]
     train = getattr(importlib.import_module(script), script)
+    rank = cli.process_rank()
     batch_sizes, first_rng = [], []
     forward = DDPM.forward
+    sigterm_at = os.environ.get("SIGTERM_AT")
 
     def recording_forward(self, x):
         if not first_rng:
             first_rng.append(torch.get_rng_state())
         batch_sizes.append(len(x))
+        if sigterm_at and len(batch_sizes) == int(sigterm_at.split(",")[rank]):
+            signal.raise_signal(signal.SIGTERM)
         return forward(self, x)
 
     DDPM.forward = recording_forward
+    if "PG_TIMEOUT" in os.environ:
+        timeout = timedelta(seconds=float(os.environ["PG_TIMEOUT"]))
+        dist.init_process_group = functools.partial(
+            dist.init_process_group, timeout=timeout
+        )
+    if "SLOW_GRID" in os.environ:
+        grids = []
+
+        def slow_sample(self, n_sample, size, device):
+            if not grids:
+                time.sleep(float(os.environ["SLOW_GRID"]))
+            grids.append(size)
+            return torch.zeros(n_sample, *size)
+
+        DDPM.sample = slow_sample
 
     @functools.wraps(train)
     def train_and_keep(**settings):
         ddpm = train(**settings)
         kept = dict(model=ddpm.state_dict(), batch_sizes=batch_sizes, rng=first_rng[0])
-        torch.save(kept, os.path.join(settings["out"], f"rank{dist.get_rank()}.pt"))
+        torch.save(kept, os.path.join(settings["out"], f"rank{rank}.pt"))
 
     cli.main(train_and_keep, "", flags)
 

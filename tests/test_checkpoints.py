@@ -1,6 +1,8 @@
 """Checkpoints and --resume: nothing saved is dropped, settings that cannot change are
 named, a machine with fewer GPUs resumes, and worker processes leave the order exact."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -74,30 +76,29 @@ def test_a_different_model_is_named_too(ema_run):
 
 
 def test_a_checkpoint_from_more_gpus_restores_what_fits(monkeypatch, capsys):
+    """An 8-GPU torchrun checkpoint resumed by one process on cuda:0."""
     restored = []
-
-    def set_rng_state(state, device):
-        # as on a real machine: a GPU it does not have is an IndexError
-        if device >= 1:
-            raise IndexError("list index out of range")
-        restored.append((device, state))
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
-    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)
-    states = [torch.full((4,), k, dtype=torch.uint8) for k in range(8)]
-    checkpoints.restore_cuda_rng(states)
-    assert [device for device, _ in restored] == [0]
-    assert torch.equal(restored[0][1], states[0])
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda state, device: restored.append(state)
+    )
+    on_gpu_0 = SimpleNamespace(
+        parameters=lambda: iter([SimpleNamespace(device=torch.device("cuda", 0))])
+    )
+    torch.manual_seed(0)
+    rng_cpu = [torch.get_rng_state()] + [torch.zeros(5056, dtype=torch.uint8)] * 7
+    rng_cuda = [torch.full((16,), k, dtype=torch.uint8) for k in range(8)]
+    torch.manual_seed(1)
+    checkpoints.restore_rng(rng_cpu, rng_cuda, on_gpu_0)
+    assert torch.equal(torch.get_rng_state(), rng_cpu[0])
+    assert len(restored) == 1 and torch.equal(restored[0], rng_cuda[0])
     assert capsys.readouterr().out == (
-        "--resume: the checkpoint holds the random state of 8 GPU(s) and this machine "
-        "has 1: the other 7 are not restored, so the run goes on exactly only as far "
-        "as it can\n"
+        "--resume: the checkpoint holds the random states of 8 process(es) and 8 "
+        "GPU(s), and this run has 1 on cuda: what does not fit is not restored, so "
+        "the run does not go on exactly as it would have\n"
     )
 
 
-def test_resume_is_exact_with_persistent_workers(tmp_path, monkeypatch):
+def test_resume_is_exact_with_persistent_workers(stand_in, tmp_path, monkeypatch):
     def persistent(*args, **kwargs):
         # what the scripts' loader does on CUDA, forced on the CPU
         return DataLoader(*args, **dict(kwargs, persistent_workers=True))

@@ -18,37 +18,24 @@ from train_mnist import DummyEpsModel
 FLAGS = "--device cpu --fake-data 8 --batch-size 4 --n-T 2 --num-workers 0 --seed 0"
 
 
-def torchrun(*args, cwd):
-    """Run torchrun with 2 processes on this machine; return its output."""
+def torchrun(*args, cwd, env=None, returncode=0):
+    """Run torchrun with 2 processes on this machine; return what it printed."""
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         + ["--nproc_per_node=2", *args],
         cwd=cwd,
+        env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    assert result.returncode == returncode, result.stderr[-3000:]
+    return result.stdout + result.stderr
 
 
-def test_torchrun_trains_in_step_and_resumes(tmp_path, no_network):
-    out = tmp_path / "out"
-    stdout = torchrun(
-        str(REPO / "train_cifar10.py"),
-        *FLAGS.split(),
-        "--epochs",
-        "1",
-        "--out",
-        str(out),
-        cwd=tmp_path,
-    )
-    # rank 0 alone prints, samples and saves
-    assert stdout.count("Epoch 0 : ") == 1
-    assert sorted(os.listdir(out)) == ["ddpm_cifar.pth", "ddpm_sample_cifar0.png"]
-    after_one = torch.load(out / "ddpm_cifar.pth", weights_only=True)
-
-    stdout = torchrun(
+def train_cifar10_on_2_ranks(out, *flags, env=None, returncode=0):
+    """train_cifar10 under torchrun, through tests/ddp_worker.py; its output."""
+    return torchrun(
         str(REPO / "tests" / "ddp_worker.py"),
         "train_cifar10",
         *FLAGS.split(),
@@ -56,33 +43,59 @@ def test_torchrun_trains_in_step_and_resumes(tmp_path, no_network):
         "2",
         "--out",
         str(out),
-        "--resume",
-        cwd=tmp_path,
+        *flags,
+        cwd=out.parent,
+        env=env,
+        returncode=returncode,
     )
-    assert stdout.count("resuming from") == 1 and stdout.count("Epoch 1 : ") == 1
-    assert sorted(os.listdir(out)) == [
+
+
+def test_torchrun_trains_in_step_stops_together_and_resumes_exactly(
+    tmp_path, no_network
+):
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    # a first grid slower than the process group's timeout: the other rank waits
+    stdout = train_cifar10_on_2_ranks(
+        straight, env=dict(PG_TIMEOUT="3", SLOW_GRID="6")
+    )
+    # rank 0 alone prints, draws and saves
+    assert stdout.count("Epoch 0 : ") == 1 and stdout.count("Epoch 1 : ") == 1
+    assert sorted(os.listdir(straight)) == [
         "ddpm_cifar.pth",
         "ddpm_sample_cifar0.png",
         "ddpm_sample_cifar1.png",
         "rank0.pt",
         "rank1.pt",
     ]
-    saved = torch.load(out / "ddpm_cifar.pth", weights_only=True)
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    assert saved["epoch"] == 2
+    saved = torch.load(straight / "ddpm_cifar.pth", weights_only=True)
+    ranks = [torch.load(straight / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     # each rank trained on its half of every global batch of 4
-    assert ranks[0]["batch_sizes"] == ranks[1]["batch_sizes"] == [2, 2]
-    # and drew its own noise, even though both started from one checkpoint
+    assert ranks[0]["batch_sizes"] == ranks[1]["batch_sizes"] == [2] * 4
+    # and drew its own noise
     assert not torch.equal(ranks[0]["rng"], ranks[1]["rng"])
     for name, value in saved["model"].items():
         # the same weights on both ranks, equal to the checkpoint
         assert torch.equal(ranks[0]["model"][name], value), name
         assert torch.equal(ranks[1]["model"][name], value), name
-    # and the second epoch did change them
-    assert not torch.equal(
-        saved["model"]["eps_model.out.weight"],
-        after_one["model"]["eps_model.out.weight"],
+
+    # SIGTERM reaches rank 0 in its first step and rank 1 in its second: both stop
+    # after the first, and rank 0 saves
+    stdout = train_cifar10_on_2_ranks(
+        halves, env=dict(SLOW_GRID="0", SIGTERM_AT="1,2"), returncode=1
     )
+    assert stdout.count("stopped by SIGTERM after epoch 0, step 1") == 1
+    state = torch.load(halves / "ddpm_cifar.pth", weights_only=True)
+    assert (state["epoch"], state["batches"]) == (0, 1)
+    stdout = train_cifar10_on_2_ranks(halves, "--resume", env=dict(SLOW_GRID="0"))
+    assert stdout.count("resuming from") == 1
+    resumed = torch.load(halves / "ddpm_cifar.pth", weights_only=True)
+    for name, value in saved["model"].items():
+        assert torch.equal(resumed["model"][name], value), name
+    for p, moments in saved["optimizer"]["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(resumed["optimizer"]["state"][p][key], value), key
+    for grid in ("ddpm_sample_cifar0.png", "ddpm_sample_cifar1.png"):
+        assert (straight / grid).read_bytes() == (halves / grid).read_bytes()
 
 
 def test_a_batch_that_does_not_split_evenly_is_one_sentence():
@@ -113,22 +126,6 @@ def test_torchrun_on_mps_is_one_sentence(monkeypatch):
         cli.UserError, match=r"^torchrun runs on CUDA GPUs or on the CPU"
     ):
         cli.init_processes("mps")
-
-
-def test_a_grid_slower_than_the_process_groups_timeout(tmp_path, no_network):
-    """While rank 0 draws, the other ranks wait without a time limit."""
-    out = tmp_path / "out"
-    torchrun(
-        str(REPO / "tests" / "ddp_slow_grid.py"),
-        "train_cifar10",
-        *FLAGS.split(),
-        "--epochs",
-        "2",
-        "--out",
-        str(out),
-        cwd=tmp_path,
-    )
-    assert torch.load(out / "ddpm_cifar.pth", weights_only=True)["epoch"] == 2
 
 
 def test_two_ranks_take_the_step_of_one_with_groupnorm(tmp_path):

@@ -20,31 +20,6 @@ SCRIPTS = [train_mnist, train_cifar10, train_celeba]
 FLAGS = "--device cpu --batch-size 2 --n-T 2 --fake-data 8 --num-workers 0 --seed 0"
 
 
-@pytest.fixture
-def stand_in(monkeypatch):
-    """A cheap loss and sampler that still depend on the batch, the random numbers
-    and the weights, so that any slip in the order or the state shows in the end.
-
-    Setting plan["signal"] = (k, signum) raises signum during the k-th call from then.
-    """
-    plan = {"signal": (0, 0)}
-
-    def forward(self, x):
-        k, signum = plan["signal"]
-        plan["signal"] = (k - 1, signum)
-        if k == 1:
-            signal.raise_signal(signum)
-        weights = sum(p.sum() for p in self.parameters())
-        return (x.mean() + torch.rand(())) * weights * 1e-3
-
-    def sample(self, n_sample, size, device):
-        return torch.randn(n_sample, *size)
-
-    monkeypatch.setattr(DDPM, "forward", forward)
-    monkeypatch.setattr(DDPM, "sample", sample)
-    return plan
-
-
 def train(script, argv, capsys):
     """Run `script`'s command line; return its exit code, stderr's last line without
     the program's name, and stdout."""
@@ -215,17 +190,18 @@ def test_a_second_ctrl_c_quits_at_once():
 def test_fp16_scales_the_loss_and_its_scaler_survives_resume(
     stand_in, tmp_path, capsys
 ):
-    argv = [*FLAGS.split(), "--amp", "fp16"]
+    argv = [*FLAGS.split(), "--amp", "fp16", "--epochs", "2"]
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    assert train(train_cifar10, [*argv, "--epochs", "2", "--out", str(straight)],
-                 capsys)[0] == 0
+    assert train(train_cifar10, [*argv, "--out", str(straight)], capsys)[0] == 0
     stand_in["signal"] = (2, signal.SIGTERM)
-    assert train(train_cifar10, [*argv, "--epochs", "2", "--out", str(halves)],
-                 capsys)[0] == 128 + signal.SIGTERM
-    assert train(train_cifar10, [*argv, "--epochs", "2", "--out", str(halves),
-                                 "--resume"], capsys)[0] == 0
+    code = train(train_cifar10, [*argv, "--out", str(halves)], capsys)[0]
+    assert code == 128 + signal.SIGTERM
+    code = train(train_cifar10, [*argv, "--out", str(halves), "--resume"], capsys)[0]
+    assert code == 0
     same_files(straight, halves)
-    a, b = (torch.load(d / "ddpm_cifar.pth", weights_only=True) for d in (straight, halves))
+    a, b = (
+        torch.load(d / "ddpm_cifar.pth", weights_only=True) for d in (straight, halves)
+    )
     # 8 steps without an overflow, counted towards growing the scale
     assert a["scaler"]["scale"] == 2.0**16 and a["scaler"]["_growth_tracker"] == 8
     assert a["scaler"] == b["scaler"]
@@ -288,3 +264,38 @@ def test_fp16_overflowing_step_after_step_is_divergence(
     )
     assert f"for {duties.MAX_OVERFLOWS} float16 steps in a row, so" in line
     assert not out.joinpath("ddpm_cifar.pth").exists()
+
+
+class TinyEps(torch.nn.Module):
+    """A noise model of one convolution, scaled by the timestep."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.conv(x) * t.view(-1, 1, 1, 1)
+
+
+def test_fp16_backward_starts_from_the_scaled_loss_and_the_step_sees_it_unscaled():
+    ddpm = DDPM(TinyEps(), (1e-4, 0.02), 2)
+    optim = torch.optim.Adam(ddpm.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    checkpoint = checkpoints.Checkpoint("unused", ddpm, optim, {}, scaler=scaler)
+    start = checkpoints.Start(epoch=0, batches=0, data_seed=0)
+    step_duties = duties.StepDuties(checkpoint, start, 4, None, None)
+    x = torch.randn(2, 1, 8, 8)
+    reference = DDPM(TinyEps(), (1e-4, 0.02), 2)
+    reference.load_state_dict(ddpm.state_dict())
+    torch.manual_seed(0)
+    reference(x).backward()
+    torch.manual_seed(0)
+    loss = ddpm(x)
+    # the loss itself is as it was, and backward starts from 1024 times it
+    torch.manual_seed(0)
+    assert torch.equal(loss, reference(x))
+    loss.backward()
+    expected = reference.eps_model.conv.weight.grad
+    torch.testing.assert_close(ddpm.eps_model.conv.weight.grad, 1024 * expected)
+    step_duties.before_step(0, loss)
+    torch.testing.assert_close(ddpm.eps_model.conv.weight.grad, expected)
