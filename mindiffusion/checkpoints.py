@@ -3,6 +3,7 @@
 A checkpoint is a dictionary of tensors and plain values, so that it loads with
 `torch.load(..., weights_only=True)` and can never run code.
 """
+import io
 import itertools
 import os
 import pickle
@@ -83,11 +84,15 @@ class Checkpoint:
             "ema": None if self.ema is None else self.ema.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
+        # serialised in memory first, so that a failing write is an OSError that
+        # names its reason (torch's own file writer reports only a position)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
         folder = os.path.dirname(self.path) or "."
         tmp_path = self.path + ".tmp"
         try:
             with open(tmp_path, "wb") as file:
-                torch.save(state, file)
+                file.write(buffer.getbuffer())
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(tmp_path, self.path)
@@ -95,19 +100,15 @@ class Checkpoint:
             folder_fd = os.open(folder, os.O_RDONLY)
             os.fsync(folder_fd)
             os.close(folder_fd)
-        except (OSError, RuntimeError) as err:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
-            reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        except OSError as err:
             raise UserError(
-                f"the checkpoint could not be saved in {folder} ({reason}): the "
+                f"the checkpoint could not be saved in {folder} ({err.strerror}): the "
                 f"previous one there is kept; make room or give another --out, then "
                 f"--resume"
             ) from None
-        except BaseException:
+        finally:
             if os.path.exists(tmp_path):
                 os.remove(tmp_path)
-            raise
 
     def resume_or_start(
         self, resume: bool, n_epoch: int, seed: int | None, lr: float

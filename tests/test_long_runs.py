@@ -137,17 +137,17 @@ def test_lr_given_on_resume_applies_and_is_announced(stand_in, tmp_path, capsys)
     assert state["optimizer"]["param_groups"][0]["lr"] == 0.5
 
 
-def test_a_save_that_fails_half_way_is_one_sentence(tmp_path, monkeypatch, capsys):
+def test_a_save_that_fails_after_writing_is_one_sentence(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     argv = [*FLAGS.split(), "--fake-data", "2", "--n-T", "1", "--out", str(out)]
     assert train(train_cifar10, [*argv, "--epochs", "1"], capsys)[0] == 0
     before = (out / "ddpm_cifar.pth").read_bytes()
 
-    def disk_full(obj, file):
-        file.write(b"the first half")
+    def disk_full(fd):
+        # as the file system says when the data written so far does not fit
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     code, line, _ = train(train_cifar10, [*argv, "--epochs", "2", "--resume"], capsys)
     assert code == 2
     assert line == (
