@@ -20,7 +20,7 @@ from torchvision.datasets import FakeData, ImageFolder
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from mindiffusion import checkpoints, cli
+from mindiffusion import checkpoints, cli, progress
 from mindiffusion.ddpm import DDPM
 from mindiffusion.duties import StepDuties
 from mindiffusion.unet import NaiveUnet
@@ -124,7 +124,7 @@ def train_celeba(
         persistent_workers=on_cuda and num_workers > 0,
     )
     # the checks and saves around each optimizer step
-    duties = StepDuties(checkpoint, start, len(dataloader), save_every, grad_clip)
+    duties = StepDuties(checkpoint, start, dataloader, save_every, grad_clip)
 
     for i in range(start.epoch, n_epoch):
         cli.say(f"Epoch {i} : ")
@@ -157,7 +157,8 @@ def train_celeba(
             ddpm.eval()
             # with --ema, the grid shows what the averaged weights draw
             sampling_ddpm = ddpm if ema_ddpm is None else ema_ddpm.module.eval()
-            with torch.no_grad():
+            # a bar over the timesteps: a 1000-step grid takes minutes, on a CPU hours
+            with torch.no_grad(), progress.timesteps(sampling_ddpm, "grid"):
                 xh = sampling_ddpm.sample(8, (3, 128, 128), device)
                 # CelebA's 202,599 faces leave a last batch of 7: real_images tops it up
                 xset = torch.cat([xh, cli.real_images(x, dataset, 8)], dim=0)

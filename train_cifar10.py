@@ -17,7 +17,7 @@ from torchvision.datasets import CIFAR10, FakeData
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from mindiffusion import checkpoints, cli
+from mindiffusion import checkpoints, cli, progress
 from mindiffusion.ddpm import DDPM
 from mindiffusion.duties import StepDuties
 from mindiffusion.unet import NaiveUnet
@@ -113,7 +113,7 @@ def train_cifar10(
         persistent_workers=on_cuda and num_workers > 0,
     )
     # the checks and saves around each optimizer step
-    duties = StepDuties(checkpoint, start, len(dataloader), save_every, grad_clip)
+    duties = StepDuties(checkpoint, start, dataloader, save_every, grad_clip)
 
     for i in range(start.epoch, n_epoch):
         cli.say(f"Epoch {i} : ")
@@ -146,7 +146,8 @@ def train_cifar10(
             ddpm.eval()
             # with --ema, the grid shows what the averaged weights draw
             sampling_ddpm = ddpm if ema_ddpm is None else ema_ddpm.module.eval()
-            with torch.no_grad():
+            # a bar over the timesteps: a 1000-step grid takes minutes, on a CPU hours
+            with torch.no_grad(), progress.timesteps(sampling_ddpm, "grid"):
                 xh = sampling_ddpm.sample(8, (3, 32, 32), device)
                 xset = torch.cat([xh, cli.real_images(x, dataset, 8)], dim=0)
                 # value_range undoes the Normalize above: [-1, 1] -> [0, 1]

@@ -18,7 +18,7 @@ from torchvision.datasets import MNIST, FakeData
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from mindiffusion import checkpoints, cli
+from mindiffusion import checkpoints, cli, progress
 from mindiffusion.ddpm import DDPM
 from mindiffusion.duties import StepDuties
 
@@ -144,7 +144,7 @@ def train_mnist(
         persistent_workers=on_cuda and num_workers > 0,
     )
     # the checks and saves around each optimizer step
-    duties = StepDuties(checkpoint, start, len(dataloader), save_every, grad_clip)
+    duties = StepDuties(checkpoint, start, dataloader, save_every, grad_clip)
 
     for i in range(start.epoch, n_epoch):
         cli.say(f"Epoch {i} : ")
@@ -177,7 +177,8 @@ def train_mnist(
             ddpm.eval()
             # with --ema, the grid shows what the averaged weights draw
             sampling_ddpm = ddpm if ema_ddpm is None else ema_ddpm.module.eval()
-            with torch.no_grad():
+            # a bar over the timesteps: a 1000-step grid takes minutes, on a CPU hours
+            with torch.no_grad(), progress.timesteps(sampling_ddpm, "grid"):
                 xh = sampling_ddpm.sample(16, (1, 28, 28), device)
                 # undo the Normalize above: [-0.5, 0.5] -> [0, 1]
                 grid = make_grid(xh, normalize=True, value_range=(-0.5, 0.5), nrow=4)

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from mindiffusion import cli
 from mindiffusion.cli import UserError, say, shared_seed
+from mindiffusion.record import Record
 
 # the recipe's entries that a flag sets, for the sentence that refuses a resume
 RECIPE_FLAGS = {
@@ -38,7 +39,8 @@ class Start(NamedTuple):
 
 class Checkpoint:
     """The checkpoint file of a run, and the objects it saves and restores: the
-    model, the optimizer, the --ema average and the float16 loss scaler."""
+    model, the optimizer, the --ema average, the float16 loss scaler and the
+    record's sums. At the end of an epoch, a save also writes the record's row."""
 
     def __init__(
         self,
@@ -55,6 +57,8 @@ class Checkpoint:
         # a disabled scaler when --amp is not fp16: its state is empty
         self.scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
         self.data_seed = 0
+        # ddpm_cifar.pth -> ddpm_cifar_log.csv
+        self.record = Record(os.path.splitext(path)[0] + "_log.csv")
 
     def save(self, epoch: int, batches: int = 0) -> None:
         """Save all that `--resume` needs, after `batches` batches of epoch `epoch`
@@ -72,6 +76,8 @@ class Checkpoint:
         rng_cuda = cli.gather(torch.cuda.get_rng_state(device) if on_cuda else None)
         if cli.process_rank() > 0:
             return
+        if batches == 0:
+            self.record.end_epoch(epoch - 1, self.optim.param_groups[0]["lr"])
         state = {
             "model": self.ddpm.state_dict(),
             "optimizer": self.optim.state_dict(),
@@ -83,6 +89,7 @@ class Checkpoint:
             "recipe": self.recipe,
             "ema": None if self.ema is None else self.ema.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "record": self.record.state_dict(),
         }
         # serialised in memory first, so that a failing write is an OSError that
         # names its reason (torch's own file writer reports only a position)
@@ -122,11 +129,12 @@ class Checkpoint:
         """
         path, ema = self.path, self.ema
         if not resume:
-            if os.path.exists(path):
-                raise UserError(
-                    f"{path} already exists: continue it with --resume, "
-                    f"or choose another --out"
-                )
+            for taken in (path, self.record.path):
+                if os.path.exists(taken):
+                    raise UserError(
+                        f"{taken} already exists: continue it with --resume, "
+                        f"or choose another --out"
+                    )
             self.data_seed = shared_seed(seed)
             return Start(epoch=0, batches=0, data_seed=self.data_seed)
         try:
@@ -161,6 +169,8 @@ class Checkpoint:
                 f"ask for more with --epochs"
             )
         set_lr(self.optim, lr)
+        if cli.process_rank() == 0:
+            self.record.resume(state.get("record"), epoch)
         restore_rng(state["rng_cpu"], state["rng_cuda"], self.ddpm)
         say(f"resuming from {path}: {epoch} epoch(s) and {batches} batch(es) done")
         # checkpoints from before the data order was seeded shuffled with seed 0

@@ -12,6 +12,7 @@ import signal
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
 from mindiffusion import cli
 from mindiffusion.checkpoints import Checkpoint, Start
@@ -62,14 +63,17 @@ class StepDuties:
         self,
         checkpoint: Checkpoint,
         start: Start,
-        batches_per_epoch: int,
+        dataloader: DataLoader,
         save_every: int | None,
         grad_clip: float | None,
     ) -> None:
         self.checkpoint, self.save_every, self.grad_clip = (
             checkpoint, save_every, grad_clip
         )
-        self.batches_per_epoch = batches_per_epoch
+        # at its start, the dataloader still holds whole epochs
+        self.batches_per_epoch = len(dataloader)
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.global_batch = dataloader.batch_size * world_size
         self.epoch, self.batches, self.steps = start.epoch, start.batches, 0
         self.overflows = 0
         if checkpoint.scaler.is_enabled():
@@ -95,6 +99,7 @@ class StepDuties:
         # without --grad-clip the bound is infinite: the gradients are multiplied by
         # exactly 1, and only their total norm is read
         norm = torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip or math.inf)
+        self.checkpoint.record.add(loss.item(), self.global_batch)
         finite = math.isfinite(norm.item())
         self.overflows = 0 if finite else self.overflows + 1
         overflow = scaler.is_enabled() and not finite

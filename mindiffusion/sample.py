@@ -18,7 +18,7 @@ from PIL import Image
 from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import make_grid, save_image
 
-from mindiffusion import checkpoints, cli
+from mindiffusion import checkpoints, cli, progress
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
 from mindiffusion.unet import NaiveUnet
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         stem = os.path.splitext(args.checkpoint)[0]
         out = args.out or free_path(f"{stem}_{args.sampler}.png")
         check_out(out)
-        n_calls = getattr(ddpm, "n_steps", ddpm.n_T)
+        n_calls = progress.model_calls(ddpm)
         if args.progress and args.progress > n_calls + 1:
             raise cli.UserError(
                 f"--progress {args.progress} is more than the {n_calls + 1} states "
@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
 
         ddpm.eps_model.register_forward_pre_hook(keep_snapshot)
 
-    x = ddpm.sample(args.n, recipe["image_size"], device)
+    with progress.timesteps(ddpm, "sampling"):
+        x = ddpm.sample(args.n, recipe["image_size"], device)
     images = denormalize(x, recipe["normalize"])
     save_image(make_grid(images, nrow=math.ceil(math.sqrt(args.n))), out)
     print(f"wrote {out}")

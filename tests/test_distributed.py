@@ -62,6 +62,7 @@ def test_torchrun_trains_in_step_stops_together_and_resumes_exactly(
     assert stdout.count("Epoch 0 : ") == 1 and stdout.count("Epoch 1 : ") == 1
     assert sorted(os.listdir(straight)) == [
         "ddpm_cifar.pth",
+        "ddpm_cifar_log.csv",
         "ddpm_sample_cifar0.png",
         "ddpm_sample_cifar1.png",
         "rank0.pt",

@@ -1,5 +1,7 @@
 """Each script run as a user runs it, in a fresh process, on --fake-data."""
 
+import csv
+import math
 import os
 import subprocess
 import sys
@@ -75,7 +77,14 @@ def test_script_runs_end_to_end_on_fake_data(
         )
 
     out = tmp_path / "results"
-    assert sorted(p.name for p in out.iterdir()) == sorted([grid, checkpoint])
+    log = checkpoint.replace(".pth", "_log.csv")
+    assert sorted(p.name for p in out.iterdir()) == sorted([grid, checkpoint, log])
+    # the record: its columns, and one row for the one epoch
+    with open(out / log, newline="") as file:
+        rows = list(csv.reader(file))
+    assert rows[0] == ["epoch", "step", "loss", "lr", "images_per_s", "seconds"]
+    assert len(rows) == 2 and rows[1][0] == "0"
+    assert math.isfinite(float(rows[1][2])) and float(rows[1][3]) > 0
     # 16 tiles in 4 rows of 4, with make_grid's 2-pixel padding around each
     side = 4 * (tile + 2) + 2
     assert Image.open(out / grid).size == (side, side)

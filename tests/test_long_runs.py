@@ -1,6 +1,7 @@
 """Long runs: step checkpoints and exact mid-epoch resume, stopping on a signal,
 divergence that never reaches the disk, saves that fail, and --lr on resume."""
 
+import csv
 import errno
 import os
 import shutil
@@ -8,6 +9,7 @@ import signal
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from mindiffusion import checkpoints, cli, duties
 from mindiffusion.ddpm import DDPM
@@ -16,6 +18,8 @@ from train_cifar10 import train_cifar10
 from train_mnist import train_mnist
 
 SCRIPTS = [train_mnist, train_cifar10, train_celeba]
+# what StepDuties reads of a loader: its length and batch size
+FOUR_BATCHES = DataLoader(range(8), batch_size=2)
 # 4 steps of 2 fake images per epoch, on the CPU
 FLAGS = "--device cpu --batch-size 2 --n-T 2 --fake-data 8 --num-workers 0 --seed 0"
 
@@ -33,11 +37,20 @@ def train(script, argv, capsys):
     return code, last.split(": error: ", 1)[-1], out
 
 
+def record_rows(path):
+    """The CSV's rows without their timings: epoch, step, loss and lr."""
+    with open(path, newline="") as file:
+        return [row[:4] for row in csv.reader(file)]
+
+
 def same_files(a, b):
+    """The grids, the record and the checkpoint of two runs are the same."""
     assert sorted(os.listdir(a)) == sorted(os.listdir(b))
     for name in os.listdir(a):
         if name.endswith(".png"):
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    (log,) = a.glob("*_log.csv")
+    assert record_rows(log) == record_rows(b / log.name)
     (path,) = a.glob("*.pth")
     one, other = (torch.load(d / path.name, weights_only=True) for d in (a, b))
     for part in ("model", "ema"):
@@ -122,6 +135,7 @@ def test_divergence_stops_before_the_step_and_keeps_the_checkpoint(tmp_path, cap
     )
     assert (out / "ddpm_cifar.pth").read_bytes() == before
     assert sorted(os.listdir(out)) == grids
+    assert len(record_rows(out / "ddpm_cifar_log.csv")) == 1 + 1
 
 
 def test_lr_given_on_resume_applies_and_is_announced(stand_in, tmp_path, capsys):
@@ -168,7 +182,7 @@ def test_grad_clip_bounds_the_norm_and_without_it_nothing_changes():
         ddpm.zero_grad()
         (ddpm.eps_model.weight.sum() * 100).backward()
         before = ddpm.eps_model.weight.grad.clone()
-        step_duties = duties.StepDuties(checkpoint, start, 4, None, clip)
+        step_duties = duties.StepDuties(checkpoint, start, FOUR_BATCHES, None, clip)
         step_duties.before_step(0, torch.ones(()))
         after = ddpm.eps_model.weight.grad
         if clip is None:
@@ -283,7 +297,7 @@ def test_fp16_backward_starts_from_the_scaled_loss_and_the_step_sees_it_unscaled
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     checkpoint = checkpoints.Checkpoint("unused", ddpm, optim, {}, scaler=scaler)
     start = checkpoints.Start(epoch=0, batches=0, data_seed=0)
-    step_duties = duties.StepDuties(checkpoint, start, 4, None, None)
+    step_duties = duties.StepDuties(checkpoint, start, FOUR_BATCHES, None, None)
     x = torch.randn(2, 1, 8, 8)
     reference = DDPM(TinyEps(), (1e-4, 0.02), 2)
     reference.load_state_dict(ddpm.state_dict())

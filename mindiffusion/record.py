@@ -1,0 +1,80 @@
+"""The record of a run: one CSV row per epoch, beside the checkpoint.
+
+    epoch,step,loss,lr,images_per_s,seconds
+
+`loss` is the mean training loss over the epoch's steps (rank 0's, under torchrun),
+`step` the optimizer steps done so far, and `seconds` the epoch's training time,
+without its grid. The sums of an unfinished epoch travel in the checkpoint, so a run
+stopped in the middle of an epoch and resumed writes the same row as one that never
+stopped, timings aside.
+"""
+import csv
+import os
+import time
+
+FIELDS = ("epoch", "step", "loss", "lr", "images_per_s", "seconds")
+
+
+class Record:
+    """The CSV at `path`, and the running sums of the epoch under way."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.steps, self.loss_sum, self.images, self.seconds = 0, 0.0, 0, 0.0
+        self.batches = 0
+        self.clock = time.perf_counter()
+
+    def add(self, loss: float, images: int) -> None:
+        """Count one optimizer step, its loss and the images of its global batch."""
+        self.steps += 1
+        self.batches += 1
+        self.images += images
+        self.loss_sum += loss
+
+    def end_epoch(self, epoch: int, lr: float) -> None:
+        """Write epoch `epoch`'s row, and start the sums of the next."""
+        seconds = self.seconds + time.perf_counter() - self.clock
+        row = dict(
+            epoch=epoch,
+            step=self.steps,
+            loss=self.loss_sum / max(self.batches, 1),
+            lr=lr,
+            images_per_s=round(self.images / seconds, 2),
+            seconds=round(seconds, 2),
+        )
+        new_file = not os.path.exists(self.path)
+        with open(self.path, "a", newline="") as file:
+            writer = csv.DictWriter(file, FIELDS)
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        self.loss_sum, self.batches, self.images, self.seconds = 0.0, 0, 0, 0.0
+        self.clock = time.perf_counter()
+
+    def state_dict(self) -> dict:
+        seconds = self.seconds + time.perf_counter() - self.clock
+        return dict(
+            steps=self.steps,
+            loss_sum=self.loss_sum,
+            batches=self.batches,
+            images=self.images,
+            seconds=seconds,
+        )
+
+    def resume(self, state: dict | None, epoch: int) -> None:
+        """Take up the sums of a checkpoint that stands in epoch `epoch`, and drop
+        the rows of that epoch and later, which a run killed after writing them
+        but before its checkpoint may have left."""
+        if state is not None:
+            self.steps, self.loss_sum = state["steps"], state["loss_sum"]
+            self.batches, self.images = state["batches"], state["images"]
+            self.seconds = state["seconds"]
+        self.clock = time.perf_counter()
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, newline="") as file:
+            rows = [row for row in csv.DictReader(file) if int(row["epoch"]) < epoch]
+        with open(self.path, "w", newline="") as file:
+            writer = csv.DictWriter(file, FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)

@@ -1,0 +1,46 @@
+"""The record: one CSV row per epoch, and a resume that drops the rows a killed run
+wrote past its checkpoint."""
+
+import csv
+
+from mindiffusion.record import FIELDS, Record
+
+
+def rows(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_one_row_per_epoch_with_the_mean_loss(tmp_path):
+    record = Record(str(tmp_path / "run_log.csv"))
+    for epoch, losses in enumerate([[1.0, 2.0, 6.0], [0.5, 1.5]]):
+        for loss in losses:
+            record.add(loss, images=4)
+        record.end_epoch(epoch, lr=1e-4)
+    with open(record.path) as file:
+        assert file.readline().strip() == ",".join(FIELDS)
+    written = rows(record.path)
+    assert [(r["epoch"], r["step"], r["loss"], r["lr"]) for r in written] == [
+        ("0", "3", "3.0", "0.0001"),
+        ("1", "5", "1.0", "0.0001"),
+    ]
+    assert all(float(r["images_per_s"]) > 0 for r in written)
+
+
+def test_resume_drops_the_rows_past_the_checkpoint(tmp_path):
+    record = Record(str(tmp_path / "run_log.csv"))
+    for epoch in range(3):
+        record.add(1.0, images=2)
+        record.end_epoch(epoch, lr=1e-4)
+    # the checkpoint stands in epoch 1: its row and epoch 2's were written by a run
+    # that died before saving
+    state = dict(steps=1, loss_sum=0.25, batches=1, images=2, seconds=1.0)
+    resumed = Record(record.path)
+    resumed.resume(state, epoch=1)
+    assert [r["epoch"] for r in rows(record.path)] == ["0"]
+    resumed.add(0.75, images=2)
+    resumed.end_epoch(1, lr=1e-4)
+    assert [(r["epoch"], r["step"], r["loss"]) for r in rows(record.path)] == [
+        ("0", "1", "1.0"),
+        ("1", "2", "0.5"),
+    ]
