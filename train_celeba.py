@@ -71,8 +71,10 @@ def train_celeba(
         # compiled in place, so that the state_dict keeps the notes' names
         ddpm.eps_model.compile()
     optim = torch.optim.Adam(ddpm.parameters(), lr=lr)
-    # what python -m mindiffusion.sample needs to rebuild this DDPM from a checkpoint
+    # what python -m mindiffusion.sample needs to rebuild this DDPM from a checkpoint,
+    # and mindiffusion.fid to read the training set again
     recipe = dict(
+        dataset="ImageFolder",
         eps_model="NaiveUnet",
         eps_model_args=(3, 3, 128),
         betas=(1e-4, 0.02),

@@ -1,0 +1,313 @@
+"""FID of a checkpoint's samples against its own training set, as the papers measure.
+
+    python -m mindiffusion.fid contents/ddpm_cifar.pth                  # DDIM, 50 steps
+    python -m mindiffusion.fid contents/ddpm_cifar.pth --steps 10,20,50,100
+    python -m mindiffusion.fid contents/ddpm_cifar.pth --sampler ddpm --n 10000
+
+Features are the 2048 pool3 activations of the TensorFlow Inception of 2015-12-05,
+through torch-fidelity, which reproduces it and its resizing. The training set's
+mean and covariance are cached, so a second FID of the same data costs only the
+samples. Fewer than 50,000 samples bias FID upward: such figures are not comparable
+to the papers'.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import urllib.error
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from torchvision import transforms
+from torchvision.datasets import CIFAR10, MNIST, FakeData, ImageFolder
+from tqdm import tqdm
+
+from mindiffusion import cli, progress
+from mindiffusion.sample import denormalize, load_ddpm
+
+# where torch-fidelity's download of the Inception weights comes from
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+    "weights-inception-2015-12-05-6726825d.pth"
+)
+# the extractor, for the cache key: a change of it recomputes the statistics
+EXTRACTOR = "torch-fidelity inception-v3-compat 2015-12-05 pool3 2048"
+# the papers' sample count
+PAPERS_N = 50_000
+
+
+def frechet_distance(
+    mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor
+) -> float:
+    """The Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64:
+
+        |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)).
+
+    tr((sigma1 sigma2)^(1/2)) is computed as tr((A sigma2 A)^(1/2)) with A =
+    sigma1^(1/2): A sigma2 A is symmetric and positive semi-definite, so both roots
+    come from symmetric eigendecompositions, which stay real and exact for singular
+    covariances (fewer samples than features), where scipy's sqrtm can fail.
+    """
+    mu1, sigma1, mu2, sigma2 = (t.double() for t in (mu1, sigma1, mu2, sigma2))
+
+    def eigen_roots(matrix):
+        """The square roots of a symmetric PSD matrix's eigenvalues, and its
+        eigenvectors. Eigenvalues within rounding of zero count as zero: their
+        roots would add rounding noise of the size of sqrt(eps)."""
+        values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+        noise = values.abs().max() * len(values) * torch.finfo(values.dtype).eps
+        return torch.where(values > noise, values, 0).sqrt(), vectors
+
+    roots, vectors = eigen_roots(sigma1)
+    # A = sigma1^(1/2)
+    a = vectors @ torch.diag(roots) @ vectors.T
+    trace_sqrt = eigen_roots(a @ sigma2 @ a)[0].sum()
+    distance = (
+        (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt
+    )
+    return float(distance)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as the 8-bit RGB the extractor reads: rounded as save_image
+    rounds them to a PNG, and a single channel (MNIST) repeated to three."""
+    pixels = x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+    return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
+
+
+class Moments:
+    """The running sums of features that give their mean and covariance, in float64,
+    so that 50,000 samples never have to be held at once."""
+
+    def __init__(self) -> None:
+        self.n, self.sum, self.outer = 0, 0.0, 0.0
+
+    def add(self, features: torch.Tensor) -> None:
+        features = features.double().cpu()
+        self.n += len(features)
+        self.sum = self.sum + features.sum(0)
+        self.outer = self.outer + features.T @ features
+
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and the unbiased covariance, as numpy's cov gives them."""
+        mu = self.sum / self.n
+        sigma = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return mu, sigma
+
+
+def inception(weights: str | None, device: torch.device) -> nn.Module:
+    """torch-fidelity's Inception, giving the 2048 pool3 features of uint8 images.
+
+    The weights come from `weights`, a local file, or else from torch's hub cache,
+    where torch-fidelity downloads them the first time.
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import (
+        FeatureExtractorInceptionV3,
+    )
+
+    if weights is not None:
+        # torch-fidelity loads the file with weights_only=False: check it first
+        try:
+            torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception:
+            raise cli.UserError(
+                f"--inception-weights {weights} is not a readable file of weights"
+            ) from None
+    try:
+        extractor = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=weights
+        )
+    except (urllib.error.URLError, OSError) as err:
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise cli.UserError(
+            f"the Inception weights are not in {cache} and could not be downloaded "
+            f"({getattr(err, 'reason', err)}): fetch {INCEPTION_URL} on a machine "
+            f"with a network and give it with --inception-weights PATH"
+        ) from None
+    return extractor.to(device)
+
+
+def features_of(extractor: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The extractor's features of images in [0, 1], (B, C, H, W) -> (B, 2048)."""
+    (features,) = extractor(to_uint8(images))
+    return features
+
+
+def reference_dataset(recipe: dict, data_root: str | None, fake_data: int | None):
+    """The checkpoint's training set as pixels in [0, 1], read as its script read
+    it (without the Normalize, which the samples have undone too), and a name for
+    it in the cache key."""
+    size = tuple(recipe["image_size"])
+    if fake_data:
+        dataset = FakeData(fake_data, image_size=size, transform=transforms.ToTensor())
+        return dataset, f"FakeData({fake_data}, {size})"
+    name = recipe.get("dataset")
+    if name == "ImageFolder":
+        root = data_root or os.environ.get("CELEBA_PATH")
+        tf = transforms.Compose([transforms.Resize(size[1:]), transforms.ToTensor()])
+        with cli.explain_image_folder(root):
+            dataset = ImageFolder(root=root, transform=tf)
+    elif name in ("MNIST", "CIFAR10"):
+        root = data_root or "./data"
+        tf = transforms.ToTensor()
+        with cli.explain_missing_dataset(name, root):
+            dataset = {"MNIST": MNIST, "CIFAR10": CIFAR10}[name](
+                root, train=True, download=True, transform=tf
+            )
+    else:
+        raise cli.UserError(
+            "the checkpoint does not name its training set (it was saved before "
+            "checkpoints did): give --fake-data N to measure against random images"
+        )
+    return dataset, f"{name} train at {os.path.abspath(root)}, {tf}"
+
+
+def reference_statistics(dataset, name, extractor, batch_size, device, cache_dir):
+    """The mean and covariance of the dataset's features, from the cache when the
+    dataset, its split, the transform, the image count and the extractor are the
+    ones it was computed for."""
+    key = json.dumps(dict(dataset=name, images=len(dataset), extractor=EXTRACTOR))
+    path = os.path.join(
+        cache_dir, hashlib.sha256(key.encode()).hexdigest()[:16] + ".pt"
+    )
+    if os.path.exists(path):
+        cached = torch.load(path, weights_only=True)
+        if cached["key"] == key:
+            print(f"reference statistics from the cache: {path}")
+            return cached["mu"], cached["sigma"]
+    moments = Moments()
+    loader = DataLoader(dataset, batch_size=batch_size)
+    for images, _ in tqdm(loader, desc="features of the training set"):
+        moments.add(features_of(extractor, images.to(device)))
+    mu, sigma = moments.statistics()
+    os.makedirs(cache_dir, exist_ok=True)
+    torch.save(dict(key=key, mu=mu, sigma=sigma), path)
+    return mu, sigma
+
+
+def sample_statistics(ddpm, recipe, extractor, n, batch_size, device, description):
+    """The mean and covariance of the features of n samples, drawn in batches."""
+    moments = Moments()
+    batches = [batch_size] * (n // batch_size) + [n % batch_size] * bool(n % batch_size)
+    with progress.timesteps(ddpm, description, samples=len(batches)):
+        for size in batches:
+            x = ddpm.sample(size, recipe["image_size"], device)
+            moments.add(features_of(extractor, denormalize(x, recipe["normalize"])))
+    return moments.statistics()
+
+
+def step_counts(text: str) -> list[int]:
+    """An argparse type: one step count, or several separated by commas."""
+    try:
+        counts = [int(word) for word in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of step counts: {text}")
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"step counts must be at least 1: {text}")
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m mindiffusion.fid",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("checkpoint", help="a .pth file written by one of the training scripts")
+    add("--n", type=cli.at_least(2), default=PAPERS_N,
+        help="samples per FID, as many as the papers by default (default: %(default)s)")
+    add("--sampler", choices=("ddpm", "ddim"), default="ddim",
+        help="the sampler (default: %(default)s)")
+    add("--steps", type=step_counts, metavar="S[,S...]",
+        help="DDIM's steps; a list gives one FID per entry, like Table 1 of the DDIM "
+        "paper (default: 50, or n_T if less)")
+    add("--no-ema", dest="use_ema", action="store_false",
+        help="sample with the trained weights, not their --ema average (default: "
+        "the average, where the checkpoint has one)")
+    add("--data-root", metavar="DIR",
+        help="the training set's folder (default: ./data; CelebA: $CELEBA_PATH)")
+    add("--fake-data", type=cli.at_least(2), metavar="N",
+        help="measure against N random images instead of the training set "
+        "(default: off)")
+    add("--batch-size", type=cli.at_least(1), default=250, metavar="N",
+        help="images per batch, for sampling and features (default: %(default)s)")
+    add("--device", default="cuda", metavar="NAME",
+        help="cpu, cuda, cuda:N or mps (default: %(default)s)")
+    add("--seed", type=int, metavar="N",
+        help="seed for the samples: the same seed gives the same FID "
+        "(default: unseeded)")
+    add("--inception-weights", metavar="PATH",
+        help="the Inception weights as a local file, for machines without a network "
+        "(default: torch-fidelity's download into torch's hub cache)")
+    add("--cache-dir", metavar="DIR",
+        default=os.path.join(torch.hub.get_dir(), "mindiffusion_fid"),
+        help="where the training set's statistics are kept (default: %(default)s)")
+    add("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    args = parser.parse_args(argv)
+    if args.sampler == "ddpm" and args.steps is not None:
+        parser.error("--steps is DDIM's: add --sampler ddim, or drop it")
+    if args.json and not os.path.isdir(os.path.dirname(args.json) or "."):
+        parser.error(f"--json {args.json}: its folder does not exist")
+
+    try:
+        device = cli.resolve_device(args.device)
+        ddpm, recipe = load_ddpm(
+            args.checkpoint, args.sampler, None, 0.0, args.use_ema
+        )
+        steps = args.steps or [progress.model_calls(ddpm)]
+        if args.sampler == "ddim" and max(steps) > ddpm.n_T:
+            raise cli.UserError(
+                f"--steps {max(steps)} is more than the model's n_T = {ddpm.n_T}"
+            )
+        dataset, name = reference_dataset(recipe, args.data_root, args.fake_data)
+        extractor = inception(args.inception_weights, device)
+    except cli.UserError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    if args.n < PAPERS_N:
+        print(
+            f"warning: --n {args.n} is below the papers' {PAPERS_N:,}: this FID is "
+            f"biased upward and not comparable to theirs",
+            file=sys.stderr,
+        )
+    ddpm.to(device).eval()
+    mu_real, sigma_real = reference_statistics(
+        dataset, name, extractor, args.batch_size, device, args.cache_dir
+    )
+
+    results = []
+    for count in steps:
+        if args.sampler == "ddim":
+            ddpm.n_steps = count
+        if args.seed is not None:
+            # each entry from the same seed, so that its FID does not depend on the
+            # entries before it
+            torch.manual_seed(args.seed)
+        mu, sigma = sample_statistics(
+            ddpm, recipe, extractor, args.n, args.batch_size, device,
+            f"{args.n} samples, {count} steps",
+        )
+        fid = frechet_distance(mu, sigma, mu_real, sigma_real)
+        results.append(dict(steps=count, fid=fid))
+
+    print(f"FID of {args.checkpoint} against {name} ({len(dataset):,} images)")
+    print(f"{'steps':>6}  FID")
+    for result in results:
+        print(f"{result['steps']:>6}  {result['fid']:.2f}")
+    last = results[-1]
+    if args.json:
+        figures = dict(
+            checkpoint=args.checkpoint, n=args.n, sampler=args.sampler,
+            ema=args.use_ema, reference=name, reference_images=len(dataset),
+            extractor=EXTRACTOR, results=results,
+        )
+        with open(args.json, "w") as file:
+            json.dump(figures, file, indent=2)
+    print(f"FID: {last['fid']:.4f} (n={args.n}, sampler={args.sampler}, "
+          f"steps={last['steps']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""FID: the Fréchet distance against closed forms, and python -m mindiffusion.fid end
+to end with a small stand-in for the Inception network (no weights are downloaded)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+from torchvision.utils import save_image
+
+from mindiffusion import cli, fid
+from train_cifar10 import train_cifar10
+
+
+def test_diagonal_covariances_give_the_closed_form():
+    torch.manual_seed(0)
+    a, b = torch.rand(64) + 0.1, torch.rand(64) + 0.1
+    mu1, mu2 = torch.randn(64), torch.randn(64)
+    # with diagonal covariances, (sigma1 sigma2)^(1/2) is diag(sqrt(a b))
+    expected = ((a.double().sqrt() - b.double().sqrt()) ** 2).sum()
+    expected += ((mu1.double() - mu2.double()) ** 2).sum()
+    result = fid.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b))
+    assert result == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_identical_inputs_are_at_distance_zero():
+    torch.manual_seed(0)
+    features = torch.randn(500, 64, dtype=torch.float64)
+    mu, sigma = features.mean(0), torch.cov(features.T)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * sigma.trace()
+
+
+def test_singular_covariances_fewer_samples_than_features():
+    torch.manual_seed(0)
+    # rank-one covariances u u^T and v v^T: tr((sigma1 sigma2)^(1/2)) = |u . v|
+    u, v = torch.randn(2, 2048, dtype=torch.float64)
+    zero = torch.zeros(2048)
+    expected = u.dot(u) + v.dot(v) - 2 * u.dot(v).abs()
+    result = fid.frechet_distance(zero, torch.outer(u, u), zero, torch.outer(v, v))
+    assert result == pytest.approx(float(expected), rel=1e-9)
+    # sample covariances of 50 samples in 200 dimensions, against the trace of the
+    # root through the eigenvalues of the non-symmetric product sigma1 sigma2
+    x = torch.randn(50, 200, dtype=torch.float64)
+    y = 1.3 * torch.randn(50, 200, dtype=torch.float64) + 0.2
+    s1, s2 = torch.cov(x.T), torch.cov(y.T)
+    roots = torch.linalg.eigvals(s1 @ s2).real.clamp(min=0).sqrt().sum()
+    expected = (x.mean(0) - y.mean(0)).square().sum() + s1.trace() + s2.trace()
+    expected -= 2 * roots
+    result = fid.frechet_distance(x.mean(0), s1, y.mean(0), s2)
+    assert result == pytest.approx(float(expected), rel=1e-7)
+
+
+def test_images_go_in_as_save_image_rounds_them_with_three_channels(tmp_path):
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 8, 8)
+    # exact halves, where rounding up or down shows
+    x[0, 0, 0, :4] = torch.tensor([0.5, 1.5, 2.5, 254.5]) / 255
+    save_image(x[0], tmp_path / "one.png")
+    written = torch.from_numpy(np.array(Image.open(tmp_path / "one.png")))
+    pixels = fid.to_uint8(x)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (2, 3, 8, 8)
+    for channel in range(3):
+        # save_image writes a gray image as three equal channels too
+        assert torch.equal(pixels[0, channel], written[..., channel])
+
+
+class StandIn(nn.Module):
+    """A small feature extractor in the Inception's place, recording its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append((x.dtype, tuple(x.shape)))
+        x = x.double()
+        # 9 features: each channel's mean, spread and top-left pixel
+        features = [x.mean((2, 3)), x.std((2, 3)), x[:, :, 0, 0]]
+        return (torch.cat(features, 1).float(),)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cifar")
+    run = dict(device="cpu", batch_size=2, n_T=3, fake_data=2, num_workers=0)
+    train_cifar10(n_epoch=1, out=str(out), **run)
+    return str(out / "ddpm_cifar.pth")
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    extractor = StandIn()
+    monkeypatch.setattr(fid, "inception", lambda weights, device: extractor)
+    return extractor
+
+
+def fid_command(checkpoint, tmp_path, *flags, capsys):
+    flags = ["--n", "5", "--batch-size", "2", "--device", "cpu", *flags]
+    fid.main([checkpoint, *flags, "--cache-dir", str(tmp_path / "cache")])
+    return capsys.readouterr()
+
+
+def test_the_command_end_to_end(checkpoint, stand_in, tmp_path, capsys):
+    printed = fid_command(
+        checkpoint, tmp_path, "--fake-data", "4", "--seed", "0", "--steps", "1,3",
+        "--json", str(tmp_path / "fid.json"), capsys=capsys,
+    )
+    lines = printed.out.strip().splitlines()
+    # the training set in 2 batches, then 5 samples in batches of 2, 2 and 1 for
+    # each of the two step counts
+    assert [shape[0] for _, shape in stand_in.seen] == [2, 2] + [2, 2, 1] * 2
+    assert all(
+        dtype == torch.uint8 and shape[1:] == (3, 32, 32)
+        for dtype, shape in stand_in.seen
+    )
+    assert lines[-4:-1] == [
+        " steps  FID",
+        f"     1  {float(lines[-3].split()[1]):.2f}",
+        f"     3  {float(lines[-2].split()[1]):.2f}",
+    ]
+    figures = json.loads((tmp_path / "fid.json").read_text())
+    assert [r["steps"] for r in figures["results"]] == [1, 3]
+    assert lines[-1] == (
+        f"FID: {figures['results'][-1]['fid']:.4f} (n=5, sampler=ddim, steps=3)"
+    )
+    assert "warning: --n 5 is below the papers' 50,000" in printed.err
+
+    # the second run takes the training set's statistics from the cache, and the
+    # same seed gives the same FID
+    stand_in.seen.clear()
+    again = fid_command(
+        checkpoint, tmp_path, "--fake-data", "4", "--seed", "0", "--steps", "1,3",
+        capsys=capsys,
+    )
+    assert "reference statistics from the cache" in again.out
+    assert [shape[0] for _, shape in stand_in.seen] == [2, 2, 1] * 2
+    assert again.out.strip().splitlines()[-1] == lines[-1]
+    # another reference, here 6 images instead of 4, is computed anew
+    stand_in.seen.clear()
+    other = fid_command(checkpoint, tmp_path, "--fake-data", "6", capsys=capsys)
+    assert "from the cache" not in other.out
+    assert [shape[0] for _, shape in stand_in.seen][:3] == [2, 2, 2]
+
+
+def test_offline_without_weights_is_one_sentence(tmp_path, monkeypatch, no_network):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(cli.UserError) as error:
+        fid.inception(None, torch.device("cpu"))
+    message = str(error.value)
+    assert message.startswith(
+        f"the Inception weights are not in {tmp_path / 'torch' / 'hub' / 'checkpoints'}"
+        f" and could not be downloaded ("
+    )
+    assert message.endswith(
+        f"fetch {fid.INCEPTION_URL} on a machine with a network and give it with "
+        f"--inception-weights PATH"
+    )
