@@ -47,6 +47,7 @@ def train_celeba(
     ema: float | None = None,
     save_every: int | None = 1000,
     grad_clip: float | None = None,
+    grid_every: int = 1,
 ) -> DDPM:
     # under torchrun, one process per device; a plain run is rank 0 of 1
     device, rank, world_size = cli.init_processes(device)
@@ -154,8 +155,9 @@ def train_celeba(
                 ema_ddpm.update_parameters(ddpm)
             duties.after_step()
 
-        # rank 0 alone draws the grid; the other ranks wait for it in the save
-        if rank == 0:
+        # rank 0 alone draws the grid, after every --grid-every epochs and the last;
+        # the other ranks wait for it in the save
+        if rank == 0 and ((i + 1) % grid_every == 0 or i + 1 == n_epoch):
             ddpm.eval()
             # with --ema, the grid shows what the averaged weights draw
             sampling_ddpm = ddpm if ema_ddpm is None else ema_ddpm.module.eval()

@@ -1,6 +1,7 @@
 """Train a DDPM on MNIST with the notes' tiny CNN, DummyEpsModel (notes, section 2).
 
     python train_mnist.py                                  # the notes' run, on cuda:0
+    python train_mnist.py --laptop --epochs 4              # a small UNet, on a CPU
     python train_mnist.py --fake-data 64 --epochs 1 --n-T 10   # a quick smoke run
     torchrun --nproc_per_node=4 train_mnist.py             # the same run on 4 GPUs
 
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from mindiffusion import checkpoints, cli, progress
 from mindiffusion.ddpm import DDPM
 from mindiffusion.duties import StepDuties
+from mindiffusion.unet import NaiveUnet
 
 
 # padding 3 keeps a 7x7 convolution at 28x28: no pooling, no skips, no UNet
@@ -72,6 +74,9 @@ def train_mnist(
     ema: float | None = None,
     save_every: int | None = 1000,
     grad_clip: float | None = None,
+    grid_every: int = 1,
+    eps_model: str = "dummy",
+    n_feat: int | None = None,
 ) -> DDPM:
     # under torchrun, one process per device; a plain run is rank 0 of 1
     device, rank, world_size = cli.init_processes(device)
@@ -84,7 +89,19 @@ def train_mnist(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    ddpm = DDPM(eps_model=DummyEpsModel(1), betas=(1e-4, 0.02), n_T=n_T)
+    # --eps-model unet: the notes' lesson of swapping the architecture, with their
+    # NaiveUnet of width --n-feat on digits padded to 32x32, as it needs
+    unet = eps_model == "unet"
+    if n_feat is not None and not unet:
+        raise cli.UserError("--n-feat is NaiveUnet's width: add --eps-model unet")
+    n_feat = 128 if n_feat is None else n_feat
+    if unet and n_feat % 8:
+        raise cli.UserError(
+            f"--n-feat {n_feat}: NaiveUnet's GroupNorm(8, ...) needs a multiple of 8"
+        )
+    side = 32 if unet else 28
+    model = NaiveUnet(1, 1, n_feat) if unet else DummyEpsModel(1)
+    ddpm = DDPM(eps_model=model, betas=(1e-4, 0.02), n_T=n_T)
     ddpm.to(device, memory_format=memory_format)
     # --ema: a copy whose weights follow an exponential moving average of ddpm's,
     # e <- ema * e + (1 - ema) * w after each step; BatchNorm statistics included
@@ -100,11 +117,11 @@ def train_mnist(
     # and mindiffusion.fid to read the training set again
     recipe = dict(
         dataset="MNIST",
-        eps_model="DummyEpsModel",
-        eps_model_args=(1,),
+        eps_model="NaiveUnet" if unet else "DummyEpsModel",
+        eps_model_args=(1, 1, n_feat) if unet else (1,),
         betas=(1e-4, 0.02),
         n_T=n_T,
-        image_size=(1, 28, 28),
+        image_size=(1, side, side),
         normalize=((0.5,), (1.0,)),
     )
 
@@ -120,6 +137,9 @@ def train_mnist(
     tf = transforms.Compose(
         [transforms.ToTensor(), transforms.Normalize((0.5,), (1.0,))]
     )
+    if unet:
+        # 28x28 -> 32x32, with black borders
+        tf.transforms.insert(0, transforms.Pad(2))
     if fake_data:
         dataset = FakeData(fake_data, image_size=(1, 28, 28), transform=tf)
     else:
@@ -174,14 +194,15 @@ def train_mnist(
                 ema_ddpm.update_parameters(ddpm)
             duties.after_step()
 
-        # rank 0 alone draws the grid; the other ranks wait for it in the save
-        if rank == 0:
+        # rank 0 alone draws the grid, after every --grid-every epochs and the last;
+        # the other ranks wait for it in the save
+        if rank == 0 and ((i + 1) % grid_every == 0 or i + 1 == n_epoch):
             ddpm.eval()
             # with --ema, the grid shows what the averaged weights draw
             sampling_ddpm = ddpm if ema_ddpm is None else ema_ddpm.module.eval()
             # a bar over the timesteps: a 1000-step grid takes minutes, on a CPU hours
             with torch.no_grad(), progress.timesteps(sampling_ddpm, "grid"):
-                xh = sampling_ddpm.sample(16, (1, 28, 28), device)
+                xh = sampling_ddpm.sample(16, (1, side, side), device)
                 # undo the Normalize above: [-0.5, 0.5] -> [0, 1]
                 grid = make_grid(xh, normalize=True, value_range=(-0.5, 0.5), nrow=4)
                 save_image(grid, os.path.join(out, f"ddpm_sample_{i}.png"))
@@ -191,5 +212,19 @@ def train_mnist(
     return ddpm
 
 
+# --laptop: a small NaiveUnet that draws digits after about half an hour on two CPU
+# cores (README, "Watch it learn on a CPU")
+LAPTOP = dict(
+    eps_model="unet",
+    n_feat=24,
+    batch_size=64,
+    lr=1e-3,
+    ema=0.995,
+    amp="auto",
+    device="cpu",
+    num_workers=0,
+)
+
 if __name__ == "__main__":
-    cli.main(train_mnist, __doc__)
+    laptop = ("a small UNet, for a CPU", LAPTOP)
+    cli.main(train_mnist, __doc__, presets={"laptop": laptop})

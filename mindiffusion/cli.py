@@ -288,8 +288,17 @@ def positive_float(text: str) -> float:
     return value
 
 
-def main(train: Callable, description: str, argv: list[str] | None = None) -> None:
-    """Run `train` with the command line's flags; their defaults are train's own."""
+def main(
+    train: Callable,
+    description: str,
+    argv: list[str] | None = None,
+    presets: dict[str, tuple[str, dict]] | None = None,
+) -> None:
+    """Run `train` with the command line's flags; their defaults are train's own.
+
+    Each preset, NAME: (what it is for, settings), is a flag --NAME that sets those
+    settings as the defaults, so that flags given as well win over it.
+    """
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -342,11 +351,31 @@ def main(train: Callable, description: str, argv: list[str] | None = None) -> No
     add("--grad-clip", type=positive_float, metavar="MAX_NORM",
         help="clip the gradients' total norm to MAX_NORM, as the DDPM paper did at "
         "1.0 (default: off, as in the notes)")
+    add("--grid-every", type=at_least(1), metavar="N",
+        help="draw the grid after epochs N, 2N, ... and after the last one; the "
+        "checkpoint is still saved every epoch (default: %(default)s)")
+    if "eps_model" in inspect.signature(train).parameters:
+        add("--eps-model", choices=("dummy", "unet"),
+            help="dummy: the notes' DummyEpsModel; unet: their NaiveUnet, on images "
+            "padded to 32x32 (default: %(default)s)")
+        add("--n-feat", type=at_least(8), metavar="N",
+            help="NaiveUnet's width, a multiple of 8 (default: 128)")
     parser.set_defaults(**{
         name: param.default
         for name, param in inspect.signature(train).parameters.items()
     })
+    words = sys.argv[1:] if argv is None else argv
+    for name, (purpose, settings) in (presets or {}).items():
+        flags = " ".join(
+            f"--{key.replace('_', '-')} {value}" for key, value in settings.items()
+        )
+        add(f"--{name}", action="store_true",
+            help=f"{purpose}: {flags}; flags given as well win over these")
+        if f"--{name}" in words:
+            parser.set_defaults(**settings)
     args = parser.parse_args(argv)
+    for name in presets or {}:
+        delattr(args, name)
     # imported here: duties itself builds on this module
     from mindiffusion.duties import Stopped, stop_on_signals
 

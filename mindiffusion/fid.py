@@ -151,7 +151,11 @@ def reference_dataset(recipe: dict, data_root: str | None, fake_data: int | None
             dataset = ImageFolder(root=root, transform=tf)
     elif name in ("MNIST", "CIFAR10"):
         root = data_root or "./data"
-        tf = transforms.ToTensor()
+        # a crop larger than the image pads it: MNIST's 28x28 digits become the
+        # 32x32 a NaiveUnet was trained on, as train_mnist.py --eps-model unet pads
+        tf = transforms.Compose(
+            [transforms.CenterCrop(size[1:]), transforms.ToTensor()]
+        )
         with cli.explain_missing_dataset(name, root):
             dataset = {"MNIST": MNIST, "CIFAR10": CIFAR10}[name](
                 root, train=True, download=True, transform=tf

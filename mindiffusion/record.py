@@ -22,10 +22,12 @@ class Record:
         self.path = path
         self.steps, self.loss_sum, self.images, self.seconds = 0, 0.0, 0, 0.0
         self.batches = 0
-        self.clock = time.perf_counter()
+        self.clock = self.last_step = time.perf_counter()
 
     def add(self, loss: float, images: int) -> None:
         """Count one optimizer step, its loss and the images of its global batch."""
+        # the epoch's training time ends with its last step, before its grid
+        self.last_step = time.perf_counter()
         self.steps += 1
         self.batches += 1
         self.images += images
@@ -33,13 +35,13 @@ class Record:
 
     def end_epoch(self, epoch: int, lr: float) -> None:
         """Write epoch `epoch`'s row, and start the sums of the next."""
-        seconds = self.seconds + time.perf_counter() - self.clock
+        seconds = self.seconds + self.last_step - self.clock
         row = dict(
             epoch=epoch,
             step=self.steps,
             loss=self.loss_sum / max(self.batches, 1),
             lr=lr,
-            images_per_s=round(self.images / seconds, 2),
+            images_per_s=round(self.images / seconds, 2) if seconds else 0.0,
             seconds=round(seconds, 2),
         )
         new_file = not os.path.exists(self.path)
@@ -49,7 +51,7 @@ class Record:
                 writer.writeheader()
             writer.writerow(row)
         self.loss_sum, self.batches, self.images, self.seconds = 0.0, 0, 0, 0.0
-        self.clock = time.perf_counter()
+        self.clock = self.last_step = time.perf_counter()
 
     def state_dict(self) -> dict:
         seconds = self.seconds + time.perf_counter() - self.clock
@@ -69,7 +71,7 @@ class Record:
             self.steps, self.loss_sum = state["steps"], state["loss_sum"]
             self.batches, self.images = state["batches"], state["images"]
             self.seconds = state["seconds"]
-        self.clock = time.perf_counter()
+        self.clock = self.last_step = time.perf_counter()
         if not os.path.exists(self.path):
             return
         with open(self.path, newline="") as file:

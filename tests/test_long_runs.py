@@ -18,6 +18,9 @@ from train_cifar10 import train_cifar10
 from train_mnist import train_mnist
 
 SCRIPTS = [train_mnist, train_cifar10, train_celeba]
+# MNIST with a narrow UNet: the loop is the script's own, the checkpoint 30 times
+# smaller than DummyEpsModel's
+SMALL_MNIST = ["--eps-model", "unet", "--n-feat", "8"]
 # what StepDuties reads of a loader: its length and batch size
 FOUR_BATCHES = DataLoader(range(8), batch_size=2)
 # 4 steps of 2 fake images per epoch, on the CPU
@@ -71,6 +74,7 @@ def test_a_signal_mid_epoch_saves_and_resume_is_bit_identical(
 ):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     argv = [*FLAGS.split(), "--epochs", "2", "--ema", "0.5"]
+    argv += SMALL_MNIST if script is train_mnist else []
     assert train(script, [*argv, "--out", str(straight)], capsys)[0] == 0
     # the signal comes during the second step of the first epoch
     stand_in["signal"] = (2, signum)
@@ -92,7 +96,7 @@ def test_a_kill_loses_only_the_steps_since_the_last_save(
 ):
     """A kill -9 right after each save is a resume from that save: each one ends as
     the run that never stopped."""
-    argv = [*FLAGS.split(), "--epochs", "2", "--save-every", "3"]
+    argv = [*FLAGS.split(), "--epochs", "2", "--save-every", "3", *SMALL_MNIST]
     straight = tmp_path / "straight"
     saves = []
     save = checkpoints.Checkpoint.save
@@ -104,13 +108,13 @@ def test_a_kill_loses_only_the_steps_since_the_last_save(
         saves.append((kept, epoch, batches))
 
     monkeypatch.setattr(checkpoints.Checkpoint, "save", save_and_keep)
-    assert train(train_cifar10, [*argv, "--out", str(straight)], capsys)[0] == 0
+    assert train(train_mnist, [*argv, "--out", str(straight)], capsys)[0] == 0
     monkeypatch.setattr(checkpoints.Checkpoint, "save", save)
     # steps 3 and 6 of 8, and the two epoch ends
     assert [(e, b) for _, e, b in saves] == [(0, 3), (1, 0), (1, 2), (2, 0)]
     for kept, epoch, batches in saves[:-1]:
         # what the killed run had written: the checkpoint and its grids so far
-        resumed = train(train_cifar10, [*argv, "--out", str(kept), "--resume"], capsys)
+        resumed = train(train_mnist, [*argv, "--out", str(kept), "--resume"], capsys)
         assert resumed[0] == 0
         same_files(straight, kept)
 
