@@ -36,13 +36,18 @@ blk = lambda ic, oc: nn.Sequential(
 class DummyEpsModel(nn.Module):
     """A plain CNN noise predictor, just good enough for MNIST.
 
-    It ignores the timestep t: it has to guess the noise level from x_t alone.
+    It ignores the timestep t: it has to guess the noise level from x_t alone. With
+    `n_classes` (classifier-free guidance), each class and the null class (the
+    last) has a learned 28x28 map, given to the first block as one more channel.
     """
 
-    def __init__(self, n_channel: int) -> None:
+    def __init__(self, n_channel: int, n_classes: int | None = None) -> None:
         super().__init__()
+        if n_classes is not None:
+            self.classmap = nn.Embedding(n_classes + 1, 28 * 28)
+        extra = 0 if n_classes is None else 1
         self.conv = nn.Sequential(
-            blk(n_channel, 64),
+            blk(n_channel + extra, 64),
             blk(64, 128),
             blk(128, 256),
             blk(256, 512),
@@ -52,7 +57,12 @@ class DummyEpsModel(nn.Module):
             nn.Conv2d(64, n_channel, 3, padding=1),
         )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if c is not None:
+            # (B,) -> (B, 1, 28, 28): the class's map beside each image
+            x = torch.cat([x, self.classmap(c).view(-1, 1, 28, 28)], 1)
         return self.conv(x)
 
 

@@ -22,8 +22,10 @@ class DDIM(DDPM):
         eta: float = 0.0,
         n_steps: int | None = None,
         criterion: nn.Module = nn.MSELoss(),
+        n_classes: int | None = None,
+        p_uncond: float = 0.1,
     ) -> None:
-        super().__init__(eps_model, betas, n_T, criterion)
+        super().__init__(eps_model, betas, n_T, criterion, n_classes, p_uncond)
         n_steps = n_T if n_steps is None else n_steps
         if not 1 <= n_steps <= n_T:
             raise ValueError(f"n_steps must be between 1 and n_T = {n_T}: {n_steps}")
@@ -33,8 +35,17 @@ class DDIM(DDPM):
         self.n_steps = n_steps
 
     @torch.inference_mode()
-    def sample(self, n_sample: int, size, device) -> torch.Tensor:
-        """DDIM sampling (eq. 12): n_sample images of shape `size`, from x_T to x_0."""
+    def sample(
+        self,
+        n_sample: int,
+        size,
+        device,
+        c: torch.Tensor | None = None,
+        guide_w: float = 0.0,
+    ) -> torch.Tensor:
+        """DDIM sampling (eq. 12): n_sample images of shape `size`, from x_T to x_0;
+        with classes, of classes c guided with weight guide_w, as DDPM.sample."""
+        c = self.classes(n_sample, c, device)
         # tau: n_steps + 1 timesteps evenly spaced from n_T down to 0, the data
         tau = torch.linspace(self.n_T, 0, self.n_steps + 1).round().long().tolist()
         # x_T ~ N(0, I)
@@ -42,7 +53,7 @@ class DDIM(DDPM):
         for t, t_prev in zip(tau[:-1], tau[1:]):
             # the same timestep for every image, scaled to (0, 1] as in training
             t_scaled = torch.full((n_sample, 1), t / self.n_T, device=device)
-            eps = self.eps_model(x_t, t_scaled)
+            eps = self.guided_eps(x_t, t_scaled, c, guide_w)
             # a_t = \bar{\alpha}_t and a_{prev} at the next timestep; at t = 0, x is the
             # data and a is 1 (the schedules' entry 0 belongs to no noisy x_t)
             ab_t = self.alphabar_t[t]

@@ -53,7 +53,10 @@ class DDPM(nn.Module):
     """Wraps a noise predictor `eps_model(x_t, t / n_T)` with the n_T-step schedules.
 
     Calling the module returns the training loss (Algorithm 1); `sample` generates
-    images (Algorithm 2).
+    images (Algorithm 2). With `n_classes` = K, it is a class-conditional DDPM with
+    classifier-free guidance (Ho & Salimans 2021): the model is called as
+    `eps_model(x_t, t / n_T, c)` with c in 0..K-1, or K, the null class ("no class"),
+    which training puts in place of a label with probability `p_uncond`.
     """
 
     def __init__(
@@ -62,6 +65,8 @@ class DDPM(nn.Module):
         betas: tuple[float, float],
         n_T: int,
         criterion: nn.Module = nn.MSELoss(),
+        n_classes: int | None = None,
+        p_uncond: float = 0.1,
     ) -> None:
         super().__init__()
         self.eps_model = eps_model
@@ -73,9 +78,12 @@ class DDPM(nn.Module):
 
         self.n_T = n_T
         self.criterion = criterion
+        self.n_classes = n_classes
+        self.p_uncond = p_uncond
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Algorithm 1 (training): the noise-prediction loss for a batch of images."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """Algorithm 1 (training): the noise-prediction loss for a batch of images,
+        and with classes, of their labels c, shape (B,)."""
         # t ~ Uniform({1, ..., n_T}), one per image
         t = torch.randint(1, self.n_T + 1, (x.shape[0],), device=x.device)
         # \epsilon \sim N(0, I)
@@ -86,16 +94,59 @@ class DDPM(nn.Module):
             self.sqrtab[t, None, None, None] * x
             + self.sqrtmab[t, None, None, None] * eps
         )
-        # || \epsilon - \epsilon_\theta(x_t, t) ||^2, with t scaled to (0, 1]
-        return self.criterion(eps, self.eps_model(x_t, t / self.n_T))
+        if self.n_classes is None:
+            # || \epsilon - \epsilon_\theta(x_t, t) ||^2, with t scaled to (0, 1]
+            return self.criterion(eps, self.eps_model(x_t, t / self.n_T))
+        # each label becomes the null class with probability p_uncond, so that one
+        # model learns both \epsilon(x_t, c) and \epsilon(x_t, \varnothing)
+        dropped = torch.rand(c.shape, device=c.device) < self.p_uncond
+        c = torch.where(dropped, self.n_classes, c)
+        return self.criterion(eps, self.eps_model(x_t, t / self.n_T, c))
+
+    def guided_eps(
+        self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None, guide_w: float
+    ) -> torch.Tensor:
+        """The noise prediction the samplers use: the model's own, or with classes,
+        the classifier-free guided one (eq. 6 of Ho & Salimans 2021)."""
+        if self.n_classes is None:
+            return self.eps_model(x_t, t)
+        # the conditional and the null predictions in one doubled batch:
+        # (n, C, H, W) -> (2n, C, H, W)
+        null = torch.full_like(c, self.n_classes)
+        eps_c, eps_null = self.eps_model(
+            torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([c, null])
+        ).chunk(2)
+        # \tilde\epsilon = (1 + w) \epsilon(x_t, c) - w \epsilon(x_t, \varnothing):
+        # w = 0 is plain conditional sampling; the other convention in use,
+        # s \epsilon(x_t, c) + (1 - s) \epsilon(x_t, \varnothing), is s = 1 + w
+        return (1 + guide_w) * eps_c - guide_w * eps_null
+
+    def classes(self, n_sample: int, c: torch.Tensor | None, device) -> torch.Tensor:
+        """The classes to sample: c, or with none given, the null class for all."""
+        if self.n_classes is None:
+            if c is not None:
+                raise ValueError("c is for a DDPM with n_classes; this one has none")
+            return None
+        if c is None:
+            return torch.full((n_sample,), self.n_classes, device=device)
+        return c.to(device)
 
     # inference mode: no autograd bookkeeping at all, less even than no_grad keeps
     @torch.inference_mode()
-    def sample(self, n_sample: int, size, device) -> torch.Tensor:
-        """Algorithm 2 (sampling): n_sample images of shape `size`, from x_T to x_0.
+    def sample(
+        self,
+        n_sample: int,
+        size,
+        device,
+        c: torch.Tensor | None = None,
+        guide_w: float = 0.0,
+    ) -> torch.Tensor:
+        """Algorithm 2 (sampling): n_sample images of shape `size`, from x_T to x_0;
+        with classes, of classes c (None: unconditional) guided with weight guide_w.
 
         Every tensor is made on `device`: nothing is copied over from the CPU per step.
         """
+        c = self.classes(n_sample, c, device)
         # x_T ~ N(0, I)
         x_i = torch.randn(n_sample, *size, device=device)
         for i in range(self.n_T, 0, -1):
@@ -103,7 +154,7 @@ class DDPM(nn.Module):
             z = torch.randn(n_sample, *size, device=device) if i > 1 else 0
             # the same timestep for every image, as a (n_sample, 1) tensor
             t = torch.full((n_sample, 1), i / self.n_T, device=device)
-            eps = self.eps_model(x_i, t)
+            eps = self.guided_eps(x_i, t, c, guide_w)
             # x_{i-1} = (x_i - \beta_i/\sqrt{1-\bar{\alpha}_i} eps) / \sqrt{\alpha_i}
             #           + \sqrt{\beta_i} z,   eps = eps_model(x_i, i / n_T)
             x_i = (

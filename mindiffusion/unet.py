@@ -80,7 +80,13 @@ class TimeSiren(nn.Module):
 
 
 class NaiveUnet(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, n_feat: int = 256):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        n_feat: int = 256,
+        n_classes: int | None = None,
+    ):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -95,6 +101,10 @@ class NaiveUnet(nn.Module):
         self.to_vec = nn.Sequential(nn.AvgPool2d(4), nn.ReLU())
 
         self.timeembed = TimeSiren(2 * n_feat)
+        if n_classes is not None:
+            # classifier-free guidance: a vector for each class and one for the null
+            # class (the last), joined to the time embedding
+            self.classembed = nn.Embedding(n_classes + 1, 2 * n_feat)
 
         self.up0 = nn.Sequential(
             nn.ConvTranspose2d(2 * n_feat, 2 * n_feat, 4, 4),
@@ -107,7 +117,9 @@ class NaiveUnet(nn.Module):
         self.up3 = UnetUp(2 * n_feat, n_feat)
         self.out = nn.Conv2d(2 * n_feat, self.out_channels, 3, 1, 1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # three halvings and the 4x4 average pool divide each side by 32; any other
         # size fails deep inside with a shape error, so say it here
         height, width = x.shape[-2:]
@@ -128,6 +140,9 @@ class NaiveUnet(nn.Module):
         thro = self.to_vec(down3)
         # (B, 2n_feat) -> (B, 2n_feat, 1, 1), to broadcast over every pixel
         temb = self.timeembed(t).view(-1, self.n_feat * 2, 1, 1)
+        if c is not None:
+            # with classes, temb carries the class too, everywhere the notes add it
+            temb = temb + self.classembed(c).view(-1, self.n_feat * 2, 1, 1)
 
         # back to (B, 2n_feat, H/8, W/8)
         thro = self.up0(thro + temb)
