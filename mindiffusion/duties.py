@@ -99,8 +99,9 @@ class StepDuties:
         # without --grad-clip the bound is infinite: the gradients are multiplied by
         # exactly 1, and only their total norm is read
         norm = torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip or math.inf)
-        self.checkpoint.record.add(loss.item(), self.global_batch)
-        finite = math.isfinite(norm.item())
+        loss_value, norm_value = loss.item(), norm.item()
+        self.checkpoint.record.add(loss_value, self.global_batch)
+        finite = math.isfinite(norm_value)
         self.overflows = 0 if finite else self.overflows + 1
         overflow = scaler.is_enabled() and not finite
         if overflow and self.overflows < MAX_OVERFLOWS:
@@ -108,10 +109,10 @@ class StepDuties:
             # skipped, for the optimizer leaves alone what has no gradient
             for p in parameters:
                 p.grad = None
-        elif not (math.isfinite(loss.item()) and finite):
+        elif not (math.isfinite(loss_value) and finite):
             raise cli.UserError(
                 f"training diverged at epoch {epoch}, step {self.batches + 1}: the "
-                f"loss is {loss.item()} and the gradient norm {norm.item()}"
+                f"loss is {loss_value} and the gradient norm {norm_value}"
                 + (f" for {self.overflows} float16 steps in a row" if overflow else "")
                 + ", so the weights were not updated and the last checkpoint is "
                 "kept; try a lower --lr or --grad-clip 1.0, then --resume"
