@@ -16,7 +16,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import Dataset, DistributedSampler
 
 from mindiffusion import cli
-from mindiffusion.cli import UserError, say, shared_seed
+from mindiffusion.cli import UserError, say
 from mindiffusion.record import Record
 
 # the recipe's entries that a flag sets, for the sentence that refuses a resume
@@ -73,7 +73,7 @@ class Checkpoint:
         device = next(self.ddpm.parameters()).device
         on_cuda = device.type == "cuda"
         rng_cpu = cli.gather(torch.get_rng_state())
-        rng_cuda = cli.gather(torch.cuda.get_rng_state(device) if on_cuda else None)
+        rng_cuda = cli.gather(torch.cuda.get_rng_state(device)) if on_cuda else []
         if cli.process_rank() > 0:
             return
         if batches == 0:
@@ -85,7 +85,7 @@ class Checkpoint:
             "batches": batches,
             "data_seed": self.data_seed,
             "rng_cpu": rng_cpu,
-            "rng_cuda": rng_cuda if on_cuda else [],
+            "rng_cuda": rng_cuda,
             "recipe": self.recipe,
             "ema": None if self.ema is None else self.ema.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -135,7 +135,7 @@ class Checkpoint:
                         f"{taken} already exists: continue it with --resume, "
                         f"or choose another --out"
                     )
-            self.data_seed = shared_seed(seed)
+            self.data_seed = cli.shared_seed(seed)
             return Start(epoch=0, batches=0, data_seed=self.data_seed)
         try:
             state = load_checkpoint(path)

@@ -134,12 +134,12 @@ class StepDuties:
             dist.all_reduce(signum, dist.ReduceOp.MAX, group=cli.patient_group)
         if not signum:
             return
-        where = f"epoch {self.epoch}, step {self.batches}"
         if epoch_done:
             where = f"the end of epoch {self.epoch}, before its grid"
-        self.checkpoint.save(*(
-            (self.epoch + 1, 0) if epoch_done else (self.epoch, self.batches)
-        ))
+            self.checkpoint.save(self.epoch + 1)
+        else:
+            where = f"epoch {self.epoch}, step {self.batches}"
+            self.checkpoint.save(self.epoch, self.batches)
         name = signal.Signals(int(signum)).name
         raise Stopped(
             int(signum),
