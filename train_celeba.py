@@ -8,7 +8,9 @@
 DIR is read by torchvision's ImageFolder, so the images sit one folder down:
 DIR/<subfolder>/*.jpg (for CelebA, DIR/img_align_celeba/*.jpg).
 Each epoch writes OUT/ddpm_sample_celeba{epoch:03d}.png, 8 samples above 8 real
-faces, and the checkpoint OUT/ddpm_celeba.pth (OUT is --out, by default contents/).
+faces (with --cond, a row of 4 samples for each of the first ten subfolders, in
+sorted order, above them), and the checkpoint OUT/ddpm_celeba.pth (OUT is --out, by
+default contents/). With --cond, each subfolder of DIR is a class.
 """
 import os
 
@@ -20,7 +22,7 @@ from torchvision.datasets import FakeData, ImageFolder
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from mindiffusion import checkpoints, cli, progress
+from mindiffusion import checkpoints, cli, conditioning, progress
 from mindiffusion.ddpm import DDPM
 from mindiffusion.duties import StepDuties
 from mindiffusion.unet import NaiveUnet
@@ -48,6 +50,9 @@ def train_celeba(
     save_every: int | None = 1000,
     grad_clip: float | None = None,
     grid_every: int = 1,
+    cond: bool = False,
+    p_uncond: float = 0.1,
+    guide_w: float = 2.0,
 ) -> DDPM:
     # under torchrun, one process per device; a plain run is rank 0 of 1
     device, rank, world_size = cli.init_processes(device)
@@ -60,7 +65,30 @@ def train_celeba(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    ddpm = DDPM(eps_model=NaiveUnet(3, 3, n_feat=128), betas=(1e-4, 0.02), n_T=n_T)
+    # NaiveUnet needs sides that are multiples of 32; [0, 1] -> [-1, 1]
+    tf = transforms.Compose(
+        [
+            transforms.Resize((128, 128)),
+            transforms.ToTensor(),
+            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ]
+    )
+    if fake_data:
+        # the shape of CelebA's aligned faces, 178 wide and 218 high
+        dataset = FakeData(fake_data, image_size=(3, 218, 178), transform=tf)
+    else:
+        with cli.explain_image_folder(data_root):
+            dataset = ImageFolder(root=data_root, transform=tf)
+    # --cond: each subfolder of the image folder is a class
+    classes = conditioning.class_names(dataset) if cond else None
+    n_classes = len(classes) if cond else None
+    ddpm = DDPM(
+        eps_model=NaiveUnet(3, 3, n_feat=128, n_classes=n_classes),
+        betas=(1e-4, 0.02),
+        n_T=n_T,
+        n_classes=n_classes,
+        p_uncond=p_uncond,
+    )
     ddpm.to(device, memory_format=memory_format)
     # --ema: a copy whose weights follow an exponential moving average of ddpm's,
     # e <- ema * e + (1 - ema) * w after each step; BatchNorm statistics included
@@ -82,6 +110,10 @@ def train_celeba(
         n_T=n_T,
         image_size=(3, 128, 128),
         normalize=((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        # --cond: the classes, by label, and how often training hides the label
+        n_classes=n_classes,
+        classes=classes,
+        p_uncond=p_uncond if cond else None,
     )
 
     cli.output_folder(out)
@@ -92,20 +124,6 @@ def train_celeba(
     # in backward; a plain run trains ddpm itself
     parallel_ddpm = cli.distribute(ddpm, device)
 
-    # NaiveUnet needs sides that are multiples of 32; [0, 1] -> [-1, 1]
-    tf = transforms.Compose(
-        [
-            transforms.Resize((128, 128)),
-            transforms.ToTensor(),
-            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-        ]
-    )
-    if fake_data:
-        # the shape of CelebA's aligned faces, 178 wide and 218 high
-        dataset = FakeData(fake_data, image_size=(3, 218, 178), transform=tf)
-    else:
-        with cli.explain_image_folder(data_root):
-            dataset = ImageFolder(root=data_root, transform=tf)
     # --batch-size is the global batch, shared out among the ranks
     rank_batch = cli.split_batch(batch_size, world_size)
     # each epoch's shuffle depends on the run's seed and the epoch alone, so --resume
@@ -137,11 +155,13 @@ def train_celeba(
 
         pbar = tqdm(dataloader, disable=rank > 0)
         loss_ema = None
-        for x, _ in pbar:
+        for x, c in pbar:
             optim.zero_grad()
             x = x.to(device, memory_format=memory_format, non_blocking=True)
+            # the labels, with --cond; the notes' unconditional DDPM takes none
+            c = c.to(device, non_blocking=True) if cond else None
             with torch.autocast(device.type, amp_dtype, enabled=bool(amp_dtype)):
-                loss = parallel_ddpm(x)
+                loss = parallel_ddpm(x, c)
             loss.backward()
             # a running average, only to make the progress bar's loss readable
             if loss_ema is None:
@@ -163,7 +183,10 @@ def train_celeba(
             sampling_ddpm = ddpm if ema_ddpm is None else ema_ddpm.module.eval()
             # a bar over the timesteps: a 1000-step grid takes minutes, on a CPU hours
             with torch.no_grad(), progress.timesteps(sampling_ddpm, "grid"):
-                xh = sampling_ddpm.sample(8, (3, 128, 128), device)
+                # --cond: 4 of each class, a row each, guided with weight --guide-w
+                c = conditioning.grid_classes(n_classes, 4, device) if cond else None
+                n_sample = 8 if c is None else len(c)
+                xh = sampling_ddpm.sample(n_sample, (3, 128, 128), device, c, guide_w)
                 # CelebA's 202,599 faces leave a last batch of 7: real_images tops it up
                 xset = torch.cat([xh, cli.real_images(x, dataset, 8)], dim=0)
                 # value_range undoes the Normalize above: [-1, 1] -> [0, 1]

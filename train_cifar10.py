@@ -2,9 +2,11 @@
 
     python train_cifar10.py                                  # the notes' run, on cuda:1
     python train_cifar10.py --fake-data 64 --epochs 1 --n-T 10   # a quick smoke run
+    python train_cifar10.py --cond --guide-w 3               # choose the class
     torchrun --nproc_per_node=4 train_cifar10.py             # the same run on 4 GPUs
 
-Each epoch writes OUT/ddpm_sample_cifar{epoch}.png, 8 samples above 8 real images,
+Each epoch writes OUT/ddpm_sample_cifar{epoch}.png, 8 samples above 8 real images
+(with --cond, a row of 4 samples for each class, airplane to truck, above them),
 and the checkpoint OUT/ddpm_cifar.pth (OUT is --out, by default contents/).
 """
 import os
@@ -17,7 +19,7 @@ from torchvision.datasets import CIFAR10, FakeData
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from mindiffusion import checkpoints, cli, progress
+from mindiffusion import checkpoints, cli, conditioning, progress
 from mindiffusion.ddpm import DDPM
 from mindiffusion.duties import StepDuties
 from mindiffusion.unet import NaiveUnet
@@ -42,6 +44,9 @@ def train_cifar10(
     save_every: int | None = 1000,
     grad_clip: float | None = None,
     grid_every: int = 1,
+    cond: bool = False,
+    p_uncond: float = 0.1,
+    guide_w: float = 2.0,
 ) -> DDPM:
     # under torchrun, one process per device; a plain run is rank 0 of 1
     device, rank, world_size = cli.init_processes(device)
@@ -54,7 +59,25 @@ def train_cifar10(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    ddpm = DDPM(eps_model=NaiveUnet(3, 3, n_feat=128), betas=(1e-4, 0.02), n_T=n_T)
+    # [0, 1] -> [-1, 1]
+    tf = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
+    )
+    if fake_data:
+        dataset = FakeData(fake_data, image_size=(3, 32, 32), transform=tf)
+    else:
+        with cli.explain_missing_dataset("CIFAR-10", data_root):
+            dataset = CIFAR10(data_root, train=True, download=True, transform=tf)
+    # --cond: the ten classes' labels, airplane to truck
+    classes = conditioning.class_names(dataset) if cond else None
+    n_classes = len(classes) if cond else None
+    ddpm = DDPM(
+        eps_model=NaiveUnet(3, 3, n_feat=128, n_classes=n_classes),
+        betas=(1e-4, 0.02),
+        n_T=n_T,
+        n_classes=n_classes,
+        p_uncond=p_uncond,
+    )
     ddpm.to(device, memory_format=memory_format)
     # --ema: a copy whose weights follow an exponential moving average of ddpm's,
     # e <- ema * e + (1 - ema) * w after each step; BatchNorm statistics included
@@ -76,6 +99,10 @@ def train_cifar10(
         n_T=n_T,
         image_size=(3, 32, 32),
         normalize=((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        # --cond: the classes, by label, and how often training hides the label
+        n_classes=n_classes,
+        classes=classes,
+        p_uncond=p_uncond if cond else None,
     )
 
     cli.output_folder(out)
@@ -86,15 +113,6 @@ def train_cifar10(
     # in backward; a plain run trains ddpm itself
     parallel_ddpm = cli.distribute(ddpm, device)
 
-    # [0, 1] -> [-1, 1]
-    tf = transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
-    )
-    if fake_data:
-        dataset = FakeData(fake_data, image_size=(3, 32, 32), transform=tf)
-    else:
-        with cli.explain_missing_dataset("CIFAR-10", data_root):
-            dataset = CIFAR10(data_root, train=True, download=True, transform=tf)
     # --batch-size is the global batch, shared out among the ranks
     rank_batch = cli.split_batch(batch_size, world_size)
     # each epoch's shuffle depends on the run's seed and the epoch alone, so --resume
@@ -126,11 +144,13 @@ def train_cifar10(
 
         pbar = tqdm(dataloader, disable=rank > 0)
         loss_ema = None
-        for x, _ in pbar:
+        for x, c in pbar:
             optim.zero_grad()
             x = x.to(device, memory_format=memory_format, non_blocking=True)
+            # the labels, with --cond; the notes' unconditional DDPM takes none
+            c = c.to(device, non_blocking=True) if cond else None
             with torch.autocast(device.type, amp_dtype, enabled=bool(amp_dtype)):
-                loss = parallel_ddpm(x)
+                loss = parallel_ddpm(x, c)
             loss.backward()
             # a running average, only to make the progress bar's loss readable
             if loss_ema is None:
@@ -152,7 +172,10 @@ def train_cifar10(
             sampling_ddpm = ddpm if ema_ddpm is None else ema_ddpm.module.eval()
             # a bar over the timesteps: a 1000-step grid takes minutes, on a CPU hours
             with torch.no_grad(), progress.timesteps(sampling_ddpm, "grid"):
-                xh = sampling_ddpm.sample(8, (3, 32, 32), device)
+                # --cond: 4 of each class, a row each, guided with weight --guide-w
+                c = conditioning.grid_classes(n_classes, 4, device) if cond else None
+                n_sample = 8 if c is None else len(c)
+                xh = sampling_ddpm.sample(n_sample, (3, 32, 32), device, c, guide_w)
                 xset = torch.cat([xh, cli.real_images(x, dataset, 8)], dim=0)
                 # value_range undoes the Normalize above: [-1, 1] -> [0, 1]
                 grid = make_grid(xset, normalize=True, value_range=(-1, 1), nrow=4)

@@ -2,11 +2,13 @@
 
     python train_mnist.py                                  # the notes' run, on cuda:0
     python train_mnist.py --laptop --epochs 4              # a small UNet, on a CPU
+    python train_mnist.py --cond                           # choose the digit to draw
     python train_mnist.py --fake-data 64 --epochs 1 --n-T 10   # a quick smoke run
     torchrun --nproc_per_node=4 train_mnist.py             # the same run on 4 GPUs
 
-Each epoch writes a 4x4 grid of samples, OUT/ddpm_sample_{epoch}.png, and the
-checkpoint OUT/ddpm_mnist.pth (OUT is --out, by default contents/).
+Each epoch writes a 4x4 grid of samples, OUT/ddpm_sample_{epoch}.png (with --cond,
+a row of 4 for each digit, 0 to 9), and the checkpoint OUT/ddpm_mnist.pth (OUT is
+--out, by default contents/).
 """
 import os
 
@@ -19,7 +21,7 @@ from torchvision.datasets import MNIST, FakeData
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from mindiffusion import checkpoints, cli, progress
+from mindiffusion import checkpoints, cli, conditioning, progress
 from mindiffusion.ddpm import DDPM
 from mindiffusion.duties import StepDuties
 from mindiffusion.unet import NaiveUnet
@@ -87,6 +89,9 @@ def train_mnist(
     grid_every: int = 1,
     eps_model: str = "dummy",
     n_feat: int | None = None,
+    cond: bool = False,
+    p_uncond: float = 0.1,
+    guide_w: float = 2.0,
 ) -> DDPM:
     # under torchrun, one process per device; a plain run is rank 0 of 1
     device, rank, world_size = cli.init_processes(device)
@@ -110,8 +115,29 @@ def train_mnist(
             f"--n-feat {n_feat}: NaiveUnet's GroupNorm(8, ...) needs a multiple of 8"
         )
     side = 32 if unet else 28
-    model = NaiveUnet(1, 1, n_feat) if unet else DummyEpsModel(1)
-    ddpm = DDPM(eps_model=model, betas=(1e-4, 0.02), n_T=n_T)
+    # [0, 1] -> [-0.5, 0.5]: centred, but not scaled to [-1, 1]
+    tf = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((0.5,), (1.0,))]
+    )
+    if unet:
+        # 28x28 -> 32x32, with black borders
+        tf.transforms.insert(0, transforms.Pad(2))
+    if fake_data:
+        dataset = FakeData(fake_data, image_size=(1, 28, 28), transform=tf)
+    else:
+        with cli.explain_missing_dataset("MNIST", data_root):
+            dataset = MNIST(data_root, train=True, download=True, transform=tf)
+    # --cond: the digits' labels become classes the model is told, 0 to 9
+    classes = conditioning.class_names(dataset) if cond else None
+    n_classes = len(classes) if cond else None
+    model = NaiveUnet(1, 1, n_feat, n_classes) if unet else DummyEpsModel(1, n_classes)
+    ddpm = DDPM(
+        eps_model=model,
+        betas=(1e-4, 0.02),
+        n_T=n_T,
+        n_classes=n_classes,
+        p_uncond=p_uncond,
+    )
     ddpm.to(device, memory_format=memory_format)
     # --ema: a copy whose weights follow an exponential moving average of ddpm's,
     # e <- ema * e + (1 - ema) * w after each step; BatchNorm statistics included
@@ -133,6 +159,10 @@ def train_mnist(
         n_T=n_T,
         image_size=(1, side, side),
         normalize=((0.5,), (1.0,)),
+        # --cond: the classes, by label, and how often training hides the label
+        n_classes=n_classes,
+        classes=classes,
+        p_uncond=p_uncond if cond else None,
     )
 
     cli.output_folder(out)
@@ -143,18 +173,6 @@ def train_mnist(
     # in backward; a plain run trains ddpm itself
     parallel_ddpm = cli.distribute(ddpm, device)
 
-    # [0, 1] -> [-0.5, 0.5]: centred, but not scaled to [-1, 1]
-    tf = transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize((0.5,), (1.0,))]
-    )
-    if unet:
-        # 28x28 -> 32x32, with black borders
-        tf.transforms.insert(0, transforms.Pad(2))
-    if fake_data:
-        dataset = FakeData(fake_data, image_size=(1, 28, 28), transform=tf)
-    else:
-        with cli.explain_missing_dataset("MNIST", data_root):
-            dataset = MNIST(data_root, train=True, download=True, transform=tf)
     # --batch-size is the global batch, shared out among the ranks
     rank_batch = cli.split_batch(batch_size, world_size)
     # each epoch's shuffle depends on the run's seed and the epoch alone, so --resume
@@ -186,11 +204,13 @@ def train_mnist(
 
         pbar = tqdm(dataloader, disable=rank > 0)
         loss_ema = None
-        for x, _ in pbar:
+        for x, c in pbar:
             optim.zero_grad()
             x = x.to(device, memory_format=memory_format, non_blocking=True)
+            # the labels, with --cond; the notes' unconditional DDPM takes none
+            c = c.to(device, non_blocking=True) if cond else None
             with torch.autocast(device.type, amp_dtype, enabled=bool(amp_dtype)):
-                loss = parallel_ddpm(x)
+                loss = parallel_ddpm(x, c)
             loss.backward()
             # a running average, only to make the progress bar's loss readable
             if loss_ema is None:
@@ -212,7 +232,10 @@ def train_mnist(
             sampling_ddpm = ddpm if ema_ddpm is None else ema_ddpm.module.eval()
             # a bar over the timesteps: a 1000-step grid takes minutes, on a CPU hours
             with torch.no_grad(), progress.timesteps(sampling_ddpm, "grid"):
-                xh = sampling_ddpm.sample(16, (1, side, side), device)
+                # --cond: 4 of each class, a row each, guided with weight --guide-w
+                c = conditioning.grid_classes(n_classes, 4, device) if cond else None
+                n_sample = 16 if c is None else len(c)
+                xh = sampling_ddpm.sample(n_sample, (1, side, side), device, c, guide_w)
                 # undo the Normalize above: [-0.5, 0.5] -> [0, 1]
                 grid = make_grid(xh, normalize=True, value_range=(-0.5, 0.5), nrow=4)
                 save_image(grid, os.path.join(out, f"ddpm_sample_{i}.png"))

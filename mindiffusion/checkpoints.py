@@ -25,6 +25,9 @@ RECIPE_FLAGS = {
     "betas": "the betas",
     "eps_model": "the model",
     "eps_model_args": "the model's arguments",
+    "n_classes": "--cond's class count",
+    "classes": "the classes",
+    "p_uncond": "--p-uncond",
 }
 
 
@@ -210,6 +213,14 @@ def as_lists(value):
 def check_recipe(path: str, saved: dict, recipe: dict) -> None:
     """Refuse, in one sentence that names them, settings that differ from the run
     the checkpoint at `path` comes from: they cannot change halfway."""
+    # a model with classes and one without differ in their very weights
+    with_cond = saved.get("n_classes") is not None
+    if with_cond != (recipe.get("n_classes") is not None):
+        trained = "with --cond" if with_cond else "without --cond"
+        raise UserError(
+            f"--resume: {path} was trained {trained}: resume {trained}, or choose "
+            f"another --out"
+        )
     differences = [
         f"{RECIPE_FLAGS.get(key, key)} {saved[key]} (this run: {recipe[key]})"
         for key in recipe

@@ -272,11 +272,21 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return integer
 
 
-def decay(text: str) -> float:
+def fraction(text: str) -> float:
     """An argparse type: a float strictly between 0 and 1."""
     value = float(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def guidance_weight(text: str) -> float:
+    """An argparse type: a guidance weight w, from 0 (no guidance) up."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(
+            f"must be at least 0, plain conditional sampling, got {value}"
+        )
     return value
 
 
@@ -299,6 +309,10 @@ def main(
     Each preset, NAME: (what it is for, settings), is a flag --NAME that sets those
     settings as the defaults, so that flags given as well win over it.
     """
+    defaults = {
+        name: param.default
+        for name, param in inspect.signature(train).parameters.items()
+    }
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -337,7 +351,7 @@ def main(
         "(default: off)")
     add("--channels-last", action="store_true",
         help="model and batches in channels_last memory format (default: off)")
-    add("--ema", type=decay, metavar="DECAY",
+    add("--ema", type=fraction, metavar="DECAY",
         help="also keep an exponential moving average of the weights, such as "
         "0.999, in the checkpoint, and draw the grids from it (default: off)")
     add("--compile", action="store_true",
@@ -354,16 +368,23 @@ def main(
     add("--grid-every", type=at_least(1), metavar="N",
         help="draw the grid after epochs N, 2N, ... and after the last one; the "
         "checkpoint is still saved every epoch (default: %(default)s)")
+    add("--cond", action="store_true",
+        help="train class-conditionally, with classifier-free guidance: on the "
+        "dataset's labels (an image folder's subfolders) (default: off)")
+    add("--p-uncond", type=fraction, metavar="P",
+        help="with --cond, how often a label is replaced by the null class "
+        f"(default: {defaults['p_uncond']})")
+    add("--guide-w", type=guidance_weight, metavar="W",
+        help="with --cond, the guidance weight of the grids: (1 + W) eps(x, c) - W "
+        f"eps(x, null); 0 is plain conditional sampling (default: "
+        f"{defaults['guide_w']})")
     if "eps_model" in inspect.signature(train).parameters:
         add("--eps-model", choices=("dummy", "unet"),
             help="dummy: the notes' DummyEpsModel; unet: their NaiveUnet, on images "
             "padded to 32x32 (default: %(default)s)")
         add("--n-feat", type=at_least(8), metavar="N",
             help="NaiveUnet's width, a multiple of 8 (default: 128)")
-    parser.set_defaults(**{
-        name: param.default
-        for name, param in inspect.signature(train).parameters.items()
-    })
+    parser.set_defaults(**defaults)
     words = sys.argv[1:] if argv is None else argv
     for name, (purpose, settings) in (presets or {}).items():
         flags = " ".join(
@@ -373,9 +394,16 @@ def main(
             help=f"{purpose}: {flags}; flags given as well win over these")
         if f"--{name}" in words:
             parser.set_defaults(**settings)
+    # None until given, so that --p-uncond or --guide-w without --cond is caught
+    parser.set_defaults(p_uncond=None, guide_w=None)
     args = parser.parse_args(argv)
     for name in presets or {}:
         delattr(args, name)
+    if not args.cond and (args.p_uncond, args.guide_w) != (None, None):
+        parser.error("--p-uncond and --guide-w are --cond's: add --cond, or drop them")
+    for name in ("p_uncond", "guide_w"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
     # imported here: duties itself builds on this module
     from mindiffusion.duties import Stopped, stop_on_signals
 

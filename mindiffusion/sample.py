@@ -3,10 +3,14 @@
     python -m mindiffusion.sample contents/ddpm_cifar.pth                 # n_T steps
     python -m mindiffusion.sample contents/ddpm_cifar.pth --sampler ddim  # 50 steps
     python -m mindiffusion.sample contents/ddpm_mnist.pth --progress 8    # watch it
+    python -m mindiffusion.sample contents/ddpm_mnist.pth --class 3 --class 7
 
 Run it from the repository's root. The checkpoint's recipe rebuilds its model, and
 its averaged weights are used when it was trained with --ema. The grid is written
 beside the checkpoint, under a name no earlier file has, unless --out says where.
+From a checkpoint trained with --cond, --class draws the classes it names, a row of
+--n images each, with classifier-free guidance; without --class it draws from the
+null class, unconditionally.
 """
 import argparse
 import itertools
@@ -18,7 +22,7 @@ from PIL import Image
 from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import make_grid, save_image
 
-from mindiffusion import checkpoints, cli, progress
+from mindiffusion import checkpoints, cli, conditioning, progress
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
 from mindiffusion.unet import NaiveUnet
@@ -26,6 +30,8 @@ from train_mnist import DummyEpsModel
 
 # the noise models a recipe may name
 EPS_MODELS = {"NaiveUnet": NaiveUnet, "DummyEpsModel": DummyEpsModel}
+# the guidance weight w, as in the training scripts' grids
+GUIDE_W = 2.0
 
 
 def load_ddpm(
@@ -40,15 +46,18 @@ def load_ddpm(
             f"{path} has no recipe for its model: it was saved before checkpoints "
             f"kept one, or by another program"
         )
-    eps_model = EPS_MODELS[recipe["eps_model"]](*recipe["eps_model_args"])
+    # checkpoints from before --cond have no n_classes: they are unconditional
+    n_classes = recipe.get("n_classes")
+    eps_model_class = EPS_MODELS[recipe["eps_model"]]
+    eps_model = eps_model_class(*recipe["eps_model_args"], n_classes=n_classes)
     betas, n_T = recipe["betas"], recipe["n_T"]
     if sampler == "ddim":
         steps = min(50, n_T) if steps is None else steps
         if steps > n_T:
             raise cli.UserError(f"--steps {steps} is more than the model's n_T = {n_T}")
-        ddpm = DDIM(eps_model, betas, n_T, eta=eta, n_steps=steps)
+        ddpm = DDIM(eps_model, betas, n_T, eta=eta, n_steps=steps, n_classes=n_classes)
     else:
-        ddpm = DDPM(eps_model, betas, n_T)
+        ddpm = DDPM(eps_model, betas, n_T, n_classes=n_classes)
 
     averaged = use_ema and state.get("ema") is not None
     if use_ema and not averaged:
@@ -66,6 +75,20 @@ def load_ddpm(
             f"{path} does not fit its recipe ({str(err).splitlines()[0]})"
         ) from None
     return ddpm, recipe
+
+
+def classes_wanted(args: argparse.Namespace, recipe: dict) -> list[int] | None:
+    """The labels --class asks for, or None: unconditional."""
+    if args.classes is None and args.guide_w is not None:
+        raise cli.UserError("--guide-w guides towards a class: add --class")
+    if args.classes is None:
+        return None
+    if recipe.get("n_classes") is None:
+        raise cli.UserError(
+            f"--class: {args.checkpoint} was trained without --cond, so it has no "
+            f"classes to choose from"
+        )
+    return conditioning.parse_classes(args.classes, recipe["classes"])
 
 
 def denormalize(x: torch.Tensor, normalize) -> torch.Tensor:
@@ -106,8 +129,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     add = parser.add_argument
     add("checkpoint", help="a .pth file written by one of the training scripts")
-    add("--n", type=cli.at_least(1), default=16,
-        help="number of images (default: %(default)s)")
+    add("--n", type=cli.at_least(1),
+        help="number of images (default: 16), or with --class, of each class "
+        "(default: 8)")
+    add("--class", dest="classes", action="append", metavar="K",
+        help="from a checkpoint trained with --cond: draw class K, by number or "
+        "name, a row of --n images; repeat it for more rows, or give all "
+        "(default: unconditional)")
+    add("--guide-w", type=cli.guidance_weight, metavar="W",
+        help="with --class, the guidance weight: (1 + W) eps(x, c) - W eps(x, null); "
+        f"0 is plain conditional sampling (default: {GUIDE_W})")
     add("--sampler", choices=("ddpm", "ddim"), default="ddpm",
         help="ddpm walks all n_T steps; ddim walks --steps of them "
         "(default: %(default)s)")
@@ -143,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         ddpm, recipe = load_ddpm(
             args.checkpoint, args.sampler, args.steps, args.eta, args.use_ema
         )
+        labels = classes_wanted(args, recipe)
         stem = os.path.splitext(args.checkpoint)[0]
         out = args.out or free_path(f"{stem}_{args.sampler}.png")
         check_out(out)
@@ -157,6 +189,15 @@ def main(argv: list[str] | None = None) -> None:
     ddpm.to(device).eval()
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    guide_w = GUIDE_W if args.guide_w is None else args.guide_w
+    if labels is None:
+        n = args.n or 16
+        c, nrow = None, math.ceil(math.sqrt(n))
+    else:
+        nrow = args.n or 8
+        # (rows,) -> (rows * nrow,): a row of nrow images for each class
+        c = torch.tensor(labels, device=device).repeat_interleave(nrow)
+        n = len(c)
 
     snapshots = []
     if args.progress:
@@ -166,14 +207,16 @@ def main(argv: list[str] | None = None) -> None:
 
         def keep_snapshot(module, inputs):
             if next(calls) in keep:
-                snapshots.append(inputs[0].clone())
+                # with --class, the model sees x_t twice, for eps(x_t, c) and
+                # eps(x_t, null): the first n are the images
+                snapshots.append(inputs[0][:n].clone())
 
         ddpm.eps_model.register_forward_pre_hook(keep_snapshot)
 
     with progress.timesteps(ddpm, "sampling"):
-        x = ddpm.sample(args.n, recipe["image_size"], device)
+        x = ddpm.sample(n, recipe["image_size"], device, c, guide_w)
     images = denormalize(x, recipe["normalize"])
-    save_image(make_grid(images, nrow=math.ceil(math.sqrt(args.n))), out)
+    save_image(make_grid(images, nrow=nrow), out)
     print(f"wrote {out}")
 
     if args.progress:

@@ -40,12 +40,12 @@ def cheap_ddpm(patch, on_forward=None, on_sample=None, moving=False):
     on_sample(ddpm, size) see each call.
     """
 
-    def forward(self, x):
+    def forward(self, x, c=None):
         if on_forward is not None:
             on_forward(self, x)
         return sum(p.sum() for p in self.parameters()) * float(moving)
 
-    def sample(self, n_sample, size, device):
+    def sample(self, n_sample, size, device, c=None, guide_w=0.0):
         if on_sample is not None:
             on_sample(self, size)
         return torch.zeros(n_sample, *size, device=device)
@@ -75,7 +75,7 @@ def stand_in(monkeypatch):
     """
     plan = {"signal": (0, 0)}
 
-    def forward(self, x):
+    def forward(self, x, c=None):
         k, signum = plan["signal"]
         plan["signal"] = (k - 1, signum)
         if k == 1:
@@ -83,7 +83,7 @@ def stand_in(monkeypatch):
         weights = sum(p.sum() for p in self.parameters())
         return (x.mean() + torch.rand(())) * weights * 1e-3
 
-    def sample(self, n_sample, size, device):
+    def sample(self, n_sample, size, device, c=None, guide_w=0.0):
         return torch.randn(n_sample, *size)
 
     monkeypatch.setattr(DDPM, "forward", forward)

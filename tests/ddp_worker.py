@@ -35,13 +35,13 @@ def main() -> None:
     forward = DDPM.forward
     sigterm_at = os.environ.get("SIGTERM_AT")
 
-    def recording_forward(self, x):
+    def recording_forward(self, x, c=None):
         if not first_rng:
             first_rng.append(torch.get_rng_state())
         batch_sizes.append(len(x))
         if sigterm_at and len(batch_sizes) == int(sigterm_at.split(",")[rank]):
             signal.raise_signal(signal.SIGTERM)
-        return forward(self, x)
+        return forward(self, x, c)
 
     DDPM.forward = recording_forward
     if "PG_TIMEOUT" in os.environ:
@@ -52,7 +52,7 @@ def main() -> None:
     if "SLOW_GRID" in os.environ:
         grids = []
 
-        def slow_sample(self, n_sample, size, device):
+        def slow_sample(self, n_sample, size, device, c=None, guide_w=0.0):
             if not grids:
                 time.sleep(float(os.environ["SLOW_GRID"]))
             grids.append(size)

@@ -359,7 +359,7 @@ def test_ctrl_c_stops_with_one_line_and_keeps_the_checkpoint(
     shutil.copytree(one_epoch, out)
     before = (out / "ddpm_cifar.pth").read_bytes()
 
-    def interrupted(self, x):
+    def interrupted(self, x, c):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(DDPM, "forward", interrupted)

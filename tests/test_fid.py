@@ -11,7 +11,9 @@ from PIL import Image
 from torchvision.utils import save_image
 
 from mindiffusion import cli, fid
+from mindiffusion.ddim import DDIM
 from train_cifar10 import train_cifar10
+from train_mnist import train_mnist
 
 
 def test_diagonal_covariances_give_the_closed_form():
@@ -156,4 +158,46 @@ def test_offline_without_weights_is_one_sentence(tmp_path, monkeypatch, no_netwo
     assert message.endswith(
         f"fetch {fid.INCEPTION_URL} on a machine with a network and give it with "
         f"--inception-weights PATH"
+    )
+
+
+def test_a_conditional_checkpoint_draws_its_classes_in_equal_numbers(
+    stand_in, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "mnist"
+    train_mnist(n_epoch=1, device="cpu", batch_size=2, n_T=2, fake_data=2, out=str(out),
+                num_workers=0, eps_model="unet", n_feat=8, cond=True)
+    drawn = []
+    sample = DDIM.sample
+
+    def recording_sample(self, n_sample, size, device, c=None, guide_w=0.0):
+        drawn.append((c.tolist(), guide_w))
+        return sample(self, n_sample, size, device, c, guide_w)
+
+    monkeypatch.setattr(DDIM, "sample", recording_sample)
+    printed = fid_command(
+        str(out / "ddpm_mnist.pth"), tmp_path, "--fake-data", "4", "--guide-w", "1.5",
+        "--n", "20", "--batch-size", "8", capsys=capsys,
+    )
+    labels = [label for c, _ in drawn for label in c]
+    # 20 samples of 10 classes: each class twice, in batches of 8, 8 and 4
+    assert [len(c) for c, _ in drawn] == [8, 8, 4]
+    assert sorted(labels) == sorted(list(range(10)) * 2)
+    assert {w for _, w in drawn} == {1.5}
+    assert printed.out.strip().splitlines()[-1].endswith(
+        "(n=20, sampler=ddim, steps=2, guide_w=1.5)"
+    )
+
+
+def test_guide_w_on_an_unconditional_checkpoint_is_one_sentence(
+    checkpoint, stand_in, tmp_path, capsys
+):
+    with pytest.raises(SystemExit) as exit_info:
+        fid_command(checkpoint, tmp_path, "--fake-data", "4", "--guide-w", "1",
+                    capsys=capsys)
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        f"python -m mindiffusion.fid: error: --guide-w: {checkpoint} was trained "
+        f"without --cond, so it has no classes to guide towards"
     )

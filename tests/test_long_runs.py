@@ -236,7 +236,7 @@ def test_an_fp16_overflow_skips_the_step_and_is_not_divergence(
     # every gradient is 10, so 10 times the scale overflows float32 (3.4e38) until
     # the scale, halved at each overflow, is 3e38 / 2**4
     monkeypatch.setattr(
-        DDPM, "forward", lambda self, x: 10 * sum(p.sum() for p in self.parameters())
+        DDPM, "forward", lambda self, x, c: 10 * sum(p.sum() for p in self.parameters())
     )
     out = tmp_path / "out"
     argv = [*FLAGS.split(), "--amp", "fp16", "--epochs", "1", "--out", str(out)]
@@ -270,9 +270,10 @@ def test_amp_auto_picks_by_the_gpus_compute_capability(
 def test_fp16_overflowing_step_after_step_is_divergence(
     stand_in, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(
-        DDPM, "forward", lambda self, x: sum(p.sum() for p in self.parameters()) * 1e38
-    )
+    def overflowing(self, x, c):
+        return sum(p.sum() for p in self.parameters()) * 1e38
+
+    monkeypatch.setattr(DDPM, "forward", overflowing)
     out = tmp_path / "out"
     argv = [*FLAGS.split(), "--amp", "fp16", "--epochs", "1", "--out", str(out)]
     code, line, _ = train(train_cifar10, [*argv, "--fake-data", "80"], capsys)
