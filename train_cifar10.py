@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from mindiffusion import checkpoints, cli, conditioning, progress
 from mindiffusion.ddpm import DDPM
-from mindiffusion.duties import StepDuties
+from mindiffusion.duties import StepDuties, ignore_stop_signals
 from mindiffusion.unet import NaiveUnet
 
 
@@ -128,6 +128,9 @@ def train_cifar10(
         # the workers' seeds come from a generator of their own, so that starting
         # workers never draws from the one that makes the training noise
         generator=torch.Generator(),
+        # the workers leave SIGTERM, SIGINT and SIGUSR1 to this process, which saves
+        # before it stops
+        worker_init_fn=ignore_stop_signals,
         # page-locked batches copy to the GPU while it computes, and the workers
         # start once rather than at every epoch
         pin_memory=on_cuda,

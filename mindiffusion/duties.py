@@ -56,6 +56,14 @@ def stop_on_signals():
             signal.signal(signum, handler)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """The start of each DataLoader worker: stop signals are left to the training
+    process. A scheduler signals every process of a job, and a worker that one
+    killed would end the run with a traceback before the save."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class StepDuties:
     """Calls before and after each optimizer step, for the run of `checkpoint`."""
 

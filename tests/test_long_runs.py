@@ -6,11 +6,15 @@ import errno
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import REPO
 from mindiffusion import checkpoints, cli, duties
 from mindiffusion.ddpm import DDPM
 from train_celeba import train_celeba
@@ -318,3 +322,23 @@ def test_fp16_backward_starts_from_the_scaled_loss_and_the_step_sees_it_unscaled
     torch.testing.assert_close(ddpm.eps_model.conv.weight.grad, 1024 * expected)
     step_duties.before_step(0, loss)
     torch.testing.assert_close(ddpm.eps_model.conv.weight.grad, expected)
+
+
+def test_a_sigterm_to_every_process_of_the_job_still_saves(tmp_path):
+    """A scheduler, like `timeout`, signals the DataLoader's workers too: the run
+    still stops after its step and saves, with no traceback."""
+    argv = [sys.executable, str(REPO / "train_mnist.py"), *FLAGS.split(),
+            *SMALL_MNIST, "--fake-data", "100000", "--num-workers", "1",
+            "--out", str(tmp_path)]
+    # a process group of its own, as a job has
+    run = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # the worker starts with the epoch; a few steps later, it is surely running
+    assert run.stdout.readline().startswith("Epoch 0")
+    time.sleep(1)
+    os.killpg(run.pid, signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert "stopped by SIGTERM after epoch 0" in err.splitlines()[-1]
+    assert (tmp_path / "ddpm_mnist.pth").exists()
