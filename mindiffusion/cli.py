@@ -378,7 +378,7 @@ def main(
         help="with --cond, the guidance weight of the grids: (1 + W) eps(x, c) - W "
         f"eps(x, null); 0 is plain conditional sampling (default: "
         f"{defaults['guide_w']})")
-    if "eps_model" in inspect.signature(train).parameters:
+    if "eps_model" in defaults:
         add("--eps-model", choices=("dummy", "unet"),
             help="dummy: the notes' DummyEpsModel; unet: their NaiveUnet, on images "
             "padded to 32x32 (default: %(default)s)")

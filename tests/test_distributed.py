@@ -56,7 +56,7 @@ def test_torchrun_trains_in_step_stops_together_and_resumes_exactly(
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     # a first grid slower than the process group's timeout: the other rank waits
     stdout = train_cifar10_on_2_ranks(
-        straight, env=dict(PG_TIMEOUT="2", SLOW_GRID="4")
+        straight, env=dict(PG_TIMEOUT="3", SLOW_GRID="5")
     )
     # rank 0 alone prints, draws and saves
     assert stdout.count("Epoch 0 : ") == 1 and stdout.count("Epoch 1 : ") == 1
