@@ -5,10 +5,12 @@ conditional checkpoint. The models are real NaiveUnets of width 8."""
 import pytest
 import torch
 from PIL import Image
+from torch.optim.swa_utils import AveragedModel
 from torchvision.datasets import FakeData
 
 import train_celeba
 import train_cifar10
+import train_mnist as mnist_script
 from conftest import grid_tiles
 from mindiffusion import cli, sample
 from mindiffusion.ddim import DDIM
@@ -159,20 +161,44 @@ def test_resume_refuses_a_change_of_cond_or_p_uncond(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def conditional(tmp_path_factory):
-    """A conditional and an unconditional MNIST checkpoint of a width-8 NaiveUnet;
-    the conditional one's classes renamed zero..nine, as an image folder's may be."""
-    paths = {}
-    for cond in (True, False):
-        out = tmp_path_factory.mktemp(f"cond{cond}")
-        train_mnist(n_epoch=1, device="cpu", batch_size=2, n_T=3, fake_data=2,
-                    out=str(out), num_workers=0, eps_model="unet", n_feat=8,
-                    cond=cond)
-        paths[cond] = out / "ddpm_mnist.pth"
+    """A conditional and an unconditional MNIST checkpoint of a width-8 NaiveUnet,
+    trained with --ema 0.5; the conditional one's classes renamed zero..nine, as an
+    image folder's may be, and the average it trained kept as "average"."""
+    paths, averages = {}, []
+
+    class KeptAverage(AveragedModel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            averages.append(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mnist_script, "AveragedModel", KeptAverage)
+        for cond in (True, False):
+            out = tmp_path_factory.mktemp(f"cond{cond}")
+            # two steps: the average starts as a copy of the first step's weights
+            train_mnist(n_epoch=1, device="cpu", batch_size=2, n_T=3, fake_data=4,
+                        out=str(out), num_workers=0, eps_model="unet", n_feat=8,
+                        ema=0.5, cond=cond)
+            paths[cond] = out / "ddpm_mnist.pth"
+    paths["average"] = averages[0].module
     state = torch.load(paths[True])
     names = "zero one two three four five six seven eight nine".split()
     state["recipe"]["classes"] = names
     torch.save(state, paths[True])
     return paths
+
+
+def test_sample_rebuilds_the_trained_average_with_its_classes(conditional):
+    averaged, _ = sample.load_ddpm(str(conditional[True]), "ddpm", None, 0.0, True)
+    trained, _ = sample.load_ddpm(str(conditional[True]), "ddpm", None, 0.0, False)
+    x, t = torch.randn(4, 1, 32, 32), torch.rand(4, 1)
+    # three classes and the null class
+    c = torch.tensor([0, 3, 9, 10])
+    with torch.no_grad():
+        expected = conditional["average"].eps_model(x, t, c)
+        assert torch.equal(averaged.eps_model(x, t, c), expected)
+        # the raw weights predict otherwise: the test tells the two apart
+        assert not torch.equal(trained.eps_model(x, t, c), expected)
 
 
 def sample_command(checkpoint, tmp_path, flags):

@@ -16,6 +16,8 @@ from train_mnist import DummyEpsModel
 
 # 8 fake images in global batches of 4: two steps per epoch, 2 images per rank each
 FLAGS = "--device cpu --fake-data 8 --batch-size 4 --n-T 2 --num-workers 0 --seed 0"
+# MNIST with a narrow UNet: most of each launch is then Python and torch starting up
+SMALL_MNIST = "--eps-model unet --n-feat 8"
 
 
 def torchrun(*args, cwd, env=None, returncode=0):
@@ -33,12 +35,13 @@ def torchrun(*args, cwd, env=None, returncode=0):
     return result.stdout + result.stderr
 
 
-def train_cifar10_on_2_ranks(out, *flags, env=None, returncode=0):
-    """train_cifar10 under torchrun, through tests/ddp_worker.py; its output."""
+def train_mnist_on_2_ranks(out, *flags, env=None, returncode=0):
+    """train_mnist under torchrun, through tests/ddp_worker.py; its output."""
     return torchrun(
         str(REPO / "tests" / "ddp_worker.py"),
-        "train_cifar10",
+        "train_mnist",
         *FLAGS.split(),
+        *SMALL_MNIST.split(),
         "--epochs",
         "2",
         "--out",
@@ -55,20 +58,20 @@ def test_torchrun_trains_in_step_stops_together_and_resumes_exactly(
 ):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     # a first grid slower than the process group's timeout: the other rank waits
-    stdout = train_cifar10_on_2_ranks(
+    stdout = train_mnist_on_2_ranks(
         straight, env=dict(PG_TIMEOUT="3", SLOW_GRID="5")
     )
     # rank 0 alone prints, draws and saves
     assert stdout.count("Epoch 0 : ") == 1 and stdout.count("Epoch 1 : ") == 1
     assert sorted(os.listdir(straight)) == [
-        "ddpm_cifar.pth",
-        "ddpm_cifar_log.csv",
-        "ddpm_sample_cifar0.png",
-        "ddpm_sample_cifar1.png",
+        "ddpm_mnist.pth",
+        "ddpm_mnist_log.csv",
+        "ddpm_sample_0.png",
+        "ddpm_sample_1.png",
         "rank0.pt",
         "rank1.pt",
     ]
-    saved = torch.load(straight / "ddpm_cifar.pth", weights_only=True)
+    saved = torch.load(straight / "ddpm_mnist.pth", weights_only=True)
     ranks = [torch.load(straight / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     # each rank trained on its half of every global batch of 4
     assert ranks[0]["batch_sizes"] == ranks[1]["batch_sizes"] == [2] * 4
@@ -81,21 +84,21 @@ def test_torchrun_trains_in_step_stops_together_and_resumes_exactly(
 
     # SIGTERM reaches rank 0 in its first step and rank 1 in its second: both stop
     # after the first, and rank 0 saves
-    stdout = train_cifar10_on_2_ranks(
+    stdout = train_mnist_on_2_ranks(
         halves, env=dict(SLOW_GRID="0", SIGTERM_AT="1,2"), returncode=1
     )
     assert stdout.count("stopped by SIGTERM after epoch 0, step 1") == 1
-    state = torch.load(halves / "ddpm_cifar.pth", weights_only=True)
+    state = torch.load(halves / "ddpm_mnist.pth", weights_only=True)
     assert (state["epoch"], state["batches"]) == (0, 1)
-    stdout = train_cifar10_on_2_ranks(halves, "--resume", env=dict(SLOW_GRID="0"))
+    stdout = train_mnist_on_2_ranks(halves, "--resume", env=dict(SLOW_GRID="0"))
     assert stdout.count("resuming from") == 1
-    resumed = torch.load(halves / "ddpm_cifar.pth", weights_only=True)
+    resumed = torch.load(halves / "ddpm_mnist.pth", weights_only=True)
     for name, value in saved["model"].items():
         assert torch.equal(resumed["model"][name], value), name
     for p, moments in saved["optimizer"]["state"].items():
         for key, value in moments.items():
             assert torch.equal(resumed["optimizer"]["state"][p][key], value), key
-    for grid in ("ddpm_sample_cifar0.png", "ddpm_sample_cifar1.png"):
+    for grid in ("ddpm_sample_0.png", "ddpm_sample_1.png"):
         assert (straight / grid).read_bytes() == (halves / grid).read_bytes()
 
 

@@ -44,37 +44,47 @@ RUNS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def started(tmp_path_factory):
+    """Every run of this module, started at once, each in a folder of its own: much
+    of a short run is Python and torch starting up, which overlaps with the others."""
+    env = {k: v for k, v in os.environ.items() if k != "CELEBA_PATH"}
+    quick = ["--epochs", "1", "--n-T", "1", "--num-workers", "0", "--out", "results"]
+    commands = {script: [script, *quick, *flags] for script, flags, *_ in RUNS}
+    commands["without a folder"] = ["train_celeba.py"]
+    runs = {}
+    for name, (script, *argv) in commands.items():
+        cwd = tmp_path_factory.mktemp("run")
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / script), *argv],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        runs[name] = (cwd, process)
+    yield runs
+    for _, process in runs.values():
+        process.kill()
+
+
+def finished(started, name):
+    """The run's folder, its exit code, stdout and stderr, once it has ended."""
+    cwd, process = started[name]
+    stdout, stderr = process.communicate(timeout=300)
+    return cwd, process.returncode, stdout, stderr
+
+
 @pytest.mark.parametrize("script, flags, grid, tile, checkpoint, make_model", RUNS)
 def test_script_runs_end_to_end_on_fake_data(
-    tmp_path, script, flags, grid, tile, checkpoint, make_model
+    started, script, flags, grid, tile, checkpoint, make_model
 ):
-    env = {k: v for k, v in os.environ.items() if k != "CELEBA_PATH"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / script),
-            "--epochs",
-            "1",
-            "--n-T",
-            "1",
-            "--num-workers",
-            "0",
-            "--out",
-            "results",
-            *flags,
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
+    tmp_path, returncode, stdout, stderr = finished(started, script)
+    assert returncode == 0, stderr
+    assert "Traceback" not in stderr
     if "--device" not in flags and not torch.cuda.is_available():
-        assert (
-            "CUDA is not available here: using cpu instead of cuda:0" in result.stdout
-        )
+        assert "CUDA is not available here: using cpu instead of cuda:0" in stdout
 
     out = tmp_path / "results"
     log = checkpoint.replace(".pth", "_log.csv")
@@ -96,18 +106,10 @@ def test_script_runs_end_to_end_on_fake_data(
     assert not any(p.isnan().any() for p in ddpm.parameters())
 
 
-def test_celeba_without_a_folder_says_where_to_put_one(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "CELEBA_PATH"}
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train_celeba.py")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2
-    assert result.stderr.splitlines() == [
+def test_celeba_without_a_folder_says_where_to_put_one(started):
+    _, returncode, _, stderr = finished(started, "without a folder")
+    assert returncode == 2
+    assert stderr.splitlines() == [
         "train_celeba.py: error: no image folder given: pass --data-root DIR or set "
         "CELEBA_PATH (or run with --fake-data N)"
     ]
