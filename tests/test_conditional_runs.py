@@ -125,15 +125,24 @@ def test_an_image_folder_s_subfolders_are_the_classes(calls, tmp_path, capsys):
     )
 
 
-def test_guidance_flags_without_cond_are_refused(tmp_path, capsys):
-    for flag, value in (("--p-uncond", "0.2"), ("--guide-w", "1")):
-        argv = [*QUICK, *TINY_MNIST, "--fake-data", "2", "--out", str(tmp_path), flag,
-                value]
-        code, err = command(train_mnist, argv, capsys)
-        assert code == 2
-        assert err.splitlines()[-1].endswith(
-            "error: --p-uncond and --guide-w are --cond's: add --cond, or drop them"
-        )
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--p-uncond", "0.2"], "--p-uncond and --guide-w are --cond's: add --cond, "
+         "or drop them"),
+        (["--guide-w", "1"], "--p-uncond and --guide-w are --cond's: add --cond, or "
+         "drop them"),
+        (["--cond", "--p-uncond", "1"], "argument --p-uncond: must be between 0 and "
+         "1, got 1.0"),
+        (["--cond", "--guide-w", "-0.5"], "argument --guide-w: must be at least 0, "
+         "plain conditional sampling, got -0.5"),
+    ],
+)
+def test_bad_guidance_flags_are_one_sentence(flags, said, tmp_path, capsys):
+    argv = [*QUICK, *TINY_MNIST, "--fake-data", "2", "--out", str(tmp_path), *flags]
+    code, err = command(train_mnist, argv, capsys)
+    assert code == 2
+    assert err.splitlines()[-1].endswith(f"error: {said}")
     assert not any(tmp_path.iterdir())
 
 
