@@ -17,8 +17,9 @@ import time
 
 import torch
 
-from mindiffusion import cli
 from mindiffusion.ddpm import DDPM
+from mindiffusion.devices import has_native_bf16, resolve_device
+from mindiffusion.errors import UserError
 from mindiffusion.unet import NaiveUnet
 from train_mnist import DummyEpsModel
 
@@ -157,12 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     if not setups:
         parser.error(f"--only {args.only}: no setup's name starts so")
     try:
-        device = cli.resolve_device(args.device)
-    except cli.UserError as err:
+        device = resolve_device(args.device)
+    except UserError as err:
         parser.error(str(err))
 
     fast = dict(
-        amp=args.bf16_anyway or cli.has_native_bf16(device),
+        amp=args.bf16_anyway or has_native_bf16(device),
         channels_last=True,
         compile=args.compile,
     )

@@ -3,22 +3,30 @@
 A checkpoint is a dictionary of tensors and plain values, so that it loads with
 `torch.load(..., weights_only=True)` and can never run code.
 """
+import errno
+import glob
 import io
-import itertools
 import os
 import pickle
+import tempfile
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import Dataset, DistributedSampler
 
-from mindiffusion import cli
-from mindiffusion.cli import UserError, say
+from mindiffusion.distributed import gather, process_rank, say, shared_seed, world_size
+from mindiffusion.errors import UserError
+from mindiffusion.locks import hold_lock
 from mindiffusion.record import Record
 
+# the grids each script writes beside its checkpoint, which a new run must not
+# overwrite
+GRIDS = {
+    "ddpm_mnist.pth": "ddpm_sample_[0-9]*.png",
+    "ddpm_cifar.pth": "ddpm_sample_cifar*.png",
+    "ddpm_celeba.pth": "ddpm_sample_celeba*.png",
+}
 # the recipe's entries that a flag sets, for the sentence that refuses a resume
 RECIPE_FLAGS = {
     "n_T": "--n-T",
@@ -53,10 +61,14 @@ class Checkpoint:
         recipe: dict,
         ema: AveragedModel | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        settings: dict | None = None,
     ) -> None:
         self.path, self.ddpm, self.optim, self.recipe, self.ema = (
             path, ddpm, optim, recipe, ema
         )
+        # the flags a resume may change, each said when it does: --batch-size,
+        # --ema, --amp, --seed
+        self.settings = settings or {}
         # a disabled scaler when --amp is not fp16: its state is empty
         self.scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
         self.data_seed = 0
@@ -75,9 +87,9 @@ class Checkpoint:
         # the generator of the GPU this rank trains on
         device = next(self.ddpm.parameters()).device
         on_cuda = device.type == "cuda"
-        rng_cpu = cli.gather(torch.get_rng_state())
-        rng_cuda = cli.gather(torch.cuda.get_rng_state(device)) if on_cuda else []
-        if cli.process_rank() > 0:
+        rng_cpu = gather(torch.get_rng_state())
+        rng_cuda = gather(torch.cuda.get_rng_state(device)) if on_cuda else []
+        if process_rank() > 0:
             return
         if batches == 0:
             self.record.end_epoch(epoch - 1, self.optim.param_groups[0]["lr"])
@@ -93,15 +105,20 @@ class Checkpoint:
             "ema": None if self.ema is None else self.ema.state_dict(),
             "scaler": self.scaler.state_dict(),
             "record": self.record.state_dict(),
+            "settings": self.settings,
         }
         # serialised in memory first, so that a failing write is an OSError that
         # names its reason (torch's own file writer reports only a position)
         buffer = io.BytesIO()
         torch.save(state, buffer)
         folder = os.path.dirname(self.path) or "."
-        tmp_path = self.path + ".tmp"
+        tmp_path = None
         try:
-            with open(tmp_path, "wb") as file:
+            # a name of this process's own beside the checkpoint, for the rename
+            fd, tmp_path = tempfile.mkstemp(
+                dir=folder, prefix=os.path.basename(self.path) + ".", suffix=".tmp"
+            )
+            with os.fdopen(fd, "wb") as file:
                 file.write(buffer.getbuffer())
                 file.flush()
                 os.fsync(file.fileno())
@@ -111,35 +128,35 @@ class Checkpoint:
             os.fsync(folder_fd)
             os.close(folder_fd)
         except OSError as err:
+            full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+            advice = "make room" if full else "check the folder"
             raise UserError(
                 f"the checkpoint could not be saved in {folder} ({err.strerror}): the "
-                f"previous one there is kept; make room or give another --out, then "
+                f"previous one there is kept; {advice} or give another --out, then "
                 f"--resume"
             ) from None
         finally:
-            if os.path.exists(tmp_path):
+            if tmp_path is not None and os.path.exists(tmp_path):
                 os.remove(tmp_path)
 
-    def resume_or_start(
-        self, resume: bool, n_epoch: int, seed: int | None, lr: float
-    ) -> Start:
+    def resume_or_start(self, resume: bool, n_epoch: int, seed: int | None) -> Start:
         """Where to start: epoch 0 for a new run, or where the checkpoint ended.
 
         Resuming restores the model, the optimizer, the averaged weights of --ema, the
         data order and the random number generators, so the run goes on exactly as if
-        it had never stopped; `lr` replaces the checkpoint's learning rate. A new run
-        refuses to overwrite an existing checkpoint.
+        it had never stopped; this run's learning rate replaces the checkpoint's. A
+        new run refuses to overwrite an existing checkpoint, record or grid. While
+        the run lasts, no other run can take the same checkpoint.
         """
         path, ema = self.path, self.ema
+        if process_rank() == 0:
+            self.lock = hold_lock(path + ".lock", os.path.dirname(path) or ".")
         if not resume:
-            for taken in (path, self.record.path):
-                if os.path.exists(taken):
-                    raise UserError(
-                        f"{taken} already exists: continue it with --resume, "
-                        f"or choose another --out"
-                    )
-            self.data_seed = cli.shared_seed(seed)
+            self.refuse_to_overwrite()
+            self.data_seed = shared_seed(seed)
             return Start(epoch=0, batches=0, data_seed=self.data_seed)
+        # this run's learning rate, before the checkpoint's replaces it
+        lr = self.optim.param_groups[0]["lr"]
         try:
             state = load_checkpoint(path)
         except UserError as err:
@@ -172,13 +189,62 @@ class Checkpoint:
                 f"ask for more with --epochs"
             )
         set_lr(self.optim, lr)
-        if cli.process_rank() == 0:
+        self.say_changed_settings(state.get("settings") or {}, batches)
+        if process_rank() == 0:
             self.record.resume(state.get("record"), epoch)
         restore_rng(state["rng_cpu"], state["rng_cuda"], self.ddpm)
         say(f"resuming from {path}: {epoch} epoch(s) and {batches} batch(es) done")
         # checkpoints from before the data order was seeded shuffled with seed 0
         self.data_seed = int(state.get("data_seed", 0))
         return Start(epoch=epoch, batches=batches, data_seed=self.data_seed)
+
+
+    def refuse_to_overwrite(self) -> None:
+        """A new run writes nothing over what an earlier run left in its folder."""
+        folder, name = os.path.split(self.path)
+        if os.path.exists(self.path):
+            raise UserError(
+                f"{self.path} already exists: continue it with --resume, or choose "
+                f"another --out"
+            )
+        if os.path.exists(self.record.path):
+            raise UserError(
+                f"{self.record.path} is left from a run whose checkpoint is gone, so "
+                f"it cannot be resumed: move it away, or choose another --out"
+            )
+        grids = sorted(glob.glob(os.path.join(folder or ".", GRIDS.get(name, ""))))
+        if grids and name in GRIDS:
+            raise UserError(
+                f"{grids[0]} and the other grids in {folder or '.'} are from another "
+                f"run, and a new run would overwrite them: move them away, or choose "
+                f"another --out"
+            )
+
+    def say_changed_settings(self, saved: dict, batches: int) -> None:
+        """Refuse a --batch-size that would change the middle of an epoch, and say
+        in one line each which other flags this run changes or overrides."""
+        now = self.settings
+        for key in ("batch_size", "ema", "amp", "seed"):
+            if key not in saved or saved[key] == now.get(key):
+                continue
+            flag = "--" + key.replace("_", "-")
+            if key == "batch_size" and batches:
+                raise UserError(
+                    f"--resume: {self.path} stopped in the middle of an epoch at "
+                    f"{flag} {saved[key]} (this run: {now[key]}): resume with "
+                    f"{flag} {saved[key]}, or change it at an epoch's end"
+                )
+            if key == "seed":
+                if now.get(key) is not None:
+                    say(f"--seed: a resume goes on from the checkpoint's random "
+                        f"state (--seed {saved[key]}); this run's {now[key]} is "
+                        f"not used")
+            elif key == "ema" and now.get(key) is not None:
+                say(f"--ema: the checkpoint averaged with decay {saved[key]}; this "
+                    f"run goes on with {now[key]}")
+            elif key != "ema":
+                say(f"{flag}: the checkpoint trained with {saved[key]}; this run "
+                    f"goes on with {now[key]}")
 
 
 def load_checkpoint(path: str) -> dict:
@@ -239,8 +305,7 @@ def restore_rng(
     """Give each rank its saved generators, as far as the checkpoint has them: one
     from a run on more processes or GPUs than this one restores what fits, and says
     in one line what it could not restore."""
-    rank = cli.process_rank()
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    rank, n_processes = process_rank(), world_size()
     # a checkpoint from before the ranks' generators were kept holds rank 0's alone
     rng_cpu = [rng_cpu] if torch.is_tensor(rng_cpu) else rng_cpu
     if rank < len(rng_cpu):
@@ -254,10 +319,10 @@ def restore_rng(
     on_cuda = device.type == "cuda"
     if on_cuda and rank < len(rng_cuda):
         torch.cuda.set_rng_state(rng_cuda[rank], device)
-    if (len(rng_cpu), len(rng_cuda)) != (world_size, world_size if on_cuda else 0):
+    if (len(rng_cpu), len(rng_cuda)) != (n_processes, n_processes if on_cuda else 0):
         say(
             f"--resume: the checkpoint holds the random states of {len(rng_cpu)} "
-            f"process(es) and {len(rng_cuda)} GPU(s), and this run has {world_size} "
+            f"process(es) and {len(rng_cuda)} GPU(s), and this run has {n_processes} "
             f"on {device.type}: what does not fit is not restored, so the run does "
             f"not go on exactly as it would have"
         )
@@ -271,33 +336,3 @@ def set_lr(optim: torch.optim.Optimizer, lr: float) -> None:
         for group in optim.param_groups:
             group["lr"] = lr
         say(f"--lr: the checkpoint trained at {old}; this run goes on at {lr}")
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler, whose shuffle depends on its seed and the epoch alone, that
-    starts the epoch `start` after the batches `start` had done.
-
-    The batches done are skipped here, as indices: they are never loaded.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        world_size: int,
-        rank: int,
-        batch_size: int,
-        start: Start,
-    ) -> None:
-        super().__init__(dataset, world_size, rank, seed=start.data_seed)
-        self.batch_size, self.start, self.skip = batch_size, start, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        done = self.start.batches if epoch == self.start.epoch else 0
-        self.skip = done * self.batch_size
-
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
-
-    def __len__(self) -> int:
-        return super().__len__() - self.skip

@@ -5,8 +5,10 @@ The guided noise prediction itself, eq. 6 of Ho & Salimans (2021), is in
 `DDPM.guided_eps`.
 """
 import torch
+from torchvision.datasets.folder import find_classes
 
-from mindiffusion.cli import UserError
+from mindiffusion.data import explain_image_folder
+from mindiffusion.errors import UserError
 
 # a grid shows the first ten classes, one row each
 GRID_CLASSES = 10
@@ -23,6 +25,15 @@ def class_names(dataset) -> list[str]:
             f"put each class's images in a subfolder of its own"
         )
     return names
+
+
+def folder_classes(root: str | None, fake_data: int | None) -> int:
+    """How many classes --cond trains on: the image folder's subfolders, or the ten
+    of FakeData."""
+    if fake_data:
+        return 10
+    with explain_image_folder(root):
+        return len(find_classes(root)[0])
 
 
 def grid_classes(n_classes: int, per_class: int, device) -> torch.Tensor:

@@ -76,6 +76,7 @@ class DDPM(nn.Module):
         for name, value in ddpm_schedules(betas[0], betas[1], n_T).items():
             self.register_buffer(name, value)
 
+        self.betas = betas
         self.n_T = n_T
         self.criterion = criterion
         self.n_classes = n_classes

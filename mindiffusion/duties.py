@@ -1,103 +1,56 @@
-"""The run's duties around each optimizer step, besides the step itself.
+"""The run's duties around each optimizer step, as hooks on the optimizer, so that
+the notes' `optim.step()` stands alone in the loop.
 
 Before the step: refuse a loss or gradient that is not finite, so that divergence
-never reaches the weights or the disk, and clip the gradients under --grad-clip.
-After it: save every --save-every steps, and stop cleanly when a signal came. Under
---amp fp16, the loss is scaled for backward and the gradients unscaled before the
-step, as torch's GradScaler does, with the notes' loss.backward() and optim.step().
+never reaches the weights or the disk, and clip the gradients under --grad-clip;
+under --amp fp16, unscale them, as torch's GradScaler does. After it: the --ema
+update, a save every --save-every steps, and a clean stop when a signal came.
 """
-import contextlib
 import math
-import signal
+from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader
+from torch.optim.swa_utils import AveragedModel
 
-from mindiffusion import cli
-from mindiffusion.checkpoints import Checkpoint, Start
+from mindiffusion import signals
+from mindiffusion.checkpoints import Checkpoint
+from mindiffusion.data import PreparedLoader
+from mindiffusion.distributed import largest, world_size
+from mindiffusion.errors import UserError
 
-# what a scheduler sends before it stops a job (SLURM's --signal sends SIGUSR1 ahead)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-# the signal received while a step ran, or 0
-received = 0
 # float16 steps that overflow in a row before the run counts as diverged: by then
 # the loss scale has fallen from 65536 to about 1e-5
 MAX_OVERFLOWS = 32
 
 
-class Stopped(Exception):
-    """The run saved and stopped on a signal; it exits with 128 + the signal."""
-
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.signum = signum
-
-
-def remember(signum: int, frame) -> None:
-    global received
-    # a second Ctrl-C quits at once
-    if signum == signal.SIGINT and received == signal.SIGINT:
-        raise KeyboardInterrupt
-    received = signum
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """While the run lasts, a stop signal ends it after the current step."""
-    global received
-    received = 0
-    previous = {signum: signal.signal(signum, remember) for signum in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        received = 0
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """The start of each DataLoader worker: stop signals are left to the training
-    process. A scheduler signals every process of a job, and a worker that one
-    killed would end the run with a traceback before the save."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-
-
 class StepDuties:
-    """Calls before and after each optimizer step, for the run of `checkpoint`."""
+    """The pre- and post-step hooks of `checkpoint.optim`, for a run that trains from
+    `loader`; `last_loss()` is the loss that the step's backward came from."""
 
     def __init__(
         self,
         checkpoint: Checkpoint,
-        start: Start,
-        dataloader: DataLoader,
+        loader: PreparedLoader,
+        last_loss: Callable[[], torch.Tensor],
+        batches: int,
         save_every: int | None,
         grad_clip: float | None,
+        ema: AveragedModel | None,
     ) -> None:
-        self.checkpoint, self.save_every, self.grad_clip = (
-            checkpoint, save_every, grad_clip
-        )
-        # at its start, the dataloader still holds whole epochs
-        self.batches_per_epoch = len(dataloader)
-        world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.global_batch = dataloader.batch_size * world_size
-        self.epoch, self.batches, self.steps = start.epoch, start.batches, 0
+        self.checkpoint, self.loader, self.last_loss = checkpoint, loader, last_loss
+        self.save_every, self.grad_clip, self.ema = save_every, grad_clip, ema
+        self.global_batch = loader.batch_size * world_size()
+        self.epoch, self.batches, self.steps = loader.epoch, batches, 0
         self.overflows = 0
-        if checkpoint.scaler.is_enabled():
-            checkpoint.ddpm.register_forward_hook(self.scale_backward)
+        checkpoint.optim.register_step_pre_hook(self.before_step)
+        checkpoint.optim.register_step_post_hook(self.after_step)
 
-    def scale_backward(self, ddpm, inputs, loss: torch.Tensor) -> None:
-        """Make backward start from the loss times the scale, while the loss itself,
-        and the progress bar's, stay as they are."""
-        loss.register_hook(self.checkpoint.scaler.scale)
-
-    def before_step(self, epoch: int, loss: torch.Tensor) -> None:
+    def before_step(self, optim, args, kwargs) -> None:
         """Clip under --grad-clip, and stop if the loss or a gradient is not finite;
         under fp16, a gradient that overflowed skips the step instead."""
-        if epoch != self.epoch:
-            self.epoch, self.batches = epoch, 0
-        optim, scaler = self.checkpoint.optim, self.checkpoint.scaler
+        if self.loader.epoch != self.epoch:
+            self.epoch, self.batches = self.loader.epoch, 0
+        scaler = self.checkpoint.scaler
         parameters = [
             p for group in optim.param_groups for p in group["params"]
             if p.grad is not None
@@ -107,7 +60,7 @@ class StepDuties:
         # without --grad-clip the bound is infinite: the gradients are multiplied by
         # exactly 1, and only their total norm is read
         norm = torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip or math.inf)
-        loss_value, norm_value = loss.item(), norm.item()
+        loss_value, norm_value = self.last_loss().item(), norm.item()
         self.checkpoint.record.add(loss_value, self.global_batch)
         finite = math.isfinite(norm_value)
         self.overflows = 0 if finite else self.overflows + 1
@@ -118,39 +71,34 @@ class StepDuties:
             for p in parameters:
                 p.grad = None
         elif not (math.isfinite(loss_value) and finite):
-            raise cli.UserError(
-                f"training diverged at epoch {epoch}, step {self.batches + 1}: the "
-                f"loss is {loss_value} and the gradient norm {norm_value}"
+            raise UserError(
+                f"training diverged at epoch {self.epoch}, step {self.batches + 1}: "
+                f"the loss is {loss_value} and the gradient norm {norm_value}"
                 + (f" for {self.overflows} float16 steps in a row" if overflow else "")
                 + ", so the weights were not updated and the last checkpoint is "
                 "kept; try a lower --lr or --grad-clip 1.0, then --resume"
             )
 
-    def after_step(self) -> None:
-        """Save every --save-every steps, and stop here if a signal came."""
+    def after_step(self, optim, args, kwargs) -> None:
+        """Update the --ema average, save every --save-every steps, and stop here if
+        a signal came, unless this step ended its epoch: the epoch's end saves."""
+        if self.ema is not None:
+            self.ema.update_parameters(self.checkpoint.ddpm)
         if self.checkpoint.scaler.is_enabled():
             self.checkpoint.scaler.update()
         self.batches += 1
         self.steps += 1
-        epoch_done = self.batches == self.batches_per_epoch
-        # the epoch's end saves anyway, after its grid
-        if self.save_every and self.steps % self.save_every == 0 and not epoch_done:
-            self.checkpoint.save(self.epoch, self.batches)
-        signum = torch.tensor(received)
-        if dist.is_initialized():
-            # under torchrun, every rank stops after the same step
-            dist.all_reduce(signum, dist.ReduceOp.MAX, group=cli.patient_group)
-        if not signum:
+        if self.batches == self.loader.batches_per_epoch:
             return
-        if epoch_done:
-            where = f"the end of epoch {self.epoch}, before its grid"
-            self.checkpoint.save(self.epoch + 1)
-        else:
-            where = f"epoch {self.epoch}, step {self.batches}"
+        if self.save_every and self.steps % self.save_every == 0:
             self.checkpoint.save(self.epoch, self.batches)
-        name = signal.Signals(int(signum)).name
-        raise Stopped(
-            int(signum),
-            f"stopped by {name} after {where}: saved in {self.checkpoint.path}; "
-            f"run the same command with --resume to go on",
-        )
+        # under torchrun, every rank stops after the same step
+        signum = largest(signals.received)
+        if signum:
+            self.checkpoint.save(self.epoch, self.batches)
+            raise signals.Stopped(
+                signum,
+                f"stopped by {signals.name(signum)} after epoch {self.epoch}, step "
+                f"{self.batches}: saved in {self.checkpoint.path}; run the same "
+                f"command with --resume to go on",
+            )

@@ -25,6 +25,9 @@ from torchvision.datasets import CIFAR10, MNIST, FakeData, ImageFolder
 from tqdm import tqdm
 
 from mindiffusion import cli, progress
+from mindiffusion.data import explain_image_folder, explain_missing_dataset
+from mindiffusion.devices import resolve_device
+from mindiffusion.errors import UserError
 from mindiffusion.sample import GUIDE_W, denormalize, load_ddpm
 
 # where torch-fidelity's download of the Inception weights comes from
@@ -112,7 +115,7 @@ def inception(weights: str | None, device: torch.device) -> nn.Module:
         try:
             torch.load(weights, map_location="cpu", weights_only=True)
         except Exception:
-            raise cli.UserError(
+            raise UserError(
                 f"--inception-weights {weights} is not a readable file of weights"
             ) from None
     try:
@@ -121,7 +124,7 @@ def inception(weights: str | None, device: torch.device) -> nn.Module:
         )
     except (urllib.error.URLError, OSError) as err:
         cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-        raise cli.UserError(
+        raise UserError(
             f"the Inception weights are not in {cache} and could not be downloaded "
             f"({getattr(err, 'reason', err)}): fetch {INCEPTION_URL} on a machine "
             f"with a network and give it with --inception-weights PATH"
@@ -147,7 +150,7 @@ def reference_dataset(recipe: dict, data_root: str | None, fake_data: int | None
     if name == "ImageFolder":
         root = data_root or os.environ.get("CELEBA_PATH")
         tf = transforms.Compose([transforms.Resize(size[1:]), transforms.ToTensor()])
-        with cli.explain_image_folder(root):
+        with explain_image_folder(root):
             dataset = ImageFolder(root=root, transform=tf)
     elif name in ("MNIST", "CIFAR10"):
         root = data_root or "./data"
@@ -156,12 +159,12 @@ def reference_dataset(recipe: dict, data_root: str | None, fake_data: int | None
         tf = transforms.Compose(
             [transforms.CenterCrop(size[1:]), transforms.ToTensor()]
         )
-        with cli.explain_missing_dataset(name, root):
+        with explain_missing_dataset(name, root):
             dataset = {"MNIST": MNIST, "CIFAR10": CIFAR10}[name](
                 root, train=True, download=True, transform=tf
             )
     else:
-        raise cli.UserError(
+        raise UserError(
             "the checkpoint does not name its training set (it was saved before "
             "checkpoints did): give --fake-data N to measure against random images"
         )
@@ -269,25 +272,25 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--json {args.json}: its folder does not exist")
 
     try:
-        device = cli.resolve_device(args.device)
+        device = resolve_device(args.device)
         ddpm, recipe = load_ddpm(
             args.checkpoint, args.sampler, None, 0.0, args.use_ema
         )
         steps = args.steps or [progress.model_calls(ddpm)]
         conditional = recipe.get("n_classes") is not None
         if args.guide_w is not None and not conditional:
-            raise cli.UserError(
+            raise UserError(
                 f"--guide-w: {args.checkpoint} was trained without --cond, so it has "
                 f"no classes to guide towards"
             )
         guide_w = GUIDE_W if args.guide_w is None else args.guide_w
         if args.sampler == "ddim" and max(steps) > ddpm.n_T:
-            raise cli.UserError(
+            raise UserError(
                 f"--steps {max(steps)} is more than the model's n_T = {ddpm.n_T}"
             )
         dataset, name = reference_dataset(recipe, args.data_root, args.fake_data)
         extractor = inception(args.inception_weights, device)
-    except cli.UserError as err:
+    except UserError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     if args.n < PAPERS_N:
         print(

@@ -22,9 +22,12 @@ from PIL import Image
 from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import make_grid, save_image
 
-from mindiffusion import checkpoints, cli, conditioning, progress
+from mindiffusion import cli, conditioning, progress
+from mindiffusion.checkpoints import load_checkpoint
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
+from mindiffusion.devices import resolve_device
+from mindiffusion.errors import UserError
 from mindiffusion.unet import NaiveUnet
 from train_mnist import DummyEpsModel
 
@@ -39,10 +42,10 @@ def load_ddpm(
 ) -> tuple[DDPM, dict]:
     """The checkpoint's DDPM (or, for sampler "ddim", a DDIM of `steps` steps, by
     default 50 or n_T if it has fewer) and its recipe."""
-    state = checkpoints.load_checkpoint(path)
+    state = load_checkpoint(path)
     recipe = state.get("recipe")
     if not recipe or recipe.get("eps_model") not in EPS_MODELS:
-        raise cli.UserError(
+        raise UserError(
             f"{path} has no recipe for its model: it was saved before checkpoints "
             f"kept one, or by another program"
         )
@@ -54,7 +57,7 @@ def load_ddpm(
     if sampler == "ddim":
         steps = min(50, n_T) if steps is None else steps
         if steps > n_T:
-            raise cli.UserError(f"--steps {steps} is more than the model's n_T = {n_T}")
+            raise UserError(f"--steps {steps} is more than the model's n_T = {n_T}")
         ddpm = DDIM(eps_model, betas, n_T, eta=eta, n_steps=steps, n_classes=n_classes)
     else:
         ddpm = DDPM(eps_model, betas, n_T, n_classes=n_classes)
@@ -71,7 +74,7 @@ def load_ddpm(
         else:
             ddpm.load_state_dict(state["model"])
     except RuntimeError as err:
-        raise cli.UserError(
+        raise UserError(
             f"{path} does not fit its recipe ({str(err).splitlines()[0]})"
         ) from None
     return ddpm, recipe
@@ -80,11 +83,11 @@ def load_ddpm(
 def classes_wanted(args: argparse.Namespace, recipe: dict) -> list[int] | None:
     """The labels --class asks for, or None: unconditional."""
     if args.classes is None and args.guide_w is not None:
-        raise cli.UserError("--guide-w guides towards a class: add --class")
+        raise UserError("--guide-w guides towards a class: add --class")
     if args.classes is None:
         return None
     if recipe.get("n_classes") is None:
-        raise cli.UserError(
+        raise UserError(
             f"--class: {args.checkpoint} was trained without --cond, so it has no "
             f"classes to choose from"
         )
@@ -109,16 +112,16 @@ def free_path(path: str) -> str:
 def check_out(out: str) -> None:
     """Refuse a grid path that could not be written, before sampling takes its time."""
     if os.path.exists(out):
-        raise cli.UserError(f"{out} already exists: choose another --out")
+        raise UserError(f"{out} already exists: choose another --out")
     folder, extension = os.path.split(out)[0] or ".", os.path.splitext(out)[1]
     if not os.path.isdir(folder):
-        raise cli.UserError(f"--out {out}: its folder does not exist")
+        raise UserError(f"--out {out}: its folder does not exist")
     if extension.lower() not in Image.registered_extensions():
-        raise cli.UserError(
+        raise UserError(
             f"--out {out}: give the image a file extension, such as .png"
         )
     if not os.access(folder, os.W_OK):
-        raise cli.UserError(f"cannot write {out}: its folder is not writable")
+        raise UserError(f"cannot write {out}: its folder is not writable")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"argument --eta: must be between 0 and 1, got {args.eta}")
 
     try:
-        device = cli.resolve_device(args.device)
+        device = resolve_device(args.device)
         ddpm, recipe = load_ddpm(
             args.checkpoint, args.sampler, args.steps, args.eta, args.use_ema
         )
@@ -180,11 +183,11 @@ def main(argv: list[str] | None = None) -> None:
         check_out(out)
         n_calls = progress.model_calls(ddpm)
         if args.progress and args.progress > n_calls + 1:
-            raise cli.UserError(
+            raise UserError(
                 f"--progress {args.progress} is more than the {n_calls + 1} states "
                 f"of a {n_calls}-step walk"
             )
-    except cli.UserError as err:
+    except UserError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     ddpm.to(device).eval()
     if args.seed is not None:

@@ -1,0 +1,158 @@
+"""The training data: a dataset that is missing explained in one sentence, and the
+loader that a prepared run trains from, rebuilt from the notes' DataLoader."""
+import contextlib
+import io
+import itertools
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from tqdm import tqdm
+
+from mindiffusion.distributed import process_rank, split_batch, world_size
+from mindiffusion.errors import UserError
+from mindiffusion.signals import ignore_stop_signals
+
+@contextlib.contextmanager
+def explain_missing_dataset(name: str, root: str):
+    """Turn a failed torchvision download into one sentence that says what to do.
+
+    torchvision prints each mirror it tries; that chatter is held back, and shown
+    only if the dataset loads after all. Under torchrun, the first process on each
+    machine downloads while the others wait, then they read what it wrote.
+    """
+    first_on_machine = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if dist.is_initialized() and not first_on_machine:
+        dist.barrier()
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter):
+            yield
+    except (OSError, RuntimeError) as err:
+        reason = str(err).splitlines()[0].rstrip(":")
+        raise UserError(
+            f"{name} is not in {root} and could not be downloaded ({reason}): put its "
+            f"files there or point --data-root at them, or run with --fake-data N"
+        ) from None
+    if dist.is_initialized() and first_on_machine:
+        dist.barrier()
+    sys.stdout.write(chatter.getvalue())
+
+
+@contextlib.contextmanager
+def explain_image_folder(root: str | None):
+    """Check a folder for `ImageFolder`, and turn its errors into one sentence."""
+    layout = "ImageFolder wants the images one folder down, in ROOT/<subfolder>/*.jpg"
+    if root is None:
+        raise UserError(
+            "no image folder given: pass --data-root DIR or set CELEBA_PATH "
+            "(or run with --fake-data N)"
+        )
+    if not os.path.isdir(root):
+        raise UserError(f"{root} is not a folder: give the image folder to --data-root")
+    try:
+        yield
+    except FileNotFoundError:
+        loose = [f for f in os.listdir(root) if f.lower().endswith(IMG_EXTENSIONS)]
+        if loose:
+            raise UserError(
+                f"{root} holds {len(loose)} images directly, but {layout}: move them "
+                f"into a subfolder such as {os.path.join(root, 'all')}"
+            ) from None
+        raise UserError(f"no images found under {root}: {layout}") from None
+
+
+def real_images(x: torch.Tensor, dataset: Dataset, n: int = 8) -> torch.Tensor:
+    """The first n images of batch x; a shorter batch is topped up from the dataset."""
+    if len(x) >= n:
+        return x[:n]
+    top_up = [dataset[j % len(dataset)][0] for j in range(n - len(x))]
+    return torch.cat([x, torch.stack(top_up).to(x.device)])
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler, whose shuffle depends on its seed and the epoch alone, that
+    starts the epoch `epoch` after `batches` batches.
+
+    The batches done are skipped here, as indices: they are never loaded.
+    """
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int, seed: int, epoch: int, batches: int
+    ) -> None:
+        super().__init__(dataset, world_size(), process_rank(), seed=seed)
+        self.batch_size, self.start, self.skip = batch_size, (epoch, batches), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        start_epoch, batches = self.start
+        self.skip = batches * self.batch_size if epoch == start_epoch else 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+class PreparedLoader:
+    """The notes' DataLoader, rebuilt for a run: shuffled by the run's seed alone and
+    started where a resumed checkpoint stopped, shared out among torchrun's ranks,
+    with workers that leave stop signals to the training process and, on CUDA,
+    page-locked batches.
+
+    Each pass is the next epoch's. It yields the notes' (x, labels) pairs and keeps
+    the labels of the batch under way, which a --cond model reads.
+    """
+
+    def __init__(
+        self,
+        dataloader: DataLoader,
+        device: torch.device,
+        num_workers: int,
+        seed: int,
+        epoch: int,
+        batches: int,
+    ) -> None:
+        self.dataset = dataloader.dataset
+        # --batch-size is the global batch, shared out among the ranks
+        self.batch_size = split_batch(dataloader.batch_size)
+        self.sampler = ResumableSampler(
+            self.dataset, self.batch_size, seed, epoch, batches
+        )
+        on_cuda = device.type == "cuda"
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            # the workers' seeds come from a generator of their own, so that starting
+            # workers never draws from the one that makes the training noise
+            generator=torch.Generator(),
+            worker_init_fn=ignore_stop_signals,
+            # page-locked batches copy to the GPU while it computes, and the workers
+            # start once rather than at every epoch
+            pin_memory=on_cuda,
+            persistent_workers=on_cuda and num_workers > 0,
+        )
+        # whole epochs, before the first one is cut short by a resume
+        self.batches_per_epoch = len(self.loader)
+        self.epoch, self.labels = epoch, None
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if process_rank() == 0:
+            # above the progress bar that tqdm(dataloader) has just drawn
+            tqdm.write(f"Epoch {self.epoch} : ")
+        for x, labels in self.loader:
+            self.labels = labels
+            yield x, labels
+        # a new shuffle at each epoch, the same one on every rank
+        self.epoch += 1
+        self.sampler.set_epoch(self.epoch)
