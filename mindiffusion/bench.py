@@ -12,6 +12,7 @@ that data loading is left out.
 """
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -157,6 +158,11 @@ def main(argv: list[str] | None = None) -> None:
     setups = [setup for setup in SETUPS if setup[0].lower().startswith(prefix)]
     if not setups:
         parser.error(f"--only {args.only}: no setup's name starts so")
+    # --json before the measurements, which take minutes
+    if args.json and not os.path.isdir(os.path.dirname(args.json) or "."):
+        parser.error(f"--json {args.json}: its folder does not exist")
+    if args.json and os.path.exists(args.json):
+        parser.error(f"--json {args.json} already exists: choose another file")
     try:
         device = resolve_device(args.device)
     except UserError as err:

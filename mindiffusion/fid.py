@@ -12,9 +12,11 @@ to the papers'.
 """
 import argparse
 import hashlib
+import io
 import json
 import os
 import sys
+import tempfile
 import urllib.error
 
 import torch
@@ -122,6 +124,15 @@ def inception(weights: str | None, device: torch.device) -> nn.Module:
         extractor = FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048"], feature_extractor_weights_path=weights
         )
+    except (RuntimeError, TypeError):
+        # load_state_dict's list of every name and shape that does not fit, or a
+        # file that holds no dictionary at all
+        if weights is None:
+            raise
+        raise UserError(
+            f"--inception-weights {weights} holds other weights than torch-fidelity's "
+            f"Inception: give the file downloaded from {INCEPTION_URL}"
+        ) from None
     except (urllib.error.URLError, OSError) as err:
         cache = os.path.join(torch.hub.get_dir(), "checkpoints")
         raise UserError(
@@ -171,26 +182,67 @@ def reference_dataset(recipe: dict, data_root: str | None, fake_data: int | None
     return dataset, f"{name} train at {os.path.abspath(root)}, {tf}"
 
 
+def write_atomically(path: str, data: bytes, what: str) -> None:
+    """Write data to path whole or not at all, as Checkpoint.save writes: into a
+    file of this process's own beside it, flushed to the disk, then renamed over
+    it. `what` names the data in the sentence that a failure becomes."""
+    folder = os.path.dirname(path) or "."
+    tmp_path = None
+    try:
+        fd, tmp_path = tempfile.mkstemp(
+            dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp"
+        )
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_path, path)
+    except OSError as err:
+        raise UserError(
+            f"{what} could not be written in {folder} ({err.strerror})"
+        ) from None
+    finally:
+        if tmp_path is not None and os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def cached_statistics(path: str, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The mean and covariance cached at path for this key, or None: no file, a
+    file of another key, or one that cannot be read, which is said in one line."""
+    if not os.path.exists(path):
+        return None
+    try:
+        cached = torch.load(path, weights_only=True)
+        found, mu, sigma = cached["key"], cached["mu"], cached["sigma"]
+    except Exception:
+        # a truncated or garbled file, or one of another layout: the statistics
+        # are computed again and the file rewritten
+        print(f"the cached reference statistics in {path} cannot be read: computing "
+              f"them again")
+        return None
+    return (mu, sigma) if found == key else None
+
+
 def reference_statistics(dataset, name, extractor, batch_size, device, cache_dir):
-    """The mean and covariance of the dataset's features, from the cache when the
-    dataset, its split, the transform, the image count and the extractor are the
-    ones it was computed for."""
+    """The mean and covariance of the dataset's features, from the cache in the
+    folder cache_dir when the dataset, its split, the transform, the image count and
+    the extractor are the ones it was computed for."""
     key = json.dumps(dict(dataset=name, images=len(dataset), extractor=EXTRACTOR))
     path = os.path.join(
         cache_dir, hashlib.sha256(key.encode()).hexdigest()[:16] + ".pt"
     )
-    if os.path.exists(path):
-        cached = torch.load(path, weights_only=True)
-        if cached["key"] == key:
-            print(f"reference statistics from the cache: {path}")
-            return cached["mu"], cached["sigma"]
+    cached = cached_statistics(path, key)
+    if cached is not None:
+        print(f"reference statistics from the cache: {path}")
+        return cached
     moments = Moments()
     loader = DataLoader(dataset, batch_size=batch_size)
     for images, _ in tqdm(loader, desc="features of the training set"):
         moments.add(features_of(extractor, images.to(device)))
     mu, sigma = moments.statistics()
-    os.makedirs(cache_dir, exist_ok=True)
-    torch.save(dict(key=key, mu=mu, sigma=sigma), path)
+    buffer = io.BytesIO()
+    torch.save(dict(key=key, mu=mu, sigma=sigma), buffer)
+    write_atomically(path, buffer.getvalue(), "the reference statistics' cache")
     return mu, sigma
 
 
@@ -270,6 +322,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--steps is DDIM's: add --sampler ddim, or drop it")
     if args.json and not os.path.isdir(os.path.dirname(args.json) or "."):
         parser.error(f"--json {args.json}: its folder does not exist")
+    if args.json and os.path.exists(args.json):
+        parser.error(f"--json {args.json} already exists: choose another file")
+    # the cache's folder before any work, not after the training set's features
+    if os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
+        parser.error(f"--cache-dir {args.cache_dir} is a file: give a folder")
+    try:
+        os.makedirs(args.cache_dir, exist_ok=True)
+    except OSError as err:
+        parser.error(f"--cache-dir {args.cache_dir} could not be made ({err.strerror})")
 
     try:
         device = resolve_device(args.device)
@@ -290,18 +351,18 @@ def main(argv: list[str] | None = None) -> None:
             )
         dataset, name = reference_dataset(recipe, args.data_root, args.fake_data)
         extractor = inception(args.inception_weights, device)
+        if args.n < PAPERS_N:
+            print(
+                f"warning: --n {args.n} is below the papers' {PAPERS_N:,}: this FID "
+                f"is biased upward and not comparable to theirs",
+                file=sys.stderr,
+            )
+        ddpm.to(device).eval()
+        mu_real, sigma_real = reference_statistics(
+            dataset, name, extractor, args.batch_size, device, args.cache_dir
+        )
     except UserError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
-    if args.n < PAPERS_N:
-        print(
-            f"warning: --n {args.n} is below the papers' {PAPERS_N:,}: this FID is "
-            f"biased upward and not comparable to theirs",
-            file=sys.stderr,
-        )
-    ddpm.to(device).eval()
-    mu_real, sigma_real = reference_statistics(
-        dataset, name, extractor, args.batch_size, device, args.cache_dir
-    )
 
     results = []
     for count in steps:
@@ -330,8 +391,11 @@ def main(argv: list[str] | None = None) -> None:
             reference=name, reference_images=len(dataset), extractor=EXTRACTOR,
             results=results,
         )
-        with open(args.json, "w") as file:
-            json.dump(figures, file, indent=2)
+        text = json.dumps(figures, indent=2)
+        try:
+            write_atomically(args.json, text.encode(), f"--json {args.json}")
+        except UserError as err:
+            parser.exit(2, f"{parser.prog}: error: {err}\n")
     guidance = f", guide_w={guide_w}" if conditional else ""
     print(f"FID: {last['fid']:.4f} (n={args.n}, sampler={args.sampler}, "
           f"steps={last['steps']}{guidance})")

@@ -84,12 +84,45 @@ def test_quick_run_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys)
 
 def test_an_unwritable_json_file_is_one_sentence(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "SETUPS", [("tiny", tiny, (1, 32, 32), 64, 16)])
-    missing = tmp_path / "no" / "such" / "b.json"
+    folder = tmp_path / "out"
+    folder.mkdir()
+
+    def measure_then_lose_the_folder(setup, path, device, quick, fast):
+        # the folder was there at the start, and is gone when the numbers are
+        if folder.exists():
+            folder.rmdir()
+        return dict(setup=setup[0], path=path, batch_size=2, n_sample=2,
+                    train_img_per_s=1.0, sample_step_s=1.0, peak_mib=None)
+
+    monkeypatch.setattr(bench, "measure", measure_then_lose_the_folder)
+    path = folder / "b.json"
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--device", "cpu", "--quick", "--json", str(missing)])
+        bench.main(["--device", "cpu", "--quick", "--json", str(path)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err == f"could not write {missing}: No such file or directory\n"
+    assert err == f"could not write {path}: No such file or directory\n"
+
+
+def test_an_existing_or_folderless_json_is_refused_before_measuring(
+    tmp_path, monkeypatch, capsys
+):
+    def measure(*args):
+        raise AssertionError("measured")
+
+    monkeypatch.setattr(bench, "measure", measure)
+    existing = tmp_path / "b.json"
+    existing.write_text("earlier numbers")
+    missing = tmp_path / "no" / "such" / "b.json"
+    for path, sentence in (
+        (existing, f"--json {existing} already exists: choose another file"),
+        (missing, f"--json {missing}: its folder does not exist"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--device", "cpu", "--quick", "--json", str(path)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.endswith(f"python -m mindiffusion.bench: error: {sentence}\n")
+    assert existing.read_text() == "earlier numbers"
 
 
 def test_only_picks_setups_by_the_start_of_their_name(tmp_path, monkeypatch, capsys):

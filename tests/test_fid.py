@@ -1,7 +1,10 @@
 """FID: the Fréchet distance against closed forms, and python -m mindiffusion.fid end
 to end with a small stand-in for the Inception network (no weights are downloaded)."""
 
+import errno
 import json
+import os
+import struct
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from torchvision.utils import save_image
 
 from mindiffusion import cli, fid
 from mindiffusion.ddim import DDIM
+from mindiffusion.errors import UserError
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist
 
@@ -201,3 +205,146 @@ def test_guide_w_on_an_unconditional_checkpoint_is_one_sentence(
         f"python -m mindiffusion.fid: error: --guide-w: {checkpoint} was trained "
         f"without --cond, so it has no classes to guide towards"
     )
+
+
+def refused(argv, capsys):
+    """fid.main's exit status and its last line on stderr, for a refused command."""
+    with pytest.raises(SystemExit) as exit_info:
+        fid.main(argv)
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if the command reads its checkpoint, where all its work begins."""
+
+    def load_ddpm(*args):
+        raise AssertionError("the checkpoint was read")
+
+    monkeypatch.setattr(fid, "load_ddpm", load_ddpm)
+
+
+def test_an_existing_or_folderless_json_is_refused_before_any_work(
+    tmp_path, no_work, capsys
+):
+    existing = tmp_path / "fid.json"
+    existing.write_text("earlier figures")
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    code, line = refused(["run.pth", "--json", str(existing), *cache], capsys)
+    assert code == 2
+    assert line == (
+        f"python -m mindiffusion.fid: error: --json {existing} already exists: "
+        f"choose another file"
+    )
+    assert existing.read_text() == "earlier figures"
+    missing = tmp_path / "no" / "fid.json"
+    code, line = refused(["run.pth", "--json", str(missing), *cache], capsys)
+    assert code == 2
+    assert line.endswith(f"error: --json {missing}: its folder does not exist")
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_before_any_work(
+    tmp_path, no_work, capsys
+):
+    a_file = tmp_path / "cache"
+    a_file.write_text("")
+    code, line = refused(["run.pth", "--cache-dir", str(a_file)], capsys)
+    assert code == 2
+    assert line == (
+        f"python -m mindiffusion.fid: error: --cache-dir {a_file} is a file: give a "
+        f"folder"
+    )
+
+
+def test_other_weights_are_one_sentence_naming_the_file(tmp_path):
+    weights = tmp_path / "resnet.pth"
+    torch.save(nn.Linear(2, 2).state_dict(), weights)
+    with pytest.raises(UserError) as error:
+        fid.inception(str(weights), torch.device("cpu"))
+    assert str(error.value) == (
+        f"--inception-weights {weights} holds other weights than torch-fidelity's "
+        f"Inception: give the file downloaded from {fid.INCEPTION_URL}"
+    )
+
+
+def fake_reference(extractor, cache):
+    """The statistics of 4 random 8x8 images, in batches of 2, cached in `cache`."""
+    dataset, name = fid.reference_dataset(dict(image_size=(3, 8, 8)), None, 4)
+    device = torch.device("cpu")
+    return fid.reference_statistics(dataset, name, extractor, 2, device, str(cache))
+
+
+def test_an_unreadable_cache_is_computed_again_and_rewritten(tmp_path, capsys):
+    extractor = StandIn()
+    mu, sigma = fake_reference(extractor, tmp_path)
+    (path,) = tmp_path.iterdir()
+    # a copy cut short, as a full disk or a killed run would leave it
+    path.write_bytes(path.read_bytes()[:100])
+    capsys.readouterr()
+    again = fake_reference(extractor, tmp_path)
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"the cached reference statistics in {path} cannot be read: computing them "
+        f"again"
+    )
+    assert len(extractor.seen) == 4
+    assert torch.equal(again[0], mu) and torch.equal(again[1], sigma)
+    # rewritten whole: the third time reads it
+    fake_reference(extractor, tmp_path)
+    assert "from the cache" in capsys.readouterr().out
+    assert len(extractor.seen) == 4
+
+
+def test_the_cache_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    extractor = StandIn()
+    fake_reference(extractor, tmp_path)
+    (path,) = tmp_path.iterdir()
+    path.write_bytes(b"an older, unreadable cache")
+
+    def replace(source, target):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(UserError) as error:
+        fake_reference(extractor, tmp_path)
+    assert str(error.value) == (
+        f"the reference statistics' cache could not be written in {tmp_path} "
+        f"(No space left on device)"
+    )
+    # the old file untouched, and no half-written one beside it
+    assert list(tmp_path.iterdir()) == [path]
+    assert path.read_bytes() == b"an older, unreadable cache"
+
+
+def write_idx(path, array):
+    """An IDX file as MNIST ships it: magic 0x08 (unsigned byte) and the dimensions."""
+    header = struct.pack(">I", 0x0800 | array.dim())
+    header += b"".join(struct.pack(">I", n) for n in array.shape)
+    path.write_bytes(header + array.numpy().tobytes())
+
+
+def test_mnist_at_28_and_at_32_pixels_do_not_share_statistics(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 256, (4, 28, 28), dtype=torch.uint8, generator=g)
+    for split, n in (("train", 4), ("t10k", 2)):
+        write_idx(raw / f"{split}-images-idx3-ubyte", images[:n])
+        write_idx(raw / f"{split}-labels-idx1-ubyte", torch.arange(n).byte())
+    extractor = StandIn()
+    (tmp_path / "cache").mkdir()
+    means = {}
+    for side in (28, 32, 28, 32):
+        # the recipes of train_mnist.py's DummyEpsModel and of its padded NaiveUnet
+        recipe = dict(dataset="MNIST", image_size=(1, side, side))
+        dataset, name = fid.reference_dataset(recipe, str(tmp_path), None)
+        mu, _ = fid.reference_statistics(
+            dataset, name, extractor, 2, torch.device("cpu"), str(tmp_path / "cache")
+        )
+        means.setdefault(side, []).append(mu)
+    # each size computed once, in two batches of 2, then read from its own cache
+    sizes = [shape[2:] for _, shape in extractor.seen]
+    assert sizes == [(28, 28)] * 2 + [(32, 32)] * 2
+    assert len(os.listdir(tmp_path / "cache")) == 2
+    assert not torch.equal(means[28][0], means[32][0])
+    for side in (28, 32):
+        assert torch.equal(means[side][0], means[side][1])
