@@ -35,12 +35,10 @@ blk = lambda ic, oc: nn.Sequential(
 
 
 class DummyEpsModel(nn.Module):
-    """A plain CNN noise predictor, just good enough for MNIST.
-
-    It ignores the timestep t: it has to guess the noise level from x_t alone. With
-    `n_classes` (classifier-free guidance), each class and the null class (the
-    last) has a learned 28x28 map, given to the first block as one more channel.
-    """
+    """A plain CNN noise predictor, just good enough for MNIST. It ignores the
+    timestep t: it has to guess the noise level from x_t alone. With `n_classes`,
+    each class and the null class (the last) has a learned 28x28 map, given to the
+    first block as one more channel."""
 
     def __init__(self, n_channel: int, n_classes: int | None = None) -> None:
         super().__init__()
@@ -69,9 +67,8 @@ class DummyEpsModel(nn.Module):
 
 
 def other_ddpm(eps_model: str, n_feat: int, n_T: int, run: Run) -> DDPM:
-    """The DDPM of --eps-model unet or --cond: the notes' lesson of swapping the
-    noise model, here their NaiveUnet of width --n-feat on digits padded to 32x32,
-    or a DummyEpsModel told the digit."""
+    """--eps-model unet, the notes' NaiveUnet on digits padded to 32x32, or --cond,
+    a noise model told the digit: the notes' lesson of swapping eps_model."""
     # --cond: the ten digits, 0 to 9, and the null class
     n_classes = 10 if run.cond else None
     unet = eps_model == "unet"
@@ -153,8 +150,7 @@ def train_mnist(
         run.save(i + 1)
 
 
-# --laptop: a small NaiveUnet that draws digits after about half an hour on two CPU
-# cores (README, "Watch it learn on a CPU")
+# --laptop: a small NaiveUnet that draws digits in half an hour on two CPU cores
 LAPTOP = dict(eps_model="unet", n_feat=24, batch_size=64, lr=1e-3, ema=0.995,
               amp="auto", device="cpu", num_workers=0)
 

@@ -17,7 +17,6 @@ from torch.optim.swa_utils import AveragedModel
 
 from mindiffusion.distributed import gather, process_rank, say, shared_seed, world_size
 from mindiffusion.errors import UserError
-from mindiffusion.locks import hold_lock
 from mindiffusion.record import Record
 
 # the grids each script writes beside its checkpoint, which a new run must not
@@ -145,12 +144,9 @@ class Checkpoint:
         Resuming restores the model, the optimizer, the averaged weights of --ema, the
         data order and the random number generators, so the run goes on exactly as if
         it had never stopped; this run's learning rate replaces the checkpoint's. A
-        new run refuses to overwrite an existing checkpoint, record or grid. While
-        the run lasts, no other run can take the same checkpoint.
+        new run refuses to overwrite an existing checkpoint, record or grid.
         """
         path, ema = self.path, self.ema
-        if process_rank() == 0:
-            self.lock = hold_lock(path + ".lock", os.path.dirname(path) or ".")
         if not resume:
             self.refuse_to_overwrite()
             self.data_seed = shared_seed(seed)

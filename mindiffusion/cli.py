@@ -10,20 +10,25 @@ import inspect
 import sys
 from collections.abc import Callable
 
-import torch.distributed as dist
-
 from mindiffusion.distributed import process_rank
 from mindiffusion.errors import UserError
-from mindiffusion.run import Run
-from mindiffusion.signals import Stopped, stop_on_signals
+from mindiffusion.run import run_training
+from mindiffusion.signals import Stopped
 
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer no smaller than `minimum`."""
+
+def at_least(minimum: int, multiple: int = 1) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `minimum`, and a multiple of
+    `multiple`, as NaiveUnet's GroupNorm(8, ...) needs its width to be."""
 
     def integer(text: str) -> int:
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if value % multiple:
+            raise argparse.ArgumentTypeError(
+                f"must be a multiple of {multiple}, for NaiveUnet's GroupNorm(8, ...), "
+                f"got {value}"
+            )
         return value
 
     return integer
@@ -39,16 +44,6 @@ def bounded_float(test: Callable[[float], bool], wanted: str) -> Callable[[str],
         return value
 
     return number
-
-
-def multiple_of_8(text: str) -> int:
-    """An argparse type: a NaiveUnet width, which its GroupNorm(8, ...) divides."""
-    value = int(text)
-    if value < 8 or value % 8:
-        raise argparse.ArgumentTypeError(
-            f"{value}: NaiveUnet's GroupNorm(8, ...) needs a multiple of 8"
-        )
-    return value
 
 
 fraction = bounded_float(lambda v: 0 < v < 1, "between 0 and 1")
@@ -80,7 +75,7 @@ FLAGS = {
     "eps_model": ("--eps-model", dict(choices=("dummy", "unet")),
                   "dummy: the notes' DummyEpsModel; unet: their NaiveUnet, on images "
                   "padded to 32x32 (default: %(default)s)"),
-    "n_feat": ("--n-feat", dict(type=multiple_of_8, metavar="N"),
+    "n_feat": ("--n-feat", dict(type=at_least(8, multiple=8), metavar="N"),
                "NaiveUnet's width, a multiple of 8 (default: %(default)s)"),
     "seed": ("--seed", dict(type=int, metavar="N"),
              "seed for torch's random numbers (default: unseeded)"),
@@ -194,17 +189,3 @@ def main(
         out = settings["out"]
         parser.exit(130, f"\ninterrupted: what was saved in {out} is kept\n")
 
-
-def run_training(train: Callable, **settings) -> None:
-    """Call `train` with these settings, its run's flags among them, set up as a run
-    from the command line is: torchrun, the device and the seed, stop signals."""
-    fields = {field.name for field in dataclasses.fields(Run)}
-    run = Run(**{k: v for k, v in settings.items() if k in fields})
-    own = {k: v for k, v in settings.items() if k not in fields}
-    try:
-        own["device"] = run.setup(own.get("device", "cpu"), own.get("out", "contents"))
-        with stop_on_signals():
-            train(**own, run=run)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()

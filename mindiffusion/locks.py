@@ -14,9 +14,16 @@ except ImportError:
     import msvcrt
 
 
+def release(file) -> None:
+    """Give the lock up, also for the DataLoader workers that forked with it open."""
+    if fcntl is not None:
+        fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+    file.close()
+
+
 def hold_lock(path: str, folder: str):
     """Take the lock file at `path`, or say which process holds it; the open file
-    returned holds it until it is closed or the process ends."""
+    returned holds it until `release` or the end of the process."""
     file = open(path, "a+")
     try:
         if fcntl is not None:

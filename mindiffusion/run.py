@@ -9,8 +9,10 @@ import contextlib
 import dataclasses
 import inspect
 import os
+from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
@@ -30,6 +32,7 @@ from mindiffusion.distributed import (
 )
 from mindiffusion.duties import StepDuties
 from mindiffusion.errors import UserError
+from mindiffusion.locks import hold_lock, release
 
 
 @dataclasses.dataclass
@@ -103,6 +106,9 @@ class Run:
         settings = dict(
             batch_size=dataloader.batch_size, ema=self.ema, amp=self.amp, seed=self.seed
         )
+        if process_rank() == 0:
+            # while this run lasts, no other run can take the same checkpoint
+            self.lock = hold_lock(path + ".lock", os.path.dirname(path) or ".")
         recipe = recipe_of(ddpm, dataloader.dataset)
         checkpoint = Checkpoint(path, ddpm, optim, recipe, ema, scaler, settings)
         start = checkpoint.resume_or_start(self.resume, n_epoch, self.seed)
@@ -142,6 +148,27 @@ class Run:
                 f"{model.checkpoint.path}; run the same command with --resume to go "
                 f"on",
             )
+
+
+def run_training(train: Callable, **settings) -> DDPM:
+    """Call `train` with these settings, its run's flags among them, set up as a run
+    from the command line is: torchrun, the device and the seed, stop signals; and
+    return the DDPM it trained."""
+    fields = {field.name for field in dataclasses.fields(Run)}
+    run = Run(**{k: v for k, v in settings.items() if k in fields})
+    own = {k: v for k, v in settings.items() if k not in fields}
+    params = inspect.signature(train).parameters
+    device, out = (own.get(k, params[k].default) for k in ("device", "out"))
+    try:
+        own["device"] = run.setup(device, out)
+        with signals.stop_on_signals():
+            train(**own, run=run)
+        return run.model.ddpm
+    finally:
+        if getattr(run, "lock", None) is not None:
+            release(run.lock)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class PreparedDDPM(nn.Module):

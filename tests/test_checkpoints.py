@@ -9,8 +9,9 @@ from torch.utils.data import DataLoader
 
 import train_cifar10 as cifar10_script
 from conftest import cheap_ddpm, run_script
-from mindiffusion import checkpoints
+from mindiffusion import checkpoints, data, distributed
 from train_cifar10 import train_cifar10
+from mindiffusion.run import run_training
 
 # two steps of 2 fake CIFAR-10 images per epoch, on the CPU
 RUN = dict(device="cpu", batch_size=2, n_T=2, fake_data=4, seed=0)
@@ -21,7 +22,7 @@ FLAGS = "--device cpu --batch-size 2 --n-T 2 --fake-data 4 --num-workers 0".spli
 def ema_run(tmp_path_factory):
     """The folder of a 1-epoch CIFAR-10 run with --ema 0.9."""
     out = tmp_path_factory.mktemp("ema_run")
-    train_cifar10(n_epoch=1, out=str(out), ema=0.9, num_workers=0, **RUN)
+    run_training(train_cifar10, n_epoch=1, out=str(out), ema=0.9, num_workers=0, **RUN)
     return out
 
 
@@ -103,11 +104,12 @@ def test_resume_is_exact_with_persistent_workers(stand_in, tmp_path, monkeypatch
         # what the scripts' loader does on CUDA, forced on the CPU
         return DataLoader(*args, **dict(kwargs, persistent_workers=True))
 
-    monkeypatch.setattr(cifar10_script, "DataLoader", persistent)
+    # the loader that the prepared run rebuilds from the script's
+    monkeypatch.setattr(data, "DataLoader", persistent)
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    train_cifar10(n_epoch=2, out=str(straight), num_workers=1, **RUN)
-    train_cifar10(n_epoch=1, out=str(halves), num_workers=1, **RUN)
-    train_cifar10(n_epoch=2, out=str(halves), num_workers=1, resume=True, **RUN)
+    run_training(train_cifar10, n_epoch=2, out=str(straight), num_workers=1, **RUN)
+    run_training(train_cifar10, n_epoch=1, out=str(halves), num_workers=1, **RUN)
+    run_training(train_cifar10, n_epoch=2, out=str(halves), num_workers=1, resume=True, **RUN)
     a = torch.load(straight / "ddpm_cifar.pth", weights_only=True)["model"]
     b = torch.load(halves / "ddpm_cifar.pth", weights_only=True)["model"]
     for name in a:
@@ -126,13 +128,11 @@ def test_the_data_order_follows_the_seed_and_splits_across_ranks(
     for seed in (0, 1):
         for rank in (0, 1):
             seen.clear()
-            monkeypatch.setattr(
-                cifar10_script.cli,
-                "init_processes",
-                lambda name: (torch.device("cpu"), rank, 2),
-            )
+            monkeypatch.setenv("RANK", str(rank))
+            monkeypatch.setattr(distributed, "world_size", lambda: 2)
+            monkeypatch.setattr(data, "world_size", lambda: 2)
             run = dict(RUN, seed=seed, fake_data=8, batch_size=4, num_workers=0)
-            train_cifar10(n_epoch=1, out=str(tmp_path / f"{seed}{rank}"), **run)
+            run_training(train_cifar10, n_epoch=1, out=str(tmp_path / f"{seed}{rank}"), **run)
             orders[seed, rank] = torch.cat(seen).tolist()
     for seed in (0, 1):
         # two batches of 2 on each rank, together all 8 images once

@@ -16,6 +16,8 @@ from mindiffusion.ddpm import DDPM
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import DummyEpsModel, train_mnist
+from mindiffusion import data, devices
+from mindiffusion.run import run_training
 
 CPUS = os.cpu_count()
 # a CIFAR-10 run of a few seconds on a CPU
@@ -71,13 +73,13 @@ def test_help_shows_each_flag_with_the_notes_defaults(
 def test_a_missing_cuda_device_falls_back_with_one_line(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert cli.resolve_device("cuda:1") == torch.device("cpu")
+    assert devices.resolve_device("cuda:1") == torch.device("cpu")
     assert (
         capsys.readouterr().out
         == "CUDA is not available here: using cpu instead of cuda:1\n"
     )
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert cli.resolve_device("cuda") == torch.device("mps")
+    assert devices.resolve_device("cuda") == torch.device("mps")
     assert (
         capsys.readouterr().out
         == "CUDA is not available here: using mps instead of cuda\n"
@@ -87,18 +89,18 @@ def test_a_missing_cuda_device_falls_back_with_one_line(monkeypatch, capsys):
 def test_a_missing_gpu_index_falls_back_to_cuda_0(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert cli.resolve_device("cuda:1") == torch.device("cuda:0")
+    assert devices.resolve_device("cuda:1") == torch.device("cuda:0")
     assert (
         capsys.readouterr().out
         == "cuda:1 does not exist (1 GPU(s) here): using cuda:0 instead\n"
     )
-    assert cli.resolve_device("cuda:0") == torch.device("cuda:0")
-    assert cli.resolve_device("cuda") == torch.device("cuda")
+    assert devices.resolve_device("cuda:0") == torch.device("cuda:0")
+    assert devices.resolve_device("cuda") == torch.device("cuda")
     assert capsys.readouterr().out == ""
 
 
 def test_cpu_is_taken_as_asked(capsys):
-    assert cli.resolve_device("cpu") == torch.device("cpu")
+    assert devices.resolve_device("cpu") == torch.device("cpu")
     assert capsys.readouterr().out == ""
 
 
@@ -211,13 +213,13 @@ def test_celeba_image_folder_mistakes(tmp_path, capsys):
 def one_epoch(tmp_path_factory):
     """A folder holding the checkpoint and grid of a 1-epoch CIFAR-10 run, seed 0."""
     out = tmp_path_factory.mktemp("one_epoch")
-    train_cifar10(n_epoch=1, seed=0, out=str(out), **QUICK)
+    run_training(train_cifar10, n_epoch=1, seed=0, out=str(out), **QUICK)
     return out
 
 
 def test_resume_continues_exactly_as_a_straight_run(one_epoch, tmp_path, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_cifar10(n_epoch=2, seed=0, out=str(straight), **QUICK)
+    run_training(train_cifar10, n_epoch=2, seed=0, out=str(straight), **QUICK)
     shutil.copytree(one_epoch, resumed)
     cli.main(
         train_cifar10,
@@ -345,10 +347,10 @@ def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
 def test_real_images_tops_up_a_short_batch_from_the_dataset():
     dataset = [(torch.full((1, 2, 2), float(k)), 0) for k in range(3)]
     x = torch.full((2, 1, 2, 2), -1.0)
-    real = cli.real_images(x, dataset, 8)
+    real = data.real_images(x, dataset, 8)
     assert real[:, 0, 0, 0].tolist() == [-1, -1, 0, 1, 2, 0, 1, 2]
     assert torch.equal(
-        cli.real_images(torch.zeros(9, 1, 2, 2), dataset, 8), torch.zeros(8, 1, 2, 2)
+        data.real_images(torch.zeros(9, 1, 2, 2), dataset, 8), torch.zeros(8, 1, 2, 2)
     )
 
 

@@ -17,6 +17,7 @@ from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
 from mindiffusion.unet import NaiveUnet
 from train_mnist import train_mnist
+from mindiffusion.run import run_training
 
 QUICK = ["--epochs", "1", "--n-T", "1", "--device", "cpu", "--num-workers", "0"]
 # MNIST's own small UNet: digits padded to 32x32
@@ -185,7 +186,7 @@ def conditional(tmp_path_factory):
         for cond in (True, False):
             out = tmp_path_factory.mktemp(f"cond{cond}")
             # two steps: the average starts as a copy of the first step's weights
-            train_mnist(n_epoch=1, device="cpu", batch_size=2, n_T=3, fake_data=4,
+            run_training(train_mnist, n_epoch=1, device="cpu", batch_size=2, n_T=3, fake_data=4,
                         out=str(out), num_workers=0, eps_model="unet", n_feat=8,
                         ema=0.5, cond=cond)
             paths[cond] = out / "ddpm_mnist.pth"

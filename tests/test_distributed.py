@@ -13,6 +13,7 @@ from conftest import REPO
 from mindiffusion import cli
 from mindiffusion.ddpm import DDPM
 from train_mnist import DummyEpsModel
+from mindiffusion import distributed, errors
 
 # 8 fake images in global batches of 4: two steps per epoch, 2 images per rank each
 FLAGS = "--device cpu --fake-data 8 --batch-size 4 --n-T 2 --num-workers 0 --seed 0"
@@ -103,9 +104,9 @@ def test_torchrun_trains_in_step_stops_together_and_resumes_exactly(
 
 
 def test_a_batch_that_does_not_split_evenly_is_one_sentence():
-    assert cli.split_batch(512, 4) == 128
-    with pytest.raises(cli.UserError, match=r"^--batch-size 5 does not split evenly"):
-        cli.split_batch(5, 2)
+    assert distributed.split_batch(512, 4) == 128
+    with pytest.raises(errors.UserError, match=r"^--batch-size 5 does not split evenly"):
+        distributed.split_batch(5, 2)
 
 
 def torchrun_environment(monkeypatch, local_rank):
@@ -119,17 +120,17 @@ def test_more_processes_than_gpus_is_one_sentence(monkeypatch):
     torchrun_environment(monkeypatch, local_rank=1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(cli.UserError, match=r"use --nproc_per_node=1$"):
-        cli.init_processes("cuda")
+    with pytest.raises(errors.UserError, match=r"use --nproc_per_node=1$"):
+        distributed.init_processes("cuda")
 
 
 def test_torchrun_on_mps_is_one_sentence(monkeypatch):
     torchrun_environment(monkeypatch, local_rank=0)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     with pytest.raises(
-        cli.UserError, match=r"^torchrun runs on CUDA GPUs or on the CPU"
+        errors.UserError, match=r"^torchrun runs on CUDA GPUs or on the CPU"
     ):
-        cli.init_processes("mps")
+        distributed.init_processes("mps")
 
 
 def test_two_ranks_take_the_step_of_one_with_groupnorm(tmp_path):
@@ -150,7 +151,7 @@ def test_under_ddp_batchnorm_is_synchronised_on_gpus_only(device, norm, monkeypa
     )
     ddpm = DDPM(DummyEpsModel(1), betas=(1e-4, 0.02), n_T=2)
     parameters = list(ddpm.parameters())
-    distributed = cli.distribute(ddpm, torch.device(device))
+    distributed = distributed.distribute(ddpm, torch.device(device))
     norms = [m for m in distributed.modules() if "Norm" in type(m).__name__]
     assert len(norms) == 7 and {type(m) for m in norms} == {norm}
     # the optimizer, made before, still holds the model's parameters

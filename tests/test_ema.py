@@ -12,6 +12,7 @@ from conftest import cheap_ddpm
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist
+from mindiffusion.run import run_training
 
 # two steps of 2 fake images per epoch, on the CPU; lr 0.1 makes each step show
 RUN = dict(device="cpu", batch_size=2, n_T=2, fake_data=4, num_workers=0, seed=0)
@@ -88,9 +89,9 @@ def test_resume_carries_the_average_on(train, tmp_path, sampled_by, capsys):
 def test_ema_turned_on_when_resuming_starts_from_the_resumed_weights(
     tmp_path, sampled_by, capsys
 ):
-    train_cifar10(n_epoch=1, out=str(tmp_path), **RUN)
+    run_training(train_cifar10, n_epoch=1, out=str(tmp_path), **RUN)
     assert torch.load(tmp_path / "ddpm_cifar.pth", weights_only=True)["ema"] is None
-    ddpm = train_cifar10(n_epoch=2, out=str(tmp_path), ema=0.5, resume=True, **RUN)
+    ddpm = run_training(train_cifar10, n_epoch=2, out=str(tmp_path), ema=0.5, resume=True, **RUN)
     assert (
         "--ema: the checkpoint has no average yet: it starts from these weights"
         in capsys.readouterr().out

@@ -13,6 +13,8 @@ import train_mnist
 from mindiffusion import cli
 from mindiffusion.ddpm import DDPM
 from mindiffusion.unet import NaiveUnet
+from mindiffusion import devices
+from mindiffusion.run import run_training
 
 SCRIPTS = [
     (train_mnist, train_mnist.train_mnist),
@@ -85,7 +87,7 @@ def test_amp_without_native_bfloat16_says_so_and_stays_float32(
     seen_steps, tmp_path, monkeypatch, capsys
 ):
     native_bf16(monkeypatch, False)
-    train_cifar10.train_cifar10(out=str(tmp_path), fake_data=2, amp="auto", **TINY_RUN)
+    run_training(train_cifar10.train_cifar10, out=str(tmp_path), fake_data=2, amp="auto", **TINY_RUN)
     assert seen_steps[0]["compute_dtype"] == torch.float32
     lines = [line for line in capsys.readouterr().out.splitlines() if "--amp" in line]
     assert lines == [
@@ -101,7 +103,7 @@ def test_a_gpu_has_native_bfloat16_from_ampere_on(
 ):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "Some GPU")
-    assert cli.has_native_bf16(torch.device("cuda", 0)) is native
+    assert devices.has_native_bf16(torch.device("cuda", 0)) is native
     out = capsys.readouterr().out
     if native:
         assert out == ""
@@ -207,7 +209,7 @@ def test_sampling_makes_every_tensor_on_the_device_it_samples_on():
 
 
 def test_amp_on_mps_says_it_stays_float32(capsys):
-    assert cli.has_native_bf16(torch.device("mps")) is False
+    assert devices.has_native_bf16(torch.device("mps")) is False
     assert capsys.readouterr().out == (
         "--amp: bfloat16 autocast is for CUDA and CPUs; mps stays in float32\n"
     )

@@ -18,6 +18,8 @@ from mindiffusion.ddim import DDIM
 from mindiffusion.errors import UserError
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist
+from mindiffusion import errors
+from mindiffusion.run import run_training
 
 
 def test_diagonal_covariances_give_the_closed_form():
@@ -91,7 +93,7 @@ class StandIn(nn.Module):
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("cifar")
     run = dict(device="cpu", batch_size=2, n_T=3, fake_data=2, num_workers=0)
-    train_cifar10(n_epoch=1, out=str(out), **run)
+    run_training(train_cifar10, n_epoch=1, out=str(out), **run)
     return str(out / "ddpm_cifar.pth")
 
 
@@ -152,7 +154,7 @@ def test_the_command_end_to_end(checkpoint, stand_in, tmp_path, capsys):
 
 def test_offline_without_weights_is_one_sentence(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(cli.UserError) as error:
+    with pytest.raises(errors.UserError) as error:
         fid.inception(None, torch.device("cpu"))
     message = str(error.value)
     assert message.startswith(
@@ -169,7 +171,7 @@ def test_a_conditional_checkpoint_draws_its_classes_in_equal_numbers(
     stand_in, tmp_path, monkeypatch, capsys
 ):
     out = tmp_path / "mnist"
-    train_mnist(n_epoch=1, device="cpu", batch_size=2, n_T=2, fake_data=2, out=str(out),
+    run_training(train_mnist, n_epoch=1, device="cpu", batch_size=2, n_T=2, fake_data=2, out=str(out),
                 num_workers=0, eps_model="unet", n_feat=8, cond=True)
     drawn = []
     sample = DDIM.sample

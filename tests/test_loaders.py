@@ -14,6 +14,7 @@ from conftest import cheap_ddpm, grid_tiles
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist
+from mindiffusion.run import run_training
 
 # one epoch in batches of 4 on the CPU, with a single diffusion step
 SMALL_RUN = dict(n_epoch=1, device="cpu", batch_size=4, n_T=1, num_workers=0)
@@ -44,7 +45,7 @@ def test_mnist_reads_idx_files(tmp_path, seen_batches):
     write_idx(raw / "t10k-images-idx3-ubyte", images[:2])
     write_idx(raw / "t10k-labels-idx1-ubyte", torch.arange(2, dtype=torch.uint8))
 
-    train_mnist(data_root=str(tmp_path), out=str(tmp_path / "out"), **SMALL_RUN)
+    run_training(train_mnist, data_root=str(tmp_path), out=str(tmp_path / "out"), **SMALL_RUN)
 
     x = torch.cat(seen_batches)
     assert x.shape == (6, 1, 28, 28)
@@ -78,7 +79,7 @@ def test_cifar10_reads_python_batches(tmp_path, monkeypatch, seen_batches):
         lambda path, md5=None: os.path.isfile(path),
     )
 
-    train_cifar10(data_root=str(tmp_path), out=str(tmp_path / "out"), **SMALL_RUN)
+    run_training(train_cifar10, data_root=str(tmp_path), out=str(tmp_path / "out"), **SMALL_RUN)
 
     x = torch.cat(seen_batches)
     assert x.shape == (10, 3, 32, 32)
@@ -100,7 +101,7 @@ def test_celeba_reads_an_image_folder(tmp_path, seen_batches):
         Image.new("RGB", (178, 218), colour).save(faces / f"{k + 1:06d}.jpg")
 
     root = str(tmp_path / "celeba")
-    train_celeba(data_root=root, out=str(tmp_path / "out"), **SMALL_RUN)
+    run_training(train_celeba, data_root=root, out=str(tmp_path / "out"), **SMALL_RUN)
 
     def colour_of(image):
         return [round(v) for v in image.float().mean(dim=(1, 2)).tolist()]

@@ -20,6 +20,7 @@ from mindiffusion.ddpm import DDPM
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist
+from mindiffusion import devices
 
 SCRIPTS = [train_mnist, train_cifar10, train_celeba]
 # MNIST with a narrow UNet: the loop is the script's own, the checkpoint 30 times
@@ -262,10 +263,10 @@ def test_amp_auto_picks_by_the_gpus_compute_capability(
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "Some GPU")
     gpu = torch.device("cuda", 0)
-    assert cli.autocast_dtype("auto", gpu) is dtype
-    assert cli.autocast_dtype("fp16", gpu) is torch.float16
-    assert cli.autocast_dtype("bf16", gpu) is torch.bfloat16
-    assert cli.autocast_dtype(None, gpu) is None
+    assert devices.autocast_dtype("auto", gpu) is dtype
+    assert devices.autocast_dtype("fp16", gpu) is torch.float16
+    assert devices.autocast_dtype("bf16", gpu) is torch.bfloat16
+    assert devices.autocast_dtype(None, gpu) is None
     said = capsys.readouterr().out
     assert said == ("" if dtype else "--amp: this GPU (Some GPU) has no native "
                     "bfloat16, so training stays in float32\n")

@@ -13,6 +13,7 @@ from conftest import cheap_ddpm, run_script
 from mindiffusion import cli, sample
 from mindiffusion.unet import NaiveUnet
 from train_mnist import LAPTOP, DummyEpsModel, train_mnist
+from mindiffusion.run import run_training
 
 RUN = dict(device="cpu", batch_size=2, n_T=2, fake_data=2, num_workers=0)
 
@@ -25,7 +26,7 @@ def seen_batches(monkeypatch):
 
 
 def test_the_default_run_is_the_notes(seen_batches, tmp_path):
-    ddpm = train_mnist(n_epoch=1, out=str(tmp_path), **RUN)
+    ddpm = run_training(train_mnist, n_epoch=1, out=str(tmp_path), **RUN)
     assert type(ddpm.eps_model) is DummyEpsModel
     notes_tf = transforms.Compose(
         [transforms.ToTensor(), transforms.Normalize((0.5,), (1.0,))]
@@ -49,7 +50,7 @@ def test_the_unet_trains_on_padded_digits_and_rebuilds_for_sampling(
         return forward(self, x, t)
 
     monkeypatch.setattr(NaiveUnet, "forward", recording_forward)
-    ddpm = train_mnist(n_epoch=1, out=str(tmp_path), eps_model="unet", n_feat=8, **RUN)
+    ddpm = run_training(train_mnist, n_epoch=1, out=str(tmp_path), eps_model="unet", n_feat=8, **RUN)
     assert isinstance(ddpm.eps_model, NaiveUnet) and ddpm.eps_model.n_feat == 8
     assert seen[0] == (2, 1, 32, 32)
     # 16 tiles of 32x32, with make_grid's 2-pixel padding
@@ -64,7 +65,7 @@ def test_the_unet_trains_on_padded_digits_and_rebuilds_for_sampling(
 
 
 def test_padding_is_black_around_the_digit(seen_batches, tmp_path):
-    train_mnist(n_epoch=1, out=str(tmp_path), eps_model="unet", n_feat=8, **RUN)
+    run_training(train_mnist, n_epoch=1, out=str(tmp_path), eps_model="unet", n_feat=8, **RUN)
     (batch,) = seen_batches
     # black is 0, which the notes' Normalize((0.5,), (1.0,)) makes -0.5
     inside = torch.zeros(32, 32, dtype=torch.bool)
@@ -109,14 +110,14 @@ def test_grid_every_keeps_its_rhythm_across_resume(tmp_path, monkeypatch):
     cheap_ddpm(monkeypatch)
     run = dict(RUN, eps_model="unet", n_feat=8, grid_every=2)
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    train_mnist(n_epoch=5, out=str(straight), **run)
+    run_training(train_mnist, n_epoch=5, out=str(straight), **run)
 
     def grids(out):
         return sorted(p.name for p in out.glob("*.png"))
 
     # after epochs 2 and 4, and after the last, 5 (files count epochs from 0)
     assert grids(straight) == [f"ddpm_sample_{i}.png" for i in (1, 3, 4)]
-    train_mnist(n_epoch=3, out=str(halves), **run)
+    run_training(train_mnist, n_epoch=3, out=str(halves), **run)
     assert grids(halves) == [f"ddpm_sample_{i}.png" for i in (1, 2)]
-    train_mnist(n_epoch=5, out=str(halves), resume=True, **run)
+    run_training(train_mnist, n_epoch=5, out=str(halves), resume=True, **run)
     assert grids(halves) == [f"ddpm_sample_{i}.png" for i in (1, 2, 3, 4)]
