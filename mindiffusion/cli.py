@@ -16,19 +16,13 @@ from mindiffusion.run import run_training
 from mindiffusion.signals import Stopped
 
 
-def at_least(minimum: int, multiple: int = 1) -> Callable[[str], int]:
-    """An argparse type: an integer no smaller than `minimum`, and a multiple of
-    `multiple`, as NaiveUnet's GroupNorm(8, ...) needs its width to be."""
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `minimum`."""
 
     def integer(text: str) -> int:
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        if value % multiple:
-            raise argparse.ArgumentTypeError(
-                f"must be a multiple of {multiple}, for NaiveUnet's GroupNorm(8, ...), "
-                f"got {value}"
-            )
         return value
 
     return integer
@@ -75,7 +69,7 @@ FLAGS = {
     "eps_model": ("--eps-model", dict(choices=("dummy", "unet")),
                   "dummy: the notes' DummyEpsModel; unet: their NaiveUnet, on images "
                   "padded to 32x32 (default: %(default)s)"),
-    "n_feat": ("--n-feat", dict(type=at_least(8, multiple=8), metavar="N"),
+    "n_feat": ("--n-feat", dict(type=at_least(8), metavar="N"),
                "NaiveUnet's width, a multiple of 8 (default: %(default)s)"),
     "seed": ("--seed", dict(type=int, metavar="N"),
              "seed for torch's random numbers (default: unseeded)"),
@@ -179,6 +173,10 @@ def main(
         parser.error("--p-uncond and --guide-w are --cond's: add --cond, or drop them")
     if "n_feat" in given and settings.get("eps_model") != "unet":
         parser.error("--n-feat is NaiveUnet's width: add --eps-model unet")
+    if settings.get("eps_model") == "unet" and settings["n_feat"] % 8:
+        n_feat = settings["n_feat"]
+        parser.error(f"--n-feat {n_feat}: NaiveUnet's GroupNorm(8, ...) needs a "
+                     f"multiple of 8")
     try:
         run_training(train, **settings)
     except UserError as err:

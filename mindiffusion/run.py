@@ -65,6 +65,10 @@ class Run:
     p_uncond: float = 0.1
     guide_w: float = 2.0
 
+    def __post_init__(self) -> None:
+        # what `prepare` makes: the prepared model, and the lock on its checkpoint
+        self.model = self.lock = None
+
     def setup(self, device: str, out: str) -> torch.device:
         """The device to train on, joined to torchrun's processes, with torch
         seeded and the folder --out made: all that comes before the model."""
@@ -163,9 +167,9 @@ def run_training(train: Callable, **settings) -> DDPM:
         own["device"] = run.setup(device, out)
         with signals.stop_on_signals():
             train(**own, run=run)
-        return run.model.ddpm
+        return run.model and run.model.ddpm
     finally:
-        if getattr(run, "lock", None) is not None:
+        if run.lock is not None:
             release(run.lock)
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -13,6 +13,7 @@ sys.path.insert(0, str(REPO))
 
 from mindiffusion import cli  # noqa: E402
 from mindiffusion.ddpm import DDPM  # noqa: E402
+from mindiffusion.run import ZeroEps  # noqa: E402
 
 
 @pytest.fixture
@@ -46,7 +47,8 @@ def cheap_ddpm(patch, on_forward=None, on_sample=None, moving=False):
         return sum(p.sum() for p in self.parameters()) * float(moving)
 
     def sample(self, n_sample, size, device, c=None, guide_w=0.0):
-        if on_sample is not None:
+        # the walk of the sampler's draws before a grid is not the grid
+        if on_sample is not None and not isinstance(self.eps_model, ZeroEps):
             on_sample(self, size)
         return torch.zeros(n_sample, *size, device=device)
 
@@ -71,9 +73,10 @@ def stand_in(monkeypatch):
     """A cheap loss and sampler that still depend on the batch, the random numbers
     and the weights, so that any slip in the order or the state shows in the end.
 
-    Setting plan["signal"] = (k, signum) raises signum during the k-th call from then.
+    Setting plan["signal"] = (k, signum) raises signum during the k-th call from then,
+    and plan["grid_signals"] = [signum, ...] raises each during the next grid.
     """
-    plan = {"signal": (0, 0)}
+    plan = {"signal": (0, 0), "grid_signals": []}
 
     def forward(self, x, c=None):
         k, signum = plan["signal"]
@@ -84,7 +87,12 @@ def stand_in(monkeypatch):
         return (x.mean() + torch.rand(())) * weights * 1e-3
 
     def sample(self, n_sample, size, device, c=None, guide_w=0.0):
-        return torch.randn(n_sample, *size)
+        x = torch.randn(n_sample, *size)
+        # the walk of the sampler's draws before a grid is not the grid
+        if not isinstance(self.eps_model, ZeroEps):
+            while plan["grid_signals"]:
+                signal.raise_signal(plan["grid_signals"].pop(0))
+        return x
 
     monkeypatch.setattr(DDPM, "forward", forward)
     monkeypatch.setattr(DDPM, "sample", sample)

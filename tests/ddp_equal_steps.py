@@ -14,7 +14,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mindiffusion import cli  # noqa: E402
 from mindiffusion.unet import NaiveUnet  # noqa: E402
 from train_mnist import DummyEpsModel  # noqa: E402
 from mindiffusion import distributed  # noqa: E402
@@ -36,7 +35,8 @@ def gradients(model):
 
 
 def main() -> None:
-    device, rank, world_size = distributed.init_processes("cpu")
+    device = distributed.init_processes(torch.device("cpu"))
+    rank = distributed.process_rank()
     half = slice(2 * rank, 2 * rank + 2)
     results = {}
     # NaiveUnet normalises with GroupNorm, DummyEpsModel with BatchNorm
@@ -48,8 +48,8 @@ def main() -> None:
         x_t, eps = torch.randn(2, 4, 1, side, side)
         t = torch.rand(4, 1)
         loss = NoiseLoss(make_model())
-        distributed = distributed.distribute(loss, device)
-        distributed(x_t[half], t[half], eps[half]).backward()
+        wrapped = distributed.distribute(loss, device)
+        wrapped(x_t[half], t[half], eps[half]).backward()
         # one process with the same weights, those DDP gave every rank
         alone = NoiseLoss(make_model())
         alone.load_state_dict(loss.state_dict())

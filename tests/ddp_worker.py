@@ -63,7 +63,8 @@ def main() -> None:
 
     @functools.wraps(train)
     def train_and_keep(**settings):
-        ddpm = train(**settings)
+        train(**settings)
+        ddpm = settings["run"].model.ddpm
         kept = dict(model=ddpm.state_dict(), batch_sizes=batch_sizes, rng=first_rng[0])
         torch.save(kept, os.path.join(settings["out"], f"rank{rank}.pt"))
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import train_cifar10 as cifar10_script
 from conftest import cheap_ddpm, run_script
 from mindiffusion import checkpoints, data, distributed
 from train_cifar10 import train_cifar10

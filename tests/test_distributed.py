@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 
 from conftest import REPO
-from mindiffusion import cli
 from mindiffusion.ddpm import DDPM
 from train_mnist import DummyEpsModel
 from mindiffusion import distributed, errors
@@ -103,10 +102,12 @@ def test_torchrun_trains_in_step_stops_together_and_resumes_exactly(
         assert (straight / grid).read_bytes() == (halves / grid).read_bytes()
 
 
-def test_a_batch_that_does_not_split_evenly_is_one_sentence():
-    assert distributed.split_batch(512, 4) == 128
-    with pytest.raises(errors.UserError, match=r"^--batch-size 5 does not split evenly"):
-        distributed.split_batch(5, 2)
+def test_a_batch_that_does_not_split_evenly_is_one_sentence(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    assert distributed.split_batch(512) == 128
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(errors.UserError, match=r"^--batch-size 5 does not split"):
+        distributed.split_batch(5)
 
 
 def torchrun_environment(monkeypatch, local_rank):
@@ -121,7 +122,7 @@ def test_more_processes_than_gpus_is_one_sentence(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(errors.UserError, match=r"use --nproc_per_node=1$"):
-        distributed.init_processes("cuda")
+        distributed.init_processes(torch.device("cuda"))
 
 
 def test_torchrun_on_mps_is_one_sentence(monkeypatch):
@@ -130,7 +131,7 @@ def test_torchrun_on_mps_is_one_sentence(monkeypatch):
     with pytest.raises(
         errors.UserError, match=r"^torchrun runs on CUDA GPUs or on the CPU"
     ):
-        distributed.init_processes("mps")
+        distributed.init_processes(torch.device("mps"))
 
 
 def test_two_ranks_take_the_step_of_one_with_groupnorm(tmp_path):
@@ -145,16 +146,16 @@ def test_two_ranks_take_the_step_of_one_with_groupnorm(tmp_path):
     "device, norm", [("cuda", nn.SyncBatchNorm), ("cpu", nn.BatchNorm2d)]
 )
 def test_under_ddp_batchnorm_is_synchronised_on_gpus_only(device, norm, monkeypatch):
-    monkeypatch.setattr(cli.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(
-        cli, "DistributedDataParallel", lambda module, device_ids: module
+        distributed, "DistributedDataParallel", lambda module, device_ids: module
     )
     ddpm = DDPM(DummyEpsModel(1), betas=(1e-4, 0.02), n_T=2)
     parameters = list(ddpm.parameters())
-    distributed = distributed.distribute(ddpm, torch.device(device))
-    norms = [m for m in distributed.modules() if "Norm" in type(m).__name__]
+    wrapped = distributed.distribute(ddpm, torch.device(device))
+    norms = [m for m in wrapped.modules() if "Norm" in type(m).__name__]
     assert len(norms) == 7 and {type(m) for m in norms} == {norm}
     # the optimizer, made before, still holds the model's parameters
     assert all(
-        a is b for a, b in zip(distributed.parameters(), parameters, strict=True)
+        a is b for a, b in zip(wrapped.parameters(), parameters, strict=True)
     )

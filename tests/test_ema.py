@@ -46,7 +46,7 @@ def test_ema_is_the_moving_average_of_the_weights_and_draws_the_grid(
 
     handle = register_optimizer_step_post_hook(keep_weights)
     try:
-        ddpm = train(n_epoch=1, out=str(tmp_path), ema=0.5, **RUN)
+        ddpm = run_training(train, n_epoch=1, out=str(tmp_path), ema=0.5, **RUN)
     finally:
         handle.remove()
     assert len(trajectory) == 2
@@ -74,9 +74,9 @@ def test_ema_is_the_moving_average_of_the_weights_and_draws_the_grid(
 @pytest.mark.parametrize("train", SCRIPTS)
 def test_resume_carries_the_average_on(train, tmp_path, sampled_by, capsys):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    train(n_epoch=2, out=str(straight), ema=0.5, **RUN)
-    train(n_epoch=1, out=str(halves), ema=0.5, **RUN)
-    train(n_epoch=2, out=str(halves), ema=0.5, resume=True, **RUN)
+    run_training(train, n_epoch=2, out=str(straight), ema=0.5, **RUN)
+    run_training(train, n_epoch=1, out=str(halves), ema=0.5, **RUN)
+    run_training(train, n_epoch=2, out=str(halves), ema=0.5, resume=True, **RUN)
     (path,) = straight.glob("*.pth")
     one_go = torch.load(path, weights_only=True)["ema"]
     resumed = torch.load(halves / path.name, weights_only=True)["ema"]

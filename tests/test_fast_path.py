@@ -4,13 +4,14 @@ default run is left as the notes have it, and sampling works on the device alone
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 from torch.overrides import TorchFunctionMode
 
 import train_celeba
 from conftest import cheap_ddpm
 import train_cifar10
 import train_mnist
-from mindiffusion import cli
+from mindiffusion import data
 from mindiffusion.ddpm import DDPM
 from mindiffusion.unet import NaiveUnet
 from mindiffusion import devices
@@ -67,7 +68,7 @@ def test_the_default_run_is_float32_and_contiguous(
     module, train, seen_steps, tmp_path, monkeypatch
 ):
     native_bf16(monkeypatch, True)
-    train(out=str(tmp_path), fake_data=2, **TINY_RUN)
+    run_training(train, out=str(tmp_path), fake_data=2, **TINY_RUN)
     assert seen_steps[0]["compute_dtype"] == torch.float32
     assert not seen_steps[0]["batch_channels_last"]
     assert not seen_steps[0]["weight_channels_last"]
@@ -78,7 +79,7 @@ def test_amp_autocasts_the_forward_pass_to_bfloat16(
     module, train, seen_steps, tmp_path, monkeypatch, capsys
 ):
     native_bf16(monkeypatch, True)
-    train(out=str(tmp_path), fake_data=2, amp="auto", **TINY_RUN)
+    run_training(train, out=str(tmp_path), fake_data=2, amp="auto", **TINY_RUN)
     assert seen_steps[0]["compute_dtype"] == torch.bfloat16
     assert "bfloat16" not in capsys.readouterr().out
 
@@ -115,12 +116,33 @@ def test_a_gpu_has_native_bfloat16_from_ampere_on(
 
 
 @pytest.mark.parametrize("module, train", SCRIPTS)
-def test_channels_last_reaches_the_model_and_the_batches(
+def test_channels_last_reaches_the_weights_and_leaves_the_batch_as_it_is(
     module, train, seen_steps, tmp_path
 ):
-    train(out=str(tmp_path), fake_data=2, channels_last=True, **TINY_RUN)
-    assert seen_steps[0]["batch_channels_last"]
+    run_training(train, out=str(tmp_path), fake_data=2, channels_last=True, **TINY_RUN)
+    assert not seen_steps[0]["batch_channels_last"]
     assert seen_steps[0]["weight_channels_last"]
+
+
+@pytest.mark.parametrize(
+    "eps_model, x",
+    [
+        (NaiveUnet(3, 3, 8), torch.randn(2, 3, 32, 32)),
+        (train_mnist.DummyEpsModel(1), torch.randn(2, 1, 28, 28)),
+    ],
+)
+def test_channels_last_weights_make_every_activation_channels_last(eps_model, x):
+    """The notes' x.to(device) leaves the batch contiguous: a convolution with
+    channels_last weights returns channels_last all the same."""
+    eps_model.to(memory_format=torch.channels_last)
+    layouts = []
+    for module in eps_model.modules():
+        if isinstance(module, nn.Conv2d) and module.out_channels > 1:
+            module.register_forward_hook(
+                lambda m, inputs, out: layouts.append(channels_innermost(out))
+            )
+    eps_model(x, torch.rand(2))
+    assert layouts and all(layouts)
 
 
 @pytest.mark.parametrize("module, train", SCRIPTS)
@@ -129,7 +151,7 @@ def test_compile_compiles_the_noise_model_in_place(
 ):
     compiled = []
     monkeypatch.setattr(nn.Module, "compile", lambda self: compiled.append(self))
-    ddpm = train(out=str(tmp_path), fake_data=2, compile=True, **TINY_RUN)
+    ddpm = run_training(train, out=str(tmp_path), fake_data=2, compile=True, **TINY_RUN)
     # nn.Module.compile, unlike torch.compile, keeps the module and its state_dict
     assert compiled == [ddpm.eps_model]
 
@@ -138,30 +160,38 @@ class StopBeforeTraining(Exception):
     pass
 
 
-@pytest.mark.parametrize("module, train", SCRIPTS)
+@pytest.fixture
+def loader_options(monkeypatch):
+    """What the prepared run's DataLoader is given; it then stops the run."""
+    options = {}
+
+    def data_loader(dataset, **given):
+        options.update(given)
+        raise StopBeforeTraining
+
+    monkeypatch.setattr(data, "DataLoader", data_loader)
+    return options
+
+
 @pytest.mark.parametrize(
     "device, pinned, persistent",
     [("cuda", True, True), ("cpu", False, False)],
 )
 def test_on_cuda_the_loader_pins_memory_and_keeps_its_workers(
-    module, train, device, pinned, persistent, tmp_path, monkeypatch
+    device, pinned, persistent, loader_options
 ):
-    loader_options = {}
-
-    def data_loader(dataset, **options):
-        loader_options.update(options)
-        raise StopBeforeTraining
-
-    monkeypatch.setattr(
-        cli, "init_processes", lambda name: (torch.device(device, 0), 0, 1)
-    )
-    # no GPU here: the model stays where it is
-    monkeypatch.setattr(DDPM, "to", lambda self, *args, **kwargs: self)
-    monkeypatch.setattr(module, "DataLoader", data_loader)
+    notes_loader = DataLoader(range(8), batch_size=2, shuffle=True)
     with pytest.raises(StopBeforeTraining):
-        train(out=str(tmp_path), fake_data=2, num_workers=2)
+        data.PreparedLoader(notes_loader, torch.device(device, 0), 2, 0, 0, 0)
     assert loader_options["pin_memory"] is pinned
     assert loader_options["persistent_workers"] is persistent
+
+
+@pytest.mark.parametrize("module, train", SCRIPTS)
+def test_num_workers_reaches_the_loader(module, train, tmp_path, loader_options):
+    with pytest.raises(StopBeforeTraining):
+        run = dict(TINY_RUN, num_workers=2)
+        run_training(train, out=str(tmp_path), fake_data=2, **run)
     assert loader_options["num_workers"] == 2
 
 

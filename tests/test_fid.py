@@ -13,13 +13,12 @@ import torch.nn as nn
 from PIL import Image
 from torchvision.utils import save_image
 
-from mindiffusion import cli, fid
+from mindiffusion import fid
 from mindiffusion.ddim import DDIM
 from mindiffusion.errors import UserError
+from mindiffusion.run import run_training
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist
-from mindiffusion import errors
-from mindiffusion.run import run_training
 
 
 def test_diagonal_covariances_give_the_closed_form():
@@ -154,7 +153,7 @@ def test_the_command_end_to_end(checkpoint, stand_in, tmp_path, capsys):
 
 def test_offline_without_weights_is_one_sentence(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(errors.UserError) as error:
+    with pytest.raises(UserError) as error:
         fid.inception(None, torch.device("cpu"))
     message = str(error.value)
     assert message.startswith(

@@ -1,6 +1,7 @@
 """train_mnist.py --eps-model unet: the notes' NaiveUnet on MNIST padded to 32x32, the
 --laptop preset, and --grid-every; the default run stays the notes' own."""
 
+import dataclasses
 import functools
 
 import pytest
@@ -93,8 +94,9 @@ def test_the_laptop_preset_sets_its_flags_and_given_flags_win(capsys):
     seen = {}
 
     @functools.wraps(train_mnist)
-    def keep(**settings):
-        seen.update(settings)
+    def keep(run, **settings):
+        # the script's own settings, and the flags its run was given
+        seen.update(settings, **dataclasses.asdict(run), device=str(settings["device"]))
 
     laptop = {"laptop": ("a small UNet", LAPTOP)}
     cli.main(keep, "", ["--laptop", "--lr", "0.5"], presets=laptop)

@@ -15,6 +15,7 @@ from mindiffusion.unet import NaiveUnet
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist
+from mindiffusion.run import run_training
 
 # script, the sizes its FakeData draws, and the transform before its Normalize
 SCRIPTS = {
@@ -43,7 +44,7 @@ def checkpoints(tmp_path_factory):
         for name, (train, _, _) in SCRIPTS.items():
             out = tmp_path_factory.mktemp(name)
             seen["batches"], seen["sizes"] = [], []
-            ddpm = train(
+            ddpm = run_training(train, 
                 n_epoch=1,
                 device="cpu",
                 batch_size=2,

@@ -1,0 +1,258 @@
+"""The prepared run, in depth: where an epoch's end saves and stops, what a resume
+refuses or says, the lock on --out, and the flags each script hands on to it."""
+
+import os
+import signal
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import train_celeba
+import train_cifar10
+import train_mnist
+from mindiffusion import checkpoints, duties, locks, run
+from mindiffusion.ddpm import DDPM
+from mindiffusion.errors import UserError
+from mindiffusion.unet import NaiveUnet
+from conftest import cheap_ddpm
+from test_long_runs import FLAGS, SMALL_MNIST, same_files, train
+
+MNIST = [*FLAGS.split(), *SMALL_MNIST]
+
+
+def test_a_signal_on_an_epoch_s_last_step_draws_its_grid_and_resumes_exactly(
+    stand_in, tmp_path, capsys
+):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    argv = [*MNIST, "--epochs", "2", "--ema", "0.5"]
+    assert train(train_mnist.train_mnist, [*argv, "--out", str(straight)], capsys)[0] == 0
+    # the fourth step ends epoch 0
+    stand_in["signal"] = (4, signal.SIGTERM)
+    code, line, out = train(
+        train_mnist.train_mnist, [*argv, "--out", str(stopped)], capsys
+    )
+    assert code == 128 + signal.SIGTERM
+    assert "SIGTERM: noted; the run stops after this grid" in out
+    assert line.startswith("stopped by SIGTERM after epoch 0: saved in")
+    assert (stopped / "ddpm_sample_0.png").exists()
+    state = torch.load(stopped / "ddpm_mnist.pth", weights_only=True)
+    assert (state["epoch"], state["batches"]) == (1, 0)
+    resumed = train(train_mnist.train_mnist, [*argv, "--out", str(stopped), "--resume"], capsys)
+    assert resumed[0] == 0
+    same_files(straight, stopped)
+
+
+def test_the_last_epoch_s_grid_is_drawn_when_a_signal_ends_it(
+    stand_in, tmp_path, capsys
+):
+    stand_in["signal"] = (4, signal.SIGTERM)
+    argv = [*MNIST, "--epochs", "1", "--out", str(tmp_path)]
+    code, line, _ = train(train_mnist.train_mnist, argv, capsys)
+    assert code == 128 + signal.SIGTERM
+    assert (tmp_path / "ddpm_sample_0.png").exists()
+    state = torch.load(tmp_path / "ddpm_mnist.pth", weights_only=True)
+    assert (state["epoch"], state["batches"]) == (1, 0)
+
+
+def test_a_signal_during_a_grid_is_noted_at_once_and_the_run_stops_after_it(
+    stand_in, tmp_path, capsys
+):
+    stand_in["grid_signals"] = [signal.SIGTERM]
+    argv = [*MNIST, "--epochs", "2", "--out", str(tmp_path)]
+    code, line, out = train(train_mnist.train_mnist, argv, capsys)
+    assert code == 128 + signal.SIGTERM
+    assert "SIGTERM: noted; the run stops after this grid" in out
+    assert line.startswith("stopped by SIGTERM after epoch 0: saved in")
+    assert (tmp_path / "ddpm_sample_0.png").exists()
+    assert not (tmp_path / "ddpm_sample_1.png").exists()
+
+
+def test_a_second_signal_during_a_grid_stops_at_once_with_the_epoch_saved(
+    stand_in, tmp_path, capsys
+):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    argv = [*MNIST, "--epochs", "2"]
+    assert train(train_mnist.train_mnist, [*argv, "--out", str(straight)], capsys)[0] == 0
+    stand_in["grid_signals"] = [signal.SIGTERM, signal.SIGTERM]
+    code, line, _ = train(train_mnist.train_mnist, [*argv, "--out", str(stopped)], capsys)
+    assert code == 128 + signal.SIGTERM
+    assert line.startswith("stopped by SIGTERM during the grid of epoch 0: the epoch")
+    state = torch.load(stopped / "ddpm_mnist.pth", weights_only=True)
+    assert (state["epoch"], state["batches"]) == (1, 0)
+    # the epoch's training is kept exactly; only the picture being drawn is lost
+    resumed = train(train_mnist.train_mnist, [*argv, "--out", str(stopped), "--resume"], capsys)
+    assert resumed[0] == 0
+    same_files(straight, stopped, {"ddpm_sample_0.png"})
+
+
+def test_a_resume_mid_epoch_with_another_batch_size_is_one_sentence(
+    stand_in, tmp_path, capsys
+):
+    argv = [*MNIST, "--epochs", "2", "--out", str(tmp_path)]
+    stand_in["signal"] = (2, signal.SIGTERM)
+    assert train(train_mnist.train_mnist, argv, capsys)[0] == 128 + signal.SIGTERM
+    code, line, _ = train(
+        train_mnist.train_mnist, [*argv, "--resume", "--batch-size", "4"], capsys
+    )
+    assert code == 2
+    assert line == (
+        f"--resume: {tmp_path}/ddpm_mnist.pth stopped in the middle of an epoch at "
+        f"--batch-size 2 (this run: 4): resume with --batch-size 2, or change it at "
+        f"an epoch's end"
+    )
+    # at an epoch's end the batch size may change
+    assert train(train_mnist.train_mnist, [*argv, "--resume"], capsys)[0] == 0
+    more = [*argv, "--resume", "--batch-size", "4", "--epochs", "3"]
+    assert train(train_mnist.train_mnist, more, capsys)[0] == 0
+
+
+def test_settings_a_resume_changes_are_said(stand_in, tmp_path, capsys):
+    argv = [*MNIST, "--out", str(tmp_path), "--ema", "0.5"]
+    assert train(train_mnist.train_mnist, [*argv, "--epochs", "1"], capsys)[0] == 0
+    changed = [*argv, "--epochs", "2", "--resume", "--ema", "0.9", "--amp", "bf16"]
+    code, _, out = train(train_mnist.train_mnist, [*changed, "--seed", "7"], capsys)
+    assert code == 0
+    assert "--ema: the checkpoint averaged with decay 0.5; this run goes on with 0.9" in out
+    assert "--amp: the checkpoint trained with None; this run goes on with bf16" in out
+    assert "--seed: a resume goes on from the checkpoint's random state (--seed 0)" in out
+
+
+def test_a_record_without_its_checkpoint_is_no_dead_end(stand_in, tmp_path, capsys):
+    argv = [*MNIST, "--epochs", "1", "--out", str(tmp_path)]
+    assert train(train_mnist.train_mnist, argv, capsys)[0] == 0
+    os.remove(tmp_path / "ddpm_mnist.pth")
+    code, line, _ = train(train_mnist.train_mnist, argv, capsys)
+    assert code == 2
+    assert line == (
+        f"{tmp_path}/ddpm_mnist_log.csv is left from a run whose checkpoint is gone, "
+        f"so it cannot be resumed: move it away, or choose another --out"
+    )
+
+
+def test_a_new_run_never_overwrites_grids_already_there(stand_in, tmp_path, capsys):
+    (tmp_path / "ddpm_sample_0.png").write_bytes(b"an earlier run's grid")
+    argv = [*MNIST, "--epochs", "1", "--out", str(tmp_path)]
+    code, line, _ = train(train_mnist.train_mnist, argv, capsys)
+    assert code == 2
+    assert line.startswith(f"{tmp_path}/ddpm_sample_0.png and the other grids in")
+    assert (tmp_path / "ddpm_sample_0.png").read_bytes() == b"an earlier run's grid"
+
+
+
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path, capsys):
+    lock = locks.hold_lock(str(tmp_path / "ddpm_mnist.pth.lock"), str(tmp_path))
+    try:
+        argv = [*MNIST, "--epochs", "1", "--n-T", "1", "--out", str(tmp_path)]
+        code, line, _ = train(train_mnist.train_mnist, argv, capsys)
+    finally:
+        locks.release(lock)
+    assert code == 2
+    assert line == (
+        f"{tmp_path} is in use by another run (process {os.getpid()}): wait for it "
+        f"to end, or choose another --out"
+    )
+    assert not (tmp_path / "ddpm_mnist.pth").exists()
+    assert not (tmp_path / "ddpm_mnist.pth.lock").exists()
+
+
+def test_a_lock_is_released_for_the_next_run(stand_in, tmp_path, capsys):
+    argv = [*MNIST, "--epochs", "1", "--out", str(tmp_path)]
+    assert train(train_mnist.train_mnist, argv, capsys)[0] == 0
+    assert not (tmp_path / "ddpm_mnist.pth.lock").exists()
+    resumed = train(train_mnist.train_mnist, [*argv, "--epochs", "2", "--resume"], capsys)
+    assert resumed[0] == 0
+
+
+def test_the_guard_stops_on_a_finite_loss_with_an_infinite_gradient():
+    ddpm = DDPM(torch.nn.Conv2d(1, 1, 3, padding=1), (1e-4, 0.02), 2)
+    optim = torch.optim.Adam(ddpm.parameters())
+    checkpoint = checkpoints.Checkpoint("unused", ddpm, optim, {})
+    loader = SimpleNamespace(epoch=0, batch_size=2, batches_per_epoch=4)
+    duties.StepDuties(checkpoint, loader, lambda: torch.ones(()), 0, None, None, None)
+    ddpm.eps_model.weight.grad = torch.full_like(ddpm.eps_model.weight, float("inf"))
+    before = ddpm.eps_model.weight.detach().clone()
+    with pytest.raises(UserError, match="the loss is 1.0 and the gradient norm inf"):
+        optim.step()
+    assert torch.equal(ddpm.eps_model.weight, before)
+
+
+SCRIPTS = [
+    (train_mnist.train_mnist, SMALL_MNIST, "ddpm_sample_{}.png"),
+    (train_cifar10.train_cifar10, [], "ddpm_sample_cifar{}.png"),
+    (train_celeba.train_celeba, [], "ddpm_sample_celeba{:03d}.png"),
+]
+
+
+@pytest.fixture
+def cheap(monkeypatch):
+    """A cheap loss and sampler, and CIFAR-10's and CelebA's NaiveUnet at width 8:
+    the scripts' own lines, with small checkpoints."""
+    cheap_ddpm(monkeypatch)
+    for module in (train_cifar10, train_celeba):
+
+        def narrow(in_channels, out_channels, n_feat=128, n_classes=None):
+            return NaiveUnet(in_channels, out_channels, 8, n_classes)
+
+        monkeypatch.setattr(module, "NaiveUnet", narrow)
+
+
+@pytest.mark.parametrize("script, flags, grid", SCRIPTS)
+def test_each_script_keeps_the_grid_every_rhythm(
+    script, flags, grid, cheap, tmp_path, capsys
+):
+    argv = [*FLAGS.split(), *flags, "--fake-data", "2", "--n-T", "1", "--epochs", "3"]
+    argv += ["--grid-every", "2", "--out", str(tmp_path)]
+    assert train(script, argv, capsys)[0] == 0
+    drawn = sorted(p.name for p in tmp_path.glob("*.png"))
+    # after epoch 2, and after the last, 3 (files count epochs from 0)
+    assert drawn == sorted(grid.format(i) for i in (1, 2))
+
+
+@pytest.mark.parametrize("script, flags, grid", SCRIPTS)
+def test_each_script_hands_grad_clip_to_the_run(
+    script, flags, grid, cheap, tmp_path, capsys, monkeypatch
+):
+    clips = []
+    init = duties.StepDuties.__init__
+
+    def keep(self, *args):
+        init(self, *args)
+        clips.append(self.grad_clip)
+
+    monkeypatch.setattr(duties.StepDuties, "__init__", keep)
+    argv = [*FLAGS.split(), *flags, "--fake-data", "2", "--n-T", "1", "--epochs", "1"]
+    argv += ["--grad-clip", "0.5", "--out", str(tmp_path)]
+    assert train(script, argv, capsys)[0] == 0
+    assert clips == [0.5]
+
+
+def test_eps_model_unet_without_n_feat_is_128_wide(cheap, tmp_path, capsys):
+    argv = [*FLAGS.split(), "--eps-model", "unet", "--fake-data", "2", "--n-T", "1"]
+    argv += ["--epochs", "1", "--out", str(tmp_path)]
+    assert train(train_mnist.train_mnist, argv, capsys)[0] == 0
+    recipe = torch.load(tmp_path / "ddpm_mnist.pth", weights_only=True)["recipe"]
+    assert recipe["eps_model"] == "NaiveUnet"
+    assert tuple(recipe["eps_model_args"]) == (1, 1, 128)
+
+
+@pytest.mark.parametrize("abbreviation", ["--lap", "--laptop"])
+def test_the_laptop_preset_applies_when_abbreviated(abbreviation, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(run, "run_training", lambda train, **kw: seen.update(kw))
+    monkeypatch.setattr(train_mnist.cli, "run_training", run.run_training)
+    train_mnist.cli.main(
+        train_mnist.train_mnist, "", [abbreviation],
+        presets={"laptop": ("", train_mnist.LAPTOP)},
+    )
+    assert (seen["eps_model"], seen["n_feat"], seen["ema"]) == ("unet", 24, 0.995)
+
+
+def test_the_laptop_preset_takes_the_notes_model_when_asked(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(train_mnist.cli, "run_training", lambda t, **kw: seen.update(kw))
+    train_mnist.cli.main(
+        train_mnist.train_mnist, "", ["--laptop", "--eps-model", "dummy"],
+        presets={"laptop": ("", train_mnist.LAPTOP)},
+    )
+    assert (seen["eps_model"], seen["batch_size"], seen["lr"]) == ("dummy", 64, 1e-3)
