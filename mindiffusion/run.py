@@ -110,6 +110,10 @@ class Run:
         settings = dict(
             batch_size=dataloader.batch_size, ema=self.ema, amp=self.amp, seed=self.seed
         )
+        if self.lock is not None:
+            # a Run prepared again, such as a script's default one, starts afresh
+            release(self.lock)
+            self.lock = None
         if process_rank() == 0:
             # while this run lasts, no other run can take the same checkpoint
             self.lock = hold_lock(path + ".lock", os.path.dirname(path) or ".")

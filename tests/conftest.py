@@ -14,6 +14,7 @@ sys.path.insert(0, str(REPO))
 from mindiffusion import cli  # noqa: E402
 from mindiffusion.ddpm import DDPM  # noqa: E402
 from mindiffusion.run import ZeroEps  # noqa: E402
+from mindiffusion.unet import NaiveUnet  # noqa: E402
 
 
 @pytest.fixture
@@ -68,10 +69,24 @@ def grid_tiles(path, tile):
     ]
 
 
+def narrow_unets(patch, width=8):
+    """CIFAR-10's and CelebA's NaiveUnet at `width` while `patch` lasts: the
+    scripts' own lines, with a checkpoint a few hundred times smaller."""
+    import train_celeba
+    import train_cifar10
+
+    def narrow(in_channels, out_channels, n_feat=128, n_classes=None):
+        return NaiveUnet(in_channels, out_channels, width, n_classes)
+
+    for script in (train_cifar10, train_celeba):
+        patch.setattr(script, "NaiveUnet", narrow)
+
+
 @pytest.fixture
 def stand_in(monkeypatch):
     """A cheap loss and sampler that still depend on the batch, the random numbers
-    and the weights, so that any slip in the order or the state shows in the end.
+    and the weights, so that any slip in the order or the state shows in the end;
+    CIFAR-10's and CelebA's NaiveUnet are 8 wide.
 
     Setting plan["signal"] = (k, signum) raises signum during the k-th call from then,
     and plan["grid_signals"] = [signum, ...] raises each during the next grid.
@@ -96,4 +111,5 @@ def stand_in(monkeypatch):
 
     monkeypatch.setattr(DDPM, "forward", forward)
     monkeypatch.setattr(DDPM, "sample", sample)
+    narrow_unets(monkeypatch)
     return plan

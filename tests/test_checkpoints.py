@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader
 
 from conftest import cheap_ddpm, run_script
 from mindiffusion import checkpoints, data, distributed
-from train_cifar10 import train_cifar10
 from mindiffusion.run import run_training
+from train_cifar10 import train_cifar10
 
 # two steps of 2 fake CIFAR-10 images per epoch, on the CPU
 RUN = dict(device="cpu", batch_size=2, n_T=2, fake_data=4, seed=0)
@@ -29,7 +29,8 @@ def test_a_resume_without_ema_refuses_to_drop_the_average(ema_run, capsys):
     checkpoint = ema_run / "ddpm_cifar.pth"
     before = checkpoint.read_bytes()
     code, err = run_script(
-        train_cifar10, [*FLAGS, "--epochs", "2", "--resume", "--out", str(ema_run)],
+        train_cifar10,
+        [*FLAGS, "--epochs", "2", "--resume", "--out", str(ema_run)],
         capsys,
     )
     assert code == 2
@@ -108,16 +109,16 @@ def test_resume_is_exact_with_persistent_workers(stand_in, tmp_path, monkeypatch
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     run_training(train_cifar10, n_epoch=2, out=str(straight), num_workers=1, **RUN)
     run_training(train_cifar10, n_epoch=1, out=str(halves), num_workers=1, **RUN)
-    run_training(train_cifar10, n_epoch=2, out=str(halves), num_workers=1, resume=True, **RUN)
+    run_training(
+        train_cifar10, n_epoch=2, out=str(halves), num_workers=1, resume=True, **RUN
+    )
     a = torch.load(straight / "ddpm_cifar.pth", weights_only=True)["model"]
     b = torch.load(halves / "ddpm_cifar.pth", weights_only=True)["model"]
     for name in a:
         assert torch.equal(a[name], b[name]), name
 
 
-def test_the_data_order_follows_the_seed_and_splits_across_ranks(
-    tmp_path, monkeypatch
-):
+def test_the_data_order_follows_the_seed_and_splits_across_ranks(tmp_path, monkeypatch):
     """Each rank of a torchrun run reads its share of the epoch, in an order that
     --seed sets (the ranks are played one after the other here)."""
     seen = []
@@ -131,7 +132,9 @@ def test_the_data_order_follows_the_seed_and_splits_across_ranks(
             monkeypatch.setattr(distributed, "world_size", lambda: 2)
             monkeypatch.setattr(data, "world_size", lambda: 2)
             run = dict(RUN, seed=seed, fake_data=8, batch_size=4, num_workers=0)
-            run_training(train_cifar10, n_epoch=1, out=str(tmp_path / f"{seed}{rank}"), **run)
+            run_training(
+                train_cifar10, n_epoch=1, out=str(tmp_path / f"{seed}{rank}"), **run
+            )
             orders[seed, rank] = torch.cat(seen).tolist()
     for seed in (0, 1):
         # two batches of 2 on each rank, together all 8 images once

@@ -5,19 +5,18 @@ import inspect
 import os
 import shutil
 
+from PIL import Image
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image
 
-from conftest import run_script
-from mindiffusion import checkpoints, cli
+from conftest import narrow_unets, run_script
+from mindiffusion import checkpoints, cli, data, devices
 from mindiffusion.ddpm import DDPM
+from mindiffusion.run import run_training
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import DummyEpsModel, train_mnist
-from mindiffusion import data, devices
-from mindiffusion.run import run_training
 
 CPUS = os.cpu_count()
 # a CIFAR-10 run of a few seconds on a CPU
@@ -211,10 +210,19 @@ def test_celeba_image_folder_mistakes(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def one_epoch(tmp_path_factory):
-    """A folder holding the checkpoint and grid of a 1-epoch CIFAR-10 run, seed 0."""
+    """A folder holding the checkpoint and grid of a 1-epoch CIFAR-10 run, seed 0,
+    with its NaiveUnet 8 wide."""
     out = tmp_path_factory.mktemp("one_epoch")
-    run_training(train_cifar10, n_epoch=1, seed=0, out=str(out), **QUICK)
+    with pytest.MonkeyPatch.context() as patch:
+        narrow_unets(patch)
+        run_training(train_cifar10, n_epoch=1, seed=0, out=str(out), **QUICK)
     return out
+
+
+@pytest.fixture(autouse=True)
+def narrow(monkeypatch):
+    """This module's runs, one_epoch's among them, train a NaiveUnet 8 wide."""
+    narrow_unets(monkeypatch)
 
 
 def test_resume_continues_exactly_as_a_straight_run(one_epoch, tmp_path, capsys):

@@ -2,22 +2,22 @@
 class; the recipe and --resume; mindiffusion.sample --class and mindiffusion.fid on a
 conditional checkpoint. The models are real NaiveUnets of width 8."""
 
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 from torch.optim.swa_utils import AveragedModel
 from torchvision.datasets import FakeData
 
-import train_celeba
-import train_cifar10
-from conftest import grid_tiles
-from mindiffusion import cli, sample
+from conftest import grid_tiles, narrow_unets
+from mindiffusion import cli
 from mindiffusion import run as run_module
+from mindiffusion import sample
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
-from mindiffusion.unet import NaiveUnet
-from train_mnist import train_mnist
 from mindiffusion.run import ZeroEps, run_training
+import train_celeba
+import train_cifar10
+from train_mnist import train_mnist
 
 QUICK = ["--epochs", "1", "--n-T", "1", "--device", "cpu", "--num-workers", "0"]
 # MNIST's own small UNet: digits padded to 32x32
@@ -62,12 +62,7 @@ def calls(monkeypatch):
 
     monkeypatch.setattr(DDPM, "forward", recording_forward)
     monkeypatch.setattr(DDPM, "sample", recording_sample)
-    for script in (train_cifar10, train_celeba):
-        monkeypatch.setattr(
-            script,
-            "NaiveUnet",
-            lambda i, o, n_feat, n_classes: NaiveUnet(i, o, 8, n_classes),
-        )
+    narrow_unets(monkeypatch)
     return seen
 
 
@@ -188,9 +183,9 @@ def conditional(tmp_path_factory):
         for cond in (True, False):
             out = tmp_path_factory.mktemp(f"cond{cond}")
             # two steps: the average starts as a copy of the first step's weights
-            run_training(train_mnist, n_epoch=1, device="cpu", batch_size=2, n_T=3, fake_data=4,
-                        out=str(out), num_workers=0, eps_model="unet", n_feat=8,
-                        ema=0.5, cond=cond)
+            run_training(train_mnist, n_epoch=1, device="cpu", batch_size=2, n_T=3,
+                         fake_data=4, out=str(out), num_workers=0, eps_model="unet",
+                         n_feat=8, ema=0.5, cond=cond)
             paths[cond] = out / "ddpm_mnist.pth"
     paths["average"] = averages[0].module
     state = torch.load(paths[True])

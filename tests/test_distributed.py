@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 
 from conftest import REPO
+from mindiffusion import distributed, errors
 from mindiffusion.ddpm import DDPM
 from train_mnist import DummyEpsModel
-from mindiffusion import distributed, errors
 
 # 8 fake images in global batches of 4: two steps per epoch, 2 images per rank each
 FLAGS = "--device cpu --fake-data 8 --batch-size 4 --n-T 2 --num-workers 0 --seed 0"

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from conftest import cheap_ddpm
+from conftest import cheap_ddpm, narrow_unets
+from mindiffusion.run import run_training
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist
-from mindiffusion.run import run_training
 
 # two steps of 2 fake images per epoch, on the CPU; lr 0.1 makes each step show
 RUN = dict(device="cpu", batch_size=2, n_T=2, fake_data=4, num_workers=0, seed=0)
@@ -30,6 +30,7 @@ def sampled_by(monkeypatch):
     cheap_ddpm(
         monkeypatch, on_sample=lambda ddpm, size: samplers.append(ddpm), moving=True
     )
+    narrow_unets(monkeypatch)
     return samplers
 
 
@@ -65,9 +66,7 @@ def test_ema_is_the_moving_average_of_the_weights_and_draws_the_grid(
     (sampler,) = sampled_by
     assert sampler is not ddpm
     last = names[-1]
-    torch.testing.assert_close(
-        sampler.get_parameter(last), expected[names.index(last)]
-    )
+    torch.testing.assert_close(sampler.get_parameter(last), expected[names.index(last)])
     assert not torch.equal(sampler.get_parameter(last), ddpm.get_parameter(last))
 
 
@@ -91,7 +90,9 @@ def test_ema_turned_on_when_resuming_starts_from_the_resumed_weights(
 ):
     run_training(train_cifar10, n_epoch=1, out=str(tmp_path), **RUN)
     assert torch.load(tmp_path / "ddpm_cifar.pth", weights_only=True)["ema"] is None
-    ddpm = run_training(train_cifar10, n_epoch=2, out=str(tmp_path), ema=0.5, resume=True, **RUN)
+    ddpm = run_training(
+        train_cifar10, n_epoch=2, out=str(tmp_path), ema=0.5, resume=True, **RUN
+    )
     assert (
         "--ema: the checkpoint has no average yet: it starts from these weights"
         in capsys.readouterr().out

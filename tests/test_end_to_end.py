@@ -6,9 +6,9 @@ import os
 import subprocess
 import sys
 
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 
 from conftest import REPO
 from mindiffusion.ddpm import DDPM

@@ -4,18 +4,17 @@ default run is left as the notes have it, and sampling works on the device alone
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 from torch.overrides import TorchFunctionMode
+from torch.utils.data import DataLoader
 
-import train_celeba
 from conftest import cheap_ddpm
+from mindiffusion import data, devices
+from mindiffusion.ddpm import DDPM
+from mindiffusion.run import run_training
+from mindiffusion.unet import NaiveUnet
+import train_celeba
 import train_cifar10
 import train_mnist
-from mindiffusion import data
-from mindiffusion.ddpm import DDPM
-from mindiffusion.unet import NaiveUnet
-from mindiffusion import devices
-from mindiffusion.run import run_training
 
 SCRIPTS = [
     (train_mnist, train_mnist.train_mnist),
@@ -88,7 +87,13 @@ def test_amp_without_native_bfloat16_says_so_and_stays_float32(
     seen_steps, tmp_path, monkeypatch, capsys
 ):
     native_bf16(monkeypatch, False)
-    run_training(train_cifar10.train_cifar10, out=str(tmp_path), fake_data=2, amp="auto", **TINY_RUN)
+    run_training(
+        train_cifar10.train_cifar10,
+        out=str(tmp_path),
+        fake_data=2,
+        amp="auto",
+        **TINY_RUN
+    )
     assert seen_steps[0]["compute_dtype"] == torch.float32
     lines = [line for line in capsys.readouterr().out.splitlines() if "--amp" in line]
     assert lines == [

@@ -6,11 +6,11 @@ import json
 import os
 import struct
 
+from PIL import Image
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image
 from torchvision.utils import save_image
 
 from mindiffusion import fid

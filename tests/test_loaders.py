@@ -5,16 +5,16 @@ import os
 import pickle
 import struct
 
+from PIL import Image
 import pytest
 import torch
 import torchvision.datasets.cifar
-from PIL import Image
 
 from conftest import cheap_ddpm, grid_tiles
+from mindiffusion.run import run_training
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist
-from mindiffusion.run import run_training
 
 # one epoch in batches of 4 on the CPU, with a single diffusion step
 SMALL_RUN = dict(n_epoch=1, device="cpu", batch_size=4, n_T=1, num_workers=0)
@@ -45,7 +45,9 @@ def test_mnist_reads_idx_files(tmp_path, seen_batches):
     write_idx(raw / "t10k-images-idx3-ubyte", images[:2])
     write_idx(raw / "t10k-labels-idx1-ubyte", torch.arange(2, dtype=torch.uint8))
 
-    run_training(train_mnist, data_root=str(tmp_path), out=str(tmp_path / "out"), **SMALL_RUN)
+    run_training(
+        train_mnist, data_root=str(tmp_path), out=str(tmp_path / "out"), **SMALL_RUN
+    )
 
     x = torch.cat(seen_batches)
     assert x.shape == (6, 1, 28, 28)
@@ -79,7 +81,9 @@ def test_cifar10_reads_python_batches(tmp_path, monkeypatch, seen_batches):
         lambda path, md5=None: os.path.isfile(path),
     )
 
-    run_training(train_cifar10, data_root=str(tmp_path), out=str(tmp_path / "out"), **SMALL_RUN)
+    run_training(
+        train_cifar10, data_root=str(tmp_path), out=str(tmp_path / "out"), **SMALL_RUN
+    )
 
     x = torch.cat(seen_batches)
     assert x.shape == (10, 3, 32, 32)

@@ -4,17 +4,17 @@
 import dataclasses
 import functools
 
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 from torchvision import transforms
 from torchvision.datasets import FakeData
 
 from conftest import cheap_ddpm, run_script
 from mindiffusion import cli, sample
+from mindiffusion.run import run_training
 from mindiffusion.unet import NaiveUnet
 from train_mnist import LAPTOP, DummyEpsModel, train_mnist
-from mindiffusion.run import run_training
 
 RUN = dict(device="cpu", batch_size=2, n_T=2, fake_data=2, num_workers=0)
 
@@ -51,7 +51,9 @@ def test_the_unet_trains_on_padded_digits_and_rebuilds_for_sampling(
         return forward(self, x, t)
 
     monkeypatch.setattr(NaiveUnet, "forward", recording_forward)
-    ddpm = run_training(train_mnist, n_epoch=1, out=str(tmp_path), eps_model="unet", n_feat=8, **RUN)
+    ddpm = run_training(
+        train_mnist, n_epoch=1, out=str(tmp_path), eps_model="unet", n_feat=8, **RUN
+    )
     assert isinstance(ddpm.eps_model, NaiveUnet) and ddpm.eps_model.n_feat == 8
     assert seen[0] == (2, 1, 32, 32)
     # 16 tiles of 32x32, with make_grid's 2-pixel padding
@@ -66,7 +68,9 @@ def test_the_unet_trains_on_padded_digits_and_rebuilds_for_sampling(
 
 
 def test_padding_is_black_around_the_digit(seen_batches, tmp_path):
-    run_training(train_mnist, n_epoch=1, out=str(tmp_path), eps_model="unet", n_feat=8, **RUN)
+    run_training(
+        train_mnist, n_epoch=1, out=str(tmp_path), eps_model="unet", n_feat=8, **RUN
+    )
     (batch,) = seen_batches
     # black is 0, which the notes' Normalize((0.5,), (1.0,)) makes -0.5
     inside = torch.zeros(32, 32, dtype=torch.bool)
@@ -78,8 +82,10 @@ def test_padding_is_black_around_the_digit(seen_batches, tmp_path):
 @pytest.mark.parametrize(
     "flags, sentence",
     [
-        (["--eps-model", "unet", "--n-feat", "12"],
-         "--n-feat 12: NaiveUnet's GroupNorm(8, ...) needs a multiple of 8"),
+        (
+            ["--eps-model", "unet", "--n-feat", "12"],
+            "--n-feat 12: NaiveUnet's GroupNorm(8, ...) needs a multiple of 8",
+        ),
         (["--n-feat", "16"], "--n-feat is NaiveUnet's width: add --eps-model unet"),
     ],
 )

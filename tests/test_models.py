@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import notes_code
 from mindiffusion.unet import NaiveUnet
+import notes_code
 from train_mnist import DummyEpsModel
 
 

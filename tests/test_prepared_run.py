@@ -8,15 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import train_celeba
-import train_cifar10
-import train_mnist
+from conftest import cheap_ddpm, narrow_unets
 from mindiffusion import checkpoints, duties, locks, run
 from mindiffusion.ddpm import DDPM
 from mindiffusion.errors import UserError
-from mindiffusion.unet import NaiveUnet
-from conftest import cheap_ddpm
 from test_long_runs import FLAGS, SMALL_MNIST, same_files, train
+import train_celeba
+import train_cifar10
+import train_mnist
 
 MNIST = [*FLAGS.split(), *SMALL_MNIST]
 
@@ -26,7 +25,9 @@ def test_a_signal_on_an_epoch_s_last_step_draws_its_grid_and_resumes_exactly(
 ):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     argv = [*MNIST, "--epochs", "2", "--ema", "0.5"]
-    assert train(train_mnist.train_mnist, [*argv, "--out", str(straight)], capsys)[0] == 0
+    assert (
+        train(train_mnist.train_mnist, [*argv, "--out", str(straight)], capsys)[0] == 0
+    )
     # the fourth step ends epoch 0
     stand_in["signal"] = (4, signal.SIGTERM)
     code, line, out = train(
@@ -38,7 +39,9 @@ def test_a_signal_on_an_epoch_s_last_step_draws_its_grid_and_resumes_exactly(
     assert (stopped / "ddpm_sample_0.png").exists()
     state = torch.load(stopped / "ddpm_mnist.pth", weights_only=True)
     assert (state["epoch"], state["batches"]) == (1, 0)
-    resumed = train(train_mnist.train_mnist, [*argv, "--out", str(stopped), "--resume"], capsys)
+    resumed = train(
+        train_mnist.train_mnist, [*argv, "--out", str(stopped), "--resume"], capsys
+    )
     assert resumed[0] == 0
     same_files(straight, stopped)
 
@@ -73,15 +76,21 @@ def test_a_second_signal_during_a_grid_stops_at_once_with_the_epoch_saved(
 ):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     argv = [*MNIST, "--epochs", "2"]
-    assert train(train_mnist.train_mnist, [*argv, "--out", str(straight)], capsys)[0] == 0
+    assert (
+        train(train_mnist.train_mnist, [*argv, "--out", str(straight)], capsys)[0] == 0
+    )
     stand_in["grid_signals"] = [signal.SIGTERM, signal.SIGTERM]
-    code, line, _ = train(train_mnist.train_mnist, [*argv, "--out", str(stopped)], capsys)
+    code, line, _ = train(
+        train_mnist.train_mnist, [*argv, "--out", str(stopped)], capsys
+    )
     assert code == 128 + signal.SIGTERM
     assert line.startswith("stopped by SIGTERM during the grid of epoch 0: the epoch")
     state = torch.load(stopped / "ddpm_mnist.pth", weights_only=True)
     assert (state["epoch"], state["batches"]) == (1, 0)
     # the epoch's training is kept exactly; only the picture being drawn is lost
-    resumed = train(train_mnist.train_mnist, [*argv, "--out", str(stopped), "--resume"], capsys)
+    resumed = train(
+        train_mnist.train_mnist, [*argv, "--out", str(stopped), "--resume"], capsys
+    )
     assert resumed[0] == 0
     same_files(straight, stopped, {"ddpm_sample_0.png"})
 
@@ -113,9 +122,14 @@ def test_settings_a_resume_changes_are_said(stand_in, tmp_path, capsys):
     changed = [*argv, "--epochs", "2", "--resume", "--ema", "0.9", "--amp", "bf16"]
     code, _, out = train(train_mnist.train_mnist, [*changed, "--seed", "7"], capsys)
     assert code == 0
-    assert "--ema: the checkpoint averaged with decay 0.5; this run goes on with 0.9" in out
+    assert (
+        "--ema: the checkpoint averaged with decay 0.5; this run goes on with 0.9"
+        in out
+    )
     assert "--amp: the checkpoint trained with None; this run goes on with bf16" in out
-    assert "--seed: a resume goes on from the checkpoint's random state (--seed 0)" in out
+    assert (
+        "--seed: a resume goes on from the checkpoint's random state (--seed 0)" in out
+    )
 
 
 def test_a_record_without_its_checkpoint_is_no_dead_end(stand_in, tmp_path, capsys):
@@ -139,7 +153,6 @@ def test_a_new_run_never_overwrites_grids_already_there(stand_in, tmp_path, caps
     assert (tmp_path / "ddpm_sample_0.png").read_bytes() == b"an earlier run's grid"
 
 
-
 def test_a_second_run_on_the_same_folder_is_refused(tmp_path, capsys):
     lock = locks.hold_lock(str(tmp_path / "ddpm_mnist.pth.lock"), str(tmp_path))
     try:
@@ -160,7 +173,9 @@ def test_a_lock_is_released_for_the_next_run(stand_in, tmp_path, capsys):
     argv = [*MNIST, "--epochs", "1", "--out", str(tmp_path)]
     assert train(train_mnist.train_mnist, argv, capsys)[0] == 0
     assert not (tmp_path / "ddpm_mnist.pth.lock").exists()
-    resumed = train(train_mnist.train_mnist, [*argv, "--epochs", "2", "--resume"], capsys)
+    resumed = train(
+        train_mnist.train_mnist, [*argv, "--epochs", "2", "--resume"], capsys
+    )
     assert resumed[0] == 0
 
 
@@ -186,15 +201,9 @@ SCRIPTS = [
 
 @pytest.fixture
 def cheap(monkeypatch):
-    """A cheap loss and sampler, and CIFAR-10's and CelebA's NaiveUnet at width 8:
-    the scripts' own lines, with small checkpoints."""
+    """A cheap loss and sampler, and CIFAR-10's and CelebA's NaiveUnet at width 8."""
     cheap_ddpm(monkeypatch)
-    for module in (train_cifar10, train_celeba):
-
-        def narrow(in_channels, out_channels, n_feat=128, n_classes=None):
-            return NaiveUnet(in_channels, out_channels, 8, n_classes)
-
-        monkeypatch.setattr(module, "NaiveUnet", narrow)
+    narrow_unets(monkeypatch)
 
 
 @pytest.mark.parametrize("script, flags, grid", SCRIPTS)
@@ -242,7 +251,9 @@ def test_the_laptop_preset_applies_when_abbreviated(abbreviation, monkeypatch):
     monkeypatch.setattr(run, "run_training", lambda train, **kw: seen.update(kw))
     monkeypatch.setattr(train_mnist.cli, "run_training", run.run_training)
     train_mnist.cli.main(
-        train_mnist.train_mnist, "", [abbreviation],
+        train_mnist.train_mnist,
+        "",
+        [abbreviation],
         presets={"laptop": ("", train_mnist.LAPTOP)},
     )
     assert (seen["eps_model"], seen["n_feat"], seen["ema"]) == ("unet", 24, 0.995)
@@ -250,9 +261,13 @@ def test_the_laptop_preset_applies_when_abbreviated(abbreviation, monkeypatch):
 
 def test_the_laptop_preset_takes_the_notes_model_when_asked(monkeypatch):
     seen = {}
-    monkeypatch.setattr(train_mnist.cli, "run_training", lambda t, **kw: seen.update(kw))
+    monkeypatch.setattr(
+        train_mnist.cli, "run_training", lambda t, **kw: seen.update(kw)
+    )
     train_mnist.cli.main(
-        train_mnist.train_mnist, "", ["--laptop", "--eps-model", "dummy"],
+        train_mnist.train_mnist,
+        "",
+        ["--laptop", "--eps-model", "dummy"],
         presets={"laptop": ("", train_mnist.LAPTOP)},
     )
     assert (seen["eps_model"], seen["batch_size"], seen["lr"]) == ("dummy", 64, 1e-3)

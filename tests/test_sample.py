@@ -2,20 +2,20 @@
 grid is de-normalised as the script normalised, --progress keeps x_T to x_0, and
 nothing is overwritten."""
 
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 from torchvision import transforms
 from torchvision.datasets import FakeData
 
 from conftest import cheap_ddpm, grid_tiles
 from mindiffusion import sample
 from mindiffusion.ddpm import DDPM
+from mindiffusion.run import run_training
 from mindiffusion.unet import NaiveUnet
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist
-from mindiffusion.run import run_training
 
 # script, the sizes its FakeData draws, and the transform before its Normalize
 SCRIPTS = {
