@@ -222,8 +222,7 @@ class PreparedDDPM(nn.Module):
         epoch = self.loader.epoch
         self.save_before_grid(ddpm, epoch, (n_sample, size, device, c, guide_w))
         if signals.received:
-            print(f"{signals.name(signals.received)}: noted; the run stops after "
-                  f"this grid, its epoch already saved (send it again to stop now)")
+            signals.noted(signals.received)
 
         def stopped(signum: int) -> str:
             return (

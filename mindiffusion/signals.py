@@ -31,6 +31,12 @@ def name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
+def noted(signum: int) -> None:
+    """Say at once that a stop during a grid will wait for the grid's end."""
+    print(f"\n{name(signum)}: noted; the run stops after this grid, its epoch "
+          f"already saved (send it again to stop now)", flush=True)
+
+
 def remember(signum: int, frame) -> None:
     global received
     previous, received = received, signum
@@ -38,8 +44,7 @@ def remember(signum: int, frame) -> None:
     if during_grid is not None and again:
         raise Stopped(signum, during_grid(signum))
     if during_grid is not None:
-        print(f"\n{name(signum)}: noted; the run stops after this grid, its epoch "
-              f"already saved (send it again to stop now)", flush=True)
+        noted(signum)
     elif signum == signal.SIGINT and previous == signal.SIGINT:
         raise KeyboardInterrupt
 
