@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torchvision.utils import save_image
 
-from mindiffusion import fid
+from mindiffusion import fid, frechet
 from mindiffusion.ddim import DDIM
 from mindiffusion.errors import UserError
 from mindiffusion.run import run_training
@@ -28,7 +28,7 @@ def test_diagonal_covariances_give_the_closed_form():
     # with diagonal covariances, (sigma1 sigma2)^(1/2) is diag(sqrt(a b))
     expected = ((a.double().sqrt() - b.double().sqrt()) ** 2).sum()
     expected += ((mu1.double() - mu2.double()) ** 2).sum()
-    result = fid.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b))
+    result = frechet.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b))
     assert result == pytest.approx(float(expected), rel=1e-12)
 
 
@@ -36,7 +36,7 @@ def test_identical_inputs_are_at_distance_zero():
     torch.manual_seed(0)
     features = torch.randn(500, 64, dtype=torch.float64)
     mu, sigma = features.mean(0), torch.cov(features.T)
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * sigma.trace()
+    assert abs(frechet.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * sigma.trace()
 
 
 def test_singular_covariances_fewer_samples_than_features():
@@ -45,7 +45,7 @@ def test_singular_covariances_fewer_samples_than_features():
     u, v = torch.randn(2, 2048, dtype=torch.float64)
     zero = torch.zeros(2048)
     expected = u.dot(u) + v.dot(v) - 2 * u.dot(v).abs()
-    result = fid.frechet_distance(zero, torch.outer(u, u), zero, torch.outer(v, v))
+    result = frechet.frechet_distance(zero, torch.outer(u, u), zero, torch.outer(v, v))
     assert result == pytest.approx(float(expected), rel=1e-9)
     # sample covariances of 50 samples in 200 dimensions, against the trace of the
     # root through the eigenvalues of the non-symmetric product sigma1 sigma2
@@ -55,7 +55,7 @@ def test_singular_covariances_fewer_samples_than_features():
     roots = torch.linalg.eigvals(s1 @ s2).real.clamp(min=0).sqrt().sum()
     expected = (x.mean(0) - y.mean(0)).square().sum() + s1.trace() + s2.trace()
     expected -= 2 * roots
-    result = fid.frechet_distance(x.mean(0), s1, y.mean(0), s2)
+    result = frechet.frechet_distance(x.mean(0), s1, y.mean(0), s2)
     assert result == pytest.approx(float(expected), rel=1e-7)
 
 
@@ -66,7 +66,7 @@ def test_images_go_in_as_save_image_rounds_them_with_three_channels(tmp_path):
     x[0, 0, 0, :4] = torch.tensor([0.5, 1.5, 2.5, 254.5]) / 255
     save_image(x[0], tmp_path / "one.png")
     written = torch.from_numpy(np.array(Image.open(tmp_path / "one.png")))
-    pixels = fid.to_uint8(x)
+    pixels = frechet.to_uint8(x)
     assert pixels.dtype == torch.uint8 and pixels.shape == (2, 3, 8, 8)
     for channel in range(3):
         # save_image writes a gray image as three equal channels too
