@@ -140,13 +140,27 @@ class PreparedLoader:
         )
         # whole epochs, before the first one is cut short by a resume
         self.batches_per_epoch = len(self.loader)
-        self.epoch, self.labels = epoch, None
+        self.epoch, self.labels, self.epoch_pass = epoch, None, None
         self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
+        # kept, so that `close` can end a pass cut short by a stop
+        self.epoch_pass = self.batches()
+        return self.epoch_pass
+
+    def close(self) -> None:
+        """End the loader's worker processes now. They ignore the SIGTERM with
+        which Python's exit would end them, and wait for it to no end otherwise."""
+        if self.epoch_pass is not None:
+            self.epoch_pass.close()
+        # the last reference to the loader: its workers end with it
+        self.loader = None
+
+    def batches(self):
+        """One epoch's (x, labels) batches."""
         if process_rank() == 0:
             # above the progress bar that tqdm(dataloader) has just drawn
             tqdm.write(f"Epoch {self.epoch} : ")

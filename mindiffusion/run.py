@@ -173,6 +173,8 @@ def run_training(train: Callable, **settings) -> DDPM:
             train(**own, run=run)
         return run.model and run.model.ddpm
     finally:
+        if run.model is not None:
+            run.model.loader.close()
         if run.lock is not None:
             release(run.lock)
         if dist.is_initialized():

@@ -170,8 +170,9 @@ def test_a_conditional_checkpoint_draws_its_classes_in_equal_numbers(
     stand_in, tmp_path, monkeypatch, capsys
 ):
     out = tmp_path / "mnist"
-    run_training(train_mnist, n_epoch=1, device="cpu", batch_size=2, n_T=2, fake_data=2, out=str(out),
-                num_workers=0, eps_model="unet", n_feat=8, cond=True)
+    run_training(train_mnist, n_epoch=1, device="cpu", batch_size=2, n_T=2,
+                 fake_data=2, out=str(out), num_workers=0, eps_model="unet", n_feat=8,
+                 cond=True)
     drawn = []
     sample = DDIM.sample
 

@@ -1,15 +1,17 @@
 """The prepared run, in depth: where an epoch's end saves and stops, what a resume
 refuses or says, the lock on --out, and the flags each script hands on to it."""
 
+import multiprocessing
 import os
 import signal
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from conftest import cheap_ddpm, narrow_unets
-from mindiffusion import checkpoints, duties, locks, run
+from mindiffusion import checkpoints, data, duties, locks, run, signals
 from mindiffusion.ddpm import DDPM
 from mindiffusion.errors import UserError
 from test_long_runs import FLAGS, SMALL_MNIST, same_files, train
@@ -271,3 +273,21 @@ def test_the_laptop_preset_takes_the_notes_model_when_asked(monkeypatch):
         presets={"laptop": ("", train_mnist.LAPTOP)},
     )
     assert (seen["eps_model"], seen["batch_size"], seen["lr"]) == ("dummy", 64, 1e-3)
+
+
+def test_the_loader_s_workers_end_with_the_run(stand_in, tmp_path, monkeypatch):
+    """Persistent workers, as on CUDA, ignore the SIGTERM with which Python's exit
+    ends them: the run ends them itself, also when a signal stops it."""
+
+    def persistent(*args, **kwargs):
+        return DataLoader(*args, **dict(kwargs, persistent_workers=True))
+
+    monkeypatch.setattr(data, "DataLoader", persistent)
+    settings = dict(n_epoch=2, device="cpu", batch_size=2, n_T=2, fake_data=8)
+    settings.update(num_workers=1, eps_model="unet", n_feat=8)
+    run.run_training(train_mnist.train_mnist, out=str(tmp_path / "a"), **settings)
+    assert multiprocessing.active_children() == []
+    stand_in["signal"] = (2, signal.SIGTERM)
+    with pytest.raises(signals.Stopped):
+        run.run_training(train_mnist.train_mnist, out=str(tmp_path / "b"), **settings)
+    assert multiprocessing.active_children() == []
