@@ -1,5 +1,6 @@
 """A minimal DDPM: the schedules, loss and sampler (`ddpm`), the notes' UNet (`unet`),
-the DDIM sampler (`ddim`), the plumbing shared by the three training scripts (`cli`),
-their checkpoints (`checkpoints`) and the duties around each optimizer step
-(`duties`), and two commands: `python -m mindiffusion.sample` and
+the DDIM sampler (`ddim`), and the prepared run that the three training scripts
+share (`run`, with `duties`, `data`, `checkpoints`, `distributed`, `devices`,
+`signals`, `locks` and `cli` under it), and three commands:
+`python -m mindiffusion.sample`, `python -m mindiffusion.fid` and
 `python -m mindiffusion.bench`."""
