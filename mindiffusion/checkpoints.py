@@ -208,10 +208,11 @@ class Checkpoint:
                 f"{self.record.path} is left from a run whose checkpoint is gone, so "
                 f"it cannot be resumed: move it away, or choose another --out"
             )
-        grids = sorted(glob.glob(os.path.join(folder or ".", GRIDS.get(name, ""))))
-        if grids and name in GRIDS:
+        pattern = GRIDS.get(name)
+        grids = glob.glob(os.path.join(folder or ".", pattern)) if pattern else []
+        if grids:
             raise UserError(
-                f"{grids[0]} and the other grids in {folder or '.'} are from another "
+                f"{min(grids)} and the other grids in {folder or '.'} are from another "
                 f"run, and a new run would overwrite them: move them away, or choose "
                 f"another --out"
             )
