@@ -150,9 +150,11 @@ def train_mnist(
         run.save(i + 1)
 
 
-# --laptop: a small NaiveUnet that draws digits in half an hour on two CPU cores
+# --laptop: a small NaiveUnet that draws digits in minutes on two CPU cores, or on
+# a Mac's GPU, with grids of 20 DDIM steps
 LAPTOP = dict(eps_model="unet", n_feat=24, batch_size=64, lr=1e-3, ema=0.995,
-              amp="auto", device="cpu", num_workers=0)
+              amp="auto", grid_sampler="ddim", grid_steps=20, num_workers=0,
+              device="mps" if torch.backends.mps.is_available() else "cpu")
 
 if __name__ == "__main__":
     laptop = ("a small UNet, for a CPU", LAPTOP)

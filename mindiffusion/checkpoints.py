@@ -8,6 +8,7 @@ import glob
 import io
 import os
 import pickle
+import re
 import tempfile
 from typing import NamedTuple
 
@@ -19,12 +20,12 @@ from mindiffusion.distributed import gather, process_rank, say, shared_seed, wor
 from mindiffusion.errors import UserError
 from mindiffusion.record import Record
 
-# the grids each script writes beside its checkpoint, which a new run must not
-# overwrite
+# the names of the grids each script writes beside its checkpoint, by epoch, which
+# a new run must not overwrite
 GRIDS = {
-    "ddpm_mnist.pth": "ddpm_sample_[0-9]*.png",
-    "ddpm_cifar.pth": "ddpm_sample_cifar*.png",
-    "ddpm_celeba.pth": "ddpm_sample_celeba*.png",
+    "ddpm_mnist.pth": "ddpm_sample_{}.png",
+    "ddpm_cifar.pth": "ddpm_sample_cifar{}.png",
+    "ddpm_celeba.pth": "ddpm_sample_celeba{:03d}.png",
 }
 # the recipe's entries that a flag sets, for the sentence that refuses a resume
 RECIPE_FLAGS = {
@@ -66,7 +67,7 @@ class Checkpoint:
             path, ddpm, optim, recipe, ema
         )
         # the flags a resume may change, each said when it does: --batch-size,
-        # --ema, --amp, --seed
+        # --ema, --no-ema-warmup, --amp, --seed
         self.settings = settings or {}
         # a disabled scaler when --amp is not fp16: its state is empty
         self.scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
@@ -78,12 +79,12 @@ class Checkpoint:
         """Save all that `--resume` needs, after `batches` batches of epoch `epoch`
         (0 at the end of an epoch), with the recipe and the --ema average.
 
-        The file is written beside the old one, flushed to the disk, and renamed over
-        it, so neither a failed save nor a power cut leaves anything but a whole
-        checkpoint under its name.
+        The file is written whole or not at all (`write_atomically`).
         """
         # every rank's generators, so that each one resumes its own stream; on CUDA,
         # the generator of the GPU this rank trains on
+        # where the last save stands, for the grid a stop draws
+        self.saved_at = (epoch, batches)
         device = next(self.ddpm.parameters()).device
         on_cuda = device.type == "cuda"
         rng_cpu = gather(torch.get_rng_state())
@@ -110,33 +111,17 @@ class Checkpoint:
         # names its reason (torch's own file writer reports only a position)
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        folder = os.path.dirname(self.path) or "."
-        tmp_path = None
         try:
-            # a name of this process's own beside the checkpoint, for the rename
-            fd, tmp_path = tempfile.mkstemp(
-                dir=folder, prefix=os.path.basename(self.path) + ".", suffix=".tmp"
-            )
-            with os.fdopen(fd, "wb") as file:
-                file.write(buffer.getbuffer())
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp_path, self.path)
-            # the rename itself reaches the disk only with its folder
-            folder_fd = os.open(folder, os.O_RDONLY)
-            os.fsync(folder_fd)
-            os.close(folder_fd)
+            write_atomically(self.path, buffer.getbuffer())
         except OSError as err:
             full = err.errno in (errno.ENOSPC, errno.EDQUOT)
             advice = "make room" if full else "check the folder"
+            folder = os.path.dirname(self.path) or "."
             raise UserError(
                 f"the checkpoint could not be saved in {folder} ({err.strerror}): the "
                 f"previous one there is kept; {advice} or give another --out, then "
                 f"--resume"
             ) from None
-        finally:
-            if tmp_path is not None and os.path.exists(tmp_path):
-                os.remove(tmp_path)
 
     def resume_or_start(self, resume: bool, n_epoch: int, seed: int | None) -> Start:
         """Where to start: epoch 0 for a new run, or where the checkpoint ended.
@@ -208,7 +193,8 @@ class Checkpoint:
                 f"{self.record.path} is left from a run whose checkpoint is gone, so "
                 f"it cannot be resumed: move it away, or choose another --out"
             )
-        pattern = GRIDS.get(name)
+        # ddpm_sample_{}.png -> ddpm_sample_[0-9]*.png
+        pattern = re.sub(r"\{.*\}", "[0-9]*", GRIDS.get(name, ""))
         grids = glob.glob(os.path.join(folder or ".", pattern)) if pattern else []
         if grids:
             raise UserError(
@@ -221,7 +207,7 @@ class Checkpoint:
         """Refuse a --batch-size that would change the middle of an epoch, and say
         in one line each which other flags this run changes or overrides."""
         now = self.settings
-        for key in ("batch_size", "ema", "amp", "seed"):
+        for key in ("batch_size", "ema", "ema_warmup", "amp", "seed"):
             if key not in saved or saved[key] == now.get(key):
                 continue
             flag = "--" + key.replace("_", "-")
@@ -239,9 +225,49 @@ class Checkpoint:
             elif key == "ema" and now.get(key) is not None:
                 say(f"--ema: the checkpoint averaged with decay {saved[key]}; this "
                     f"run goes on with {now[key]}")
-            elif key != "ema":
+            elif key == "ema_warmup" and now.get("ema") is not None:
+                were, are = ("with" if saved[key] else "without",
+                             "with" if now[key] else "without")
+                say(f"--ema: the checkpoint averaged {were} the warm-up; this run goes "
+                    f"on {are} it")
+            elif key not in ("ema", "ema_warmup"):
                 say(f"{flag}: the checkpoint trained with {saved[key]}; this run "
                     f"goes on with {now[key]}")
+
+
+def write_atomically(path: str, data) -> None:
+    """Write the bytes `data` to `path` whole or not at all: into a file of this
+    process's own beside it, flushed to the disk, then renamed over it, so that
+    neither a failed write nor a power cut leaves anything but a whole file under
+    its name. A failure is an OSError that names its reason."""
+    folder = os.path.dirname(path) or "."
+    tmp_path = None
+    try:
+        fd, tmp_path = tempfile.mkstemp(
+            dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp"
+        )
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_path, path)
+        sync_folder(folder)
+    finally:
+        if tmp_path is not None and os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def sync_folder(folder: str) -> None:
+    """Flush a rename in `folder` to the disk, where the system can: Windows cannot
+    open a folder as a file, and there the rename is as durable as NTFS makes it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except PermissionError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str) -> dict:

@@ -94,6 +94,11 @@ FLAGS = {
     "ema": ("--ema", dict(type=fraction, metavar="DECAY"),
             "also keep an exponential moving average of the weights, such as 0.999, "
             "in the checkpoint, and draw the grids from it (default: off)"),
+    "ema_warmup": ("--no-ema-warmup", dict(action="store_false"),
+                   "with --ema, a fixed decay from the first step; by default a "
+                   "young average decays by min(DECAY, (1 + n) / (10 + n)) after n "
+                   "updates, so that it follows the weights rather than keeping the "
+                   "initial ones (default: warm-up on)"),
     "save_every": ("--save-every", dict(type=at_least(1), metavar="N"),
                    "also save the checkpoint every N optimizer steps, besides each "
                    "epoch's end: a CelebA epoch is 6,332 steps, while MNIST's 469 and "
@@ -105,6 +110,13 @@ FLAGS = {
     "grid_every": ("--grid-every", dict(type=at_least(1), metavar="N"),
                    "draw the grid after epochs N, 2N, ... and after the last one; "
                    "the checkpoint is still saved every epoch (default: %(default)s)"),
+    "grid_sampler": ("--grid-sampler", dict(choices=("ddpm", "ddim")),
+                     "ddpm draws each grid in the model's n_T steps; ddim in "
+                     "--grid-steps, with eta 1 (DDPM's posterior noise), seconds on "
+                     "a CPU where ddpm takes minutes (default: %(default)s)"),
+    "grid_steps": ("--grid-steps", dict(type=at_least(1), metavar="N"),
+                   "with --grid-sampler ddim, its steps, at most --n-T (default: 50, "
+                   "or n_T if less)"),
     "cond": ("--cond", dict(action="store_true"),
              "train class-conditionally, with classifier-free guidance: on the "
              "dataset's labels (an image folder's subfolders) (default: off)"),
@@ -171,6 +183,13 @@ def main(
     settings.update(given)
     if not settings["cond"] and {"p_uncond", "guide_w"} & set(given):
         parser.error("--p-uncond and --guide-w are --cond's: add --cond, or drop them")
+    if "ema_warmup" in given and settings["ema"] is None:
+        parser.error("--no-ema-warmup is --ema's: add --ema DECAY, or drop it")
+    if settings["grid_sampler"] == "ddpm" and settings["grid_steps"] is not None:
+        parser.error("--grid-steps is DDIM's: add --grid-sampler ddim, or drop it")
+    if (settings["grid_steps"] or 0) > settings["n_T"]:
+        steps, n_T = settings["grid_steps"], settings["n_T"]
+        parser.error(f"--grid-steps {steps} is more than --n-T {n_T}")
     if "n_feat" in given and settings.get("eps_model") != "unet":
         parser.error("--n-feat is NaiveUnet's width: add --eps-model unet")
     if settings.get("eps_model") == "unet" and settings["n_feat"] % 8:

@@ -170,3 +170,9 @@ class PreparedLoader:
         # a new shuffle at each epoch, the same one on every rank
         self.epoch += 1
         self.sampler.set_epoch(self.epoch)
+
+
+def denormalize(x: torch.Tensor, normalize) -> torch.Tensor:
+    """Undo the training script's Normalize(mean, std): back to pixels in [0, 1]."""
+    mean, std = (torch.tensor(v, device=x.device).view(-1, 1, 1) for v in normalize)
+    return (x * std + mean).clamp(0, 1)

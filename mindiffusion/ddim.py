@@ -34,6 +34,15 @@ class DDIM(DDPM):
         self.eta = eta
         self.n_steps = n_steps
 
+    @classmethod
+    def of(cls, ddpm: DDPM, n_steps: int, eta: float = 0.0) -> "DDIM":
+        """A DDIM sampler of `n_steps` on the noise model of a trained `ddpm`, whose
+        weights it shares, on ddpm's device."""
+        device = ddpm.sqrtab.device
+        ddim = cls(ddpm.eps_model, ddpm.betas, ddpm.n_T, eta=eta, n_steps=n_steps,
+                   n_classes=ddpm.n_classes)
+        return ddim.to(device)
+
     @torch.inference_mode()
     def sample(
         self,

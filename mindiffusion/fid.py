@@ -17,7 +17,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import urllib.error
 
 import torch
@@ -28,11 +27,16 @@ from torchvision.datasets import CIFAR10, MNIST, FakeData, ImageFolder
 from tqdm import tqdm
 
 from mindiffusion import cli, progress
-from mindiffusion.data import explain_image_folder, explain_missing_dataset
+from mindiffusion.checkpoints import write_atomically
+from mindiffusion.data import (
+    denormalize,
+    explain_image_folder,
+    explain_missing_dataset,
+)
 from mindiffusion.devices import resolve_device
 from mindiffusion.errors import UserError
 from mindiffusion.frechet import Moments, frechet_distance, to_uint8
-from mindiffusion.sample import GUIDE_W, denormalize, load_ddpm
+from mindiffusion.sample import GUIDE_W, load_ddpm
 
 # where torch-fidelity's download of the Inception weights comes from
 INCEPTION_URL = (
@@ -125,28 +129,16 @@ def reference_dataset(recipe: dict, data_root: str | None, fake_data: int | None
     return dataset, f"{name} train at {os.path.abspath(root)}, {tf}"
 
 
-def write_atomically(path: str, data: bytes, what: str) -> None:
-    """Write data to path whole or not at all, as Checkpoint.save writes: into a
-    file of this process's own beside it, flushed to the disk, then renamed over
-    it. `what` names the data in the sentence that a failure becomes."""
-    folder = os.path.dirname(path) or "."
-    tmp_path = None
+def write_file(path: str, data: bytes, what: str) -> None:
+    """Write data to path whole or not at all, as checkpoints are written; `what`
+    names the data in the sentence that a failure becomes."""
     try:
-        fd, tmp_path = tempfile.mkstemp(
-            dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp"
-        )
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_path, path)
+        write_atomically(path, data)
     except OSError as err:
+        folder = os.path.dirname(path) or "."
         raise UserError(
             f"{what} could not be written in {folder} ({err.strerror})"
         ) from None
-    finally:
-        if tmp_path is not None and os.path.exists(tmp_path):
-            os.remove(tmp_path)
 
 
 def cached_statistics(path: str, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -185,7 +177,7 @@ def reference_statistics(dataset, name, extractor, batch_size, device, cache_dir
     mu, sigma = moments.statistics()
     buffer = io.BytesIO()
     torch.save(dict(key=key, mu=mu, sigma=sigma), buffer)
-    write_atomically(path, buffer.getvalue(), "the reference statistics' cache")
+    write_file(path, buffer.getvalue(), "the reference statistics' cache")
     return mu, sigma
 
 
@@ -336,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         text = json.dumps(figures, indent=2)
         try:
-            write_atomically(args.json, text.encode(), f"--json {args.json}")
+            write_file(args.json, text.encode(), f"--json {args.json}")
         except UserError as err:
             parser.exit(2, f"{parser.prog}: error: {err}\n")
     guidance = f", guide_w={guide_w}" if conditional else ""

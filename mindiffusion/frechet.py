@@ -55,7 +55,8 @@ class Moments:
         self.n, self.sum, self.outer = 0, 0.0, 0.0
 
     def add(self, features: torch.Tensor) -> None:
-        features = features.double().cpu()
+        # to the CPU first: MPS has no float64
+        features = features.cpu().double()
         self.n += len(features)
         self.sum = self.sum + features.sum(0)
         self.outer = self.outer + features.T @ features

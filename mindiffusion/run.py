@@ -14,13 +14,14 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
+from torchvision.utils import make_grid, save_image
 
 from mindiffusion import conditioning, progress, signals
-from mindiffusion.checkpoints import Checkpoint
-from mindiffusion.data import PreparedLoader
+from mindiffusion.checkpoints import GRIDS, Checkpoint
+from mindiffusion.data import PreparedLoader, denormalize
+from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
 from mindiffusion.devices import autocast_dtype, resolve_device
 from mindiffusion.distributed import (
@@ -31,6 +32,7 @@ from mindiffusion.distributed import (
     process_rank,
 )
 from mindiffusion.duties import StepDuties
+from mindiffusion.ema import averaged_copy
 from mindiffusion.errors import UserError
 from mindiffusion.locks import hold_lock, release
 
@@ -44,9 +46,11 @@ class Run:
     random images of the dataset's shape; amp: autocast the forward pass (auto,
     bf16 or fp16); channels_last: the weights, and so the activations, in
     channels_last; compile: torch.compile the noise model; ema: the decay of an
-    averaged copy of the weights, which draws the grids; save_every: also save every
-    N steps; grad_clip: clip the gradients' norm; grid_every: draw the grid every N
-    epochs and after the last; cond: train on the labels, with classifier-free
+    averaged copy of the weights, which draws the grids; ema_warmup: a young average
+    decays less (mindiffusion/ema.py); save_every: also save every N steps;
+    grad_clip: clip the gradients' norm; grid_every: draw the grid every N epochs and
+    after the last; grid_sampler, grid_steps: draw it with DDPM's n_T steps, or with
+    DDIM's grid_steps; cond: train on the labels, with classifier-free
     guidance; p_uncond: how often a label is hidden; guide_w: the grids' guidance.
     """
 
@@ -58,9 +62,12 @@ class Run:
     channels_last: bool = False
     compile: bool = False
     ema: float | None = None
+    ema_warmup: bool = True
     save_every: int | None = 1000
     grad_clip: float | None = None
     grid_every: int = 1
+    grid_sampler: str = "ddpm"
+    grid_steps: int | None = None
     cond: bool = False
     p_uncond: float = 0.1
     guide_w: float = 2.0
@@ -95,12 +102,10 @@ class Run:
             # a convolution with channels_last weights returns channels_last, so
             # the notes' x.to(device) is all the batches need
             ddpm.to(memory_format=torch.channels_last)
-        # --ema: a copy whose weights follow an exponential moving average of ddpm's,
-        # e <- ema * e + (1 - ema) * w after each step; BatchNorm statistics included
+        # --ema: a copy whose weights follow a moving average of ddpm's
         ema = None
         if self.ema is not None:
-            ema_avg = get_ema_multi_avg_fn(self.ema)
-            ema = AveragedModel(ddpm, multi_avg_fn=ema_avg, use_buffers=True)
+            ema = averaged_copy(ddpm, self.ema, self.ema_warmup)
         if self.compile:
             # compiled in place, so that the state_dict keeps the notes' names
             ddpm.eps_model.compile()
@@ -108,7 +113,8 @@ class Run:
         # float16 needs its loss scaled, so that small gradients do not round to zero
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         settings = dict(
-            batch_size=dataloader.batch_size, ema=self.ema, amp=self.amp, seed=self.seed
+            batch_size=dataloader.batch_size, ema=self.ema, ema_warmup=self.ema_warmup,
+            amp=self.amp, seed=self.seed,
         )
         if self.lock is not None:
             # a Run prepared again, such as a script's default one, starts afresh
@@ -170,7 +176,11 @@ def run_training(train: Callable, **settings) -> DDPM:
     try:
         own["device"] = run.setup(device, out)
         with signals.stop_on_signals():
-            train(**own, run=run)
+            try:
+                train(**own, run=run)
+            except signals.Stopped:
+                run.model.final_grid()
+                raise
         return run.model and run.model.ddpm
     finally:
         if run.model is not None:
@@ -202,12 +212,15 @@ class PreparedDDPM(nn.Module):
         self.dtype, self.scaler = dtype, checkpoint.scaler
         # the loss of the step under way, for its checks; the epochs saved
         self.loss, self.saved = None, None
+        # the training steps this run has taken, and how many its last grid came after
+        self.steps, self.grid_at = 0, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the labels, with --cond; the notes' unconditional DDPM takes none
         c = self.loader.labels.to(x.device) if self.run.cond else None
         with torch.autocast(x.device.type, self.dtype, enabled=bool(self.dtype)):
             self.loss = self.parallel(x, c)
+        self.steps += 1
         if self.scaler.is_enabled():
             # backward starts from the loss times the scale, while the loss itself,
             # and the progress bar's, stay as they are
@@ -217,7 +230,7 @@ class PreparedDDPM(nn.Module):
     def sample(self, n_sample: int, size, device) -> torch.Tensor:
         """The epoch's grid: n_sample images of shape `size`, or under --cond a row
         of 4 for each of the first ten classes, guided with weight --guide-w."""
-        ddpm = self.ddpm if self.ema is None else self.ema.module.eval()
+        ddpm = self.grid_sampler()
         n_classes, guide_w = ddpm.n_classes, self.run.guide_w
         c = conditioning.grid_classes(n_classes, 4, device) if n_classes else None
         n_sample = n_sample if c is None else len(c)
@@ -235,7 +248,54 @@ class PreparedDDPM(nn.Module):
 
         # a bar over the timesteps: a 1000-step grid takes minutes, on a CPU hours
         with signals.grid_in_progress(stopped), progress.timesteps(ddpm, "grid"):
-            return ddpm.sample(n_sample, size, device, c, guide_w)
+            xh = ddpm.sample(n_sample, size, device, c, guide_w)
+        self.grid_at = self.steps
+        return xh
+
+    def grid_sampler(self) -> DDPM:
+        """What draws the grids: the --ema average where there is one, else the
+        model; with --grid-sampler ddim, as a DDIM of --grid-steps steps."""
+        ddpm = self.ddpm if self.ema is None else self.ema.module.eval()
+        if self.run.grid_sampler == "ddpm":
+            return ddpm
+        # 50 steps by default, as mindiffusion.sample takes; eta 1, the noise of
+        # DDPM's posterior, which keeps a young model's samples clean (README)
+        return DDIM.of(ddpm, self.run.grid_steps or min(50, ddpm.n_T), eta=1.0)
+
+    def final_grid(self) -> None:
+        """After a stop signal and its save, the grid of the weights just saved:
+        training may have stopped long before the next grid was due. A second
+        signal skips it, as does a grid already drawn from these weights."""
+        if signals.count > 1 or self.grid_at == self.steps or process_rank() > 0:
+            return
+        epoch, batches = self.checkpoint.saved_at
+        # the script's name for the grid of the epoch saved, or of the step
+        path = grid_path(self.checkpoint.path, epoch - 1 if batches == 0 else epoch)
+        if path is not None and batches:
+            # ddpm_sample_3.png -> ddpm_sample_3_step40.png
+            path = f"{os.path.splitext(path)[0]}_step{batches}.png"
+        if path is None or os.path.exists(path):
+            return
+        device = next(self.ddpm.parameters()).device
+        ddpm = self.grid_sampler()
+        n_classes, guide_w = ddpm.n_classes, self.run.guide_w
+        recipe = self.checkpoint.recipe
+        c = conditioning.grid_classes(n_classes, 4, device) if n_classes else None
+        n_sample = 16 if c is None else len(c)
+
+        def stopped(signum: int) -> str:
+            return (
+                f"stopped by {signals.name(signum)} during the final grid: the run is "
+                f"saved in {self.checkpoint.path}; run the same command with --resume "
+                f"to go on"
+            )
+
+        print("drawing the grid of the weights saved (a second signal skips it)")
+        with signals.grid_in_progress(stopped), progress.timesteps(ddpm, "grid"):
+            with torch.no_grad():
+                xh = ddpm.sample(n_sample, recipe["image_size"], device, c, guide_w)
+        save_image(make_grid(denormalize(xh, recipe["normalize"]), nrow=4), path)
+        print(f"wrote {path}")
 
     def save_before_grid(self, ddpm: DDPM, epoch: int, sample_args: tuple) -> None:
         """Save the epoch with the random state the grid will leave, so that a run
@@ -304,6 +364,13 @@ def recipe_of(ddpm: DDPM, dataset: Dataset) -> dict:
         classes=conditioning.class_names(dataset) if cond else None,
         p_uncond=ddpm.p_uncond if cond else None,
     )
+
+
+def grid_path(checkpoint_path: str, epoch: int) -> str | None:
+    """Where the script of the checkpoint at checkpoint_path writes epoch's grid."""
+    folder, file = os.path.split(checkpoint_path)
+    template = GRIDS.get(file)
+    return template and os.path.join(folder, template.format(epoch))
 
 
 def output_folder(out: str) -> None:

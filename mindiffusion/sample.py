@@ -24,6 +24,7 @@ from torchvision.utils import make_grid, save_image
 
 from mindiffusion import cli, conditioning, progress
 from mindiffusion.checkpoints import load_checkpoint
+from mindiffusion.data import denormalize
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
 from mindiffusion.devices import resolve_device
@@ -63,7 +64,9 @@ def load_ddpm(
         ddpm = DDPM(eps_model, betas, n_T, n_classes=n_classes)
 
     averaged = use_ema and state.get("ema") is not None
-    if use_ema and not averaged:
+    if state.get("averaged") and not use_ema:
+        print(f"{path} is an export of the averaged weights alone: using them")
+    elif use_ema and not averaged and not state.get("averaged"):
         print(f"{path} has no averaged weights (trained without --ema): using its own")
     try:
         if averaged:
@@ -92,12 +95,6 @@ def classes_wanted(args: argparse.Namespace, recipe: dict) -> list[int] | None:
             f"classes to choose from"
         )
     return conditioning.parse_classes(args.classes, recipe["classes"])
-
-
-def denormalize(x: torch.Tensor, normalize) -> torch.Tensor:
-    """Undo the training script's Normalize(mean, std): back to pixels in [0, 1]."""
-    mean, std = (torch.tensor(v, device=x.device).view(-1, 1, 1) for v in normalize)
-    return (x * std + mean).clamp(0, 1)
 
 
 def free_path(path: str) -> str:

@@ -13,8 +13,8 @@ STOP_SIGNALS = tuple(
     for name in ("SIGTERM", "SIGINT", "SIGUSR1")
     if hasattr(signal, name)
 )
-# the signal received since the run started, or 0
-received = 0
+# the last signal received since the run started, or 0, and how many came
+received = count = 0
 # while a grid is drawn, what a first signal prints and a second one raises
 during_grid = None
 
@@ -38,8 +38,9 @@ def noted(signum: int) -> None:
 
 
 def remember(signum: int, frame) -> None:
-    global received
+    global received, count
     previous, received = received, signum
+    count += 1
     again = previous != 0
     if during_grid is not None and again:
         raise Stopped(signum, during_grid(signum))
@@ -52,13 +53,13 @@ def remember(signum: int, frame) -> None:
 @contextlib.contextmanager
 def stop_on_signals():
     """While the run lasts, a stop signal ends it after the current step."""
-    global received
-    received = 0
+    global received, count
+    received = count = 0
     previous = {signum: signal.signal(signum, remember) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        received = 0
+        received = count = 0
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

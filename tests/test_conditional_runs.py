@@ -10,7 +10,7 @@ from torchvision.datasets import FakeData
 
 from conftest import grid_tiles, narrow_unets
 from mindiffusion import cli
-from mindiffusion import run as run_module
+from mindiffusion import ema as ema_module
 from mindiffusion import sample
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
@@ -179,7 +179,7 @@ def conditional(tmp_path_factory):
             averages.append(self)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run_module, "AveragedModel", KeptAverage)
+        patch.setattr(ema_module, "AveragedModel", KeptAverage)
         for cond in (True, False):
             out = tmp_path_factory.mktemp(f"cond{cond}")
             # two steps: the average starts as a copy of the first step's weights

@@ -3,12 +3,15 @@ training went through, the grid drawn from them, and --resume carrying them on, 
 each of the three scripts, since each carries its own copy of the loop."""
 
 import functools
+from fractions import Fraction
 
 import pytest
 import torch
+import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from conftest import cheap_ddpm, narrow_unets
+from mindiffusion.ema import averaged_copy, warmup_decay
 from mindiffusion.run import run_training
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
@@ -34,9 +37,10 @@ def sampled_by(monkeypatch):
     return samplers
 
 
+@pytest.mark.parametrize("warmup", [True, False])
 @pytest.mark.parametrize("train", SCRIPTS)
 def test_ema_is_the_moving_average_of_the_weights_and_draws_the_grid(
-    train, tmp_path, sampled_by
+    train, warmup, tmp_path, sampled_by
 ):
     trajectory = []
 
@@ -47,14 +51,16 @@ def test_ema_is_the_moving_average_of_the_weights_and_draws_the_grid(
 
     handle = register_optimizer_step_post_hook(keep_weights)
     try:
-        ddpm = run_training(train, n_epoch=1, out=str(tmp_path), ema=0.5, **RUN)
+        ddpm = run_training(
+            train, n_epoch=1, out=str(tmp_path), ema=0.5, ema_warmup=warmup, **RUN
+        )
     finally:
         handle.remove()
     assert len(trajectory) == 2
-    # e_1 = w_1, then e_k = 0.5 e_{k-1} + 0.5 w_k
-    expected = trajectory[0]
-    for weights in trajectory[1:]:
-        expected = [0.5 * e + 0.5 * w for e, w in zip(expected, weights)]
+    # e_1 = w_1, then e_2 = d e_1 + (1 - d) w_2: d = min(0.5, (1 + 1) / (10 + 1))
+    # after one update with the warm-up, 0.5 without
+    d = 2 / 11 if warmup else 0.5
+    expected = [d * e + (1 - d) * w for e, w in zip(*trajectory)]
 
     (checkpoint,) = tmp_path.glob("*.pth")
     saved = torch.load(checkpoint, weights_only=True)
@@ -82,6 +88,8 @@ def test_resume_carries_the_average_on(train, tmp_path, sampled_by, capsys):
     assert one_go.keys() == resumed.keys()
     for name in one_go:
         assert torch.equal(one_go[name], resumed[name]), name
+    # the warm-up's decay depends on the count of updates, which the resume keeps:
+    # restarted at 0, the resumed half would average differently
     assert int(resumed["n_averaged"]) == 4
 
 
@@ -102,3 +110,36 @@ def test_ema_turned_on_when_resuming_starts_from_the_resumed_weights(
     assert not torch.equal(
         saved["ema"]["module.eps_model.out.weight"], ddpm.eps_model.out.weight
     )
+
+
+def test_the_warmup_decay_follows_the_formula_then_stays_at_decay():
+    # (1 + n) / (10 + n) for n = 0, 1, 2, 3, 4
+    hand = [1 / 10, 2 / 11, 3 / 12, 4 / 13, 5 / 14]
+    assert [warmup_decay(0.999, n) for n in range(5)] == pytest.approx(hand)
+    # (1 + n) / (10 + n) = 0.995 at n = 1790
+    assert warmup_decay(0.995, 1789) < 0.995
+    assert warmup_decay(0.995, 1790) == pytest.approx(0.995)
+    assert warmup_decay(0.995, 10**6) == 0.995
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_the_average_of_a_two_parameter_model_is_the_hand_computed_one(warmup):
+    model = nn.Linear(1, 1)
+    ema = averaged_copy(model, decay=0.28, warmup=warmup)
+    # (weight, bias) after each of four steps
+    steps = [(1, 2), (3, -1), (0, 4), (5, 5)]
+    for weight, bias in steps:
+        with torch.no_grad():
+            model.weight.fill_(weight)
+            model.bias.fill_(bias)
+        ema.update_parameters(model)
+    # the first update copies; then d = 2/11, 3/12 and 4/13, capped at 0.28
+    decays = [Fraction(2, 11), Fraction(3, 12), Fraction(28, 100)]
+    if not warmup:
+        decays = [Fraction(28, 100)] * 3
+    e = [Fraction(v) for v in steps[0]]
+    for d, w in zip(decays, steps[1:]):
+        e = [d * a + (1 - d) * b for a, b in zip(e, w)]
+    assert float(ema.module.weight.detach()) == pytest.approx(float(e[0]), rel=1e-6)
+    assert float(ema.module.bias.detach()) == pytest.approx(float(e[1]), rel=1e-6)
+    assert int(ema.n_averaged) == 4

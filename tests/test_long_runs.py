@@ -16,6 +16,7 @@ import torch
 
 from conftest import REPO
 from mindiffusion import checkpoints, cli, devices, duties, signals
+from mindiffusion.checkpoints import GRIDS
 from mindiffusion.ddpm import DDPM
 from mindiffusion.run import PreparedDDPM, Run
 from train_celeba import train_celeba
@@ -51,11 +52,11 @@ def record_rows(path):
         return [row[:4] for row in csv.reader(file)]
 
 
-def same_files(a, b, lost=frozenset()):
+def same_files(a, b, lost=frozenset(), extra=frozenset()):
     """The grids, the record and the checkpoint of two runs are the same, but for
-    the grids `lost` that b lacks."""
-    assert sorted(set(os.listdir(a)) - lost) == sorted(os.listdir(b))
-    for name in os.listdir(b):
+    the grids `lost` that b lacks and the grids `extra` that only b has."""
+    assert sorted(set(os.listdir(a)) - lost) == sorted(set(os.listdir(b)) - extra)
+    for name in set(os.listdir(b)) - extra:
         if name.endswith(".png"):
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
     (log,) = a.glob("*_log.csv")
@@ -93,8 +94,25 @@ def test_a_signal_mid_epoch_saves_and_resume_is_bit_identical(
     )
     state = torch.load(path, weights_only=True)
     assert (state["epoch"], state["batches"]) == (0, 2)
+    # after the save, the grid of the weights saved, named as the script names its
+    # grids: ddpm_sample_{}.png, ddpm_sample_cifar{}.png, ddpm_sample_celeba{}.png
+    stop_grid = GRIDS[path.name].format(0).replace(".png", "_step2.png")
+    assert (stopped / stop_grid).exists()
     assert train(script, [*argv, "--out", str(stopped), "--resume"], capsys)[0] == 0
-    same_files(straight, stopped)
+    same_files(straight, stopped, extra={stop_grid})
+
+
+def test_a_second_signal_during_the_final_grid_skips_it(stand_in, tmp_path, capsys):
+    argv = [*FLAGS.split(), "--epochs", "2", "--out", str(tmp_path)]
+    stand_in["signal"] = (2, signal.SIGTERM)
+    # the next grid is the final one
+    stand_in["grid_signals"] = [signal.SIGINT]
+    code, line, out = train(train_cifar10, argv, capsys)
+    assert code == 128 + signal.SIGINT
+    assert line.startswith("stopped by SIGINT during the final grid: the run is saved")
+    assert not list(tmp_path.glob("*.png"))
+    state = torch.load(tmp_path / "ddpm_cifar.pth", weights_only=True)
+    assert (state["epoch"], state["batches"]) == (0, 2)
 
 
 def test_a_kill_loses_only_the_steps_since_the_last_save(
@@ -227,7 +245,7 @@ def test_fp16_scales_the_loss_and_its_scaler_survives_resume(
     assert code == 128 + signal.SIGTERM
     code = train(train_cifar10, [*argv, "--out", str(halves), "--resume"], capsys)[0]
     assert code == 0
-    same_files(straight, halves)
+    same_files(straight, halves, extra={"ddpm_sample_cifar0_step2.png"})
     a, b = (
         torch.load(d / "ddpm_cifar.pth", weights_only=True) for d in (straight, halves)
     )

@@ -87,6 +87,8 @@ def test_a_second_signal_during_a_grid_stops_at_once_with_the_epoch_saved(
     )
     assert code == 128 + signal.SIGTERM
     assert line.startswith("stopped by SIGTERM during the grid of epoch 0: the epoch")
+    # stopped twice: no final grid either
+    assert not list(stopped.glob("*.png"))
     state = torch.load(stopped / "ddpm_mnist.pth", weights_only=True)
     assert (state["epoch"], state["batches"]) == (1, 0)
     # the epoch's training is kept exactly; only the picture being drawn is lost
@@ -291,3 +293,51 @@ def test_the_loader_s_workers_end_with_the_run(stand_in, tmp_path, monkeypatch):
     with pytest.raises(signals.Stopped):
         run.run_training(train_mnist.train_mnist, out=str(tmp_path / "b"), **settings)
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--grid-steps", "5"], "--grid-steps is DDIM's: add --grid-sampler ddim, "
+         "or drop it"),
+        (["--grid-sampler", "ddim", "--grid-steps", "5", "--n-T", "2"],
+         "--grid-steps 5 is more than --n-T 2"),
+        (["--no-ema-warmup"], "--no-ema-warmup is --ema's: add --ema DECAY, or drop "
+         "it"),
+    ],
+)
+def test_grid_and_warmup_flags_without_their_feature_are_one_sentence(
+    argv, expected, capsys
+):
+    code, line, _ = train(train_cifar10.train_cifar10, argv, capsys)
+    assert (code, line) == (2, expected)
+
+
+@pytest.mark.parametrize("script, argv, grid", SCRIPTS)
+def test_each_script_hands_on_the_grid_sampler_and_the_warmup_flag(
+    script, argv, grid, tmp_path, monkeypatch, capsys
+):
+    grids = []
+
+    def ddim_sample(self, n_sample, size, device, c=None, guide_w=0.0):
+        if not isinstance(self.eps_model, run.ZeroEps):
+            grids.append((self.n_steps, self.eps_model))
+        return torch.zeros(n_sample, *size)
+
+    monkeypatch.setattr(run.DDIM, "sample", ddim_sample)
+    cheap_ddpm(monkeypatch)
+    narrow_unets(monkeypatch)
+    argv = [*FLAGS.split(), *argv, "--epochs", "1", "--out", str(tmp_path)]
+    argv += ["--ema", "0.5", "--grid-sampler", "ddim", "--grid-steps", "2"]
+    assert train(script, [*argv, "--no-ema-warmup"], capsys)[0] == 0
+    assert (tmp_path / grid.format(0)).exists()
+    (path,) = tmp_path.glob("*.pth")
+    state = torch.load(path, weights_only=True)
+    assert state["settings"]["ema_warmup"] is False
+    # one grid, of 2 DDIM steps, on the averaged copy's noise model
+    ((n_steps, eps_model),) = grids
+    assert n_steps == 2
+    assert torch.equal(
+        next(eps_model.parameters()),
+        state["ema"][f"module.eps_model.{next(iter(eps_model.state_dict()))}"],
+    )

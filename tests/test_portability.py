@@ -1,0 +1,101 @@
+"""Windows, Macs and MPS, by patching the platform: the scripts run without SIGUSR1
+and without a folder fsync, --laptop takes MPS where there is one, and FID's
+float64 sums are made on the CPU."""
+import errno
+import importlib
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, narrow_unets
+from mindiffusion import checkpoints, signals
+from mindiffusion.frechet import Moments
+from mindiffusion.run import run_training
+from train_cifar10 import train_cifar10
+
+TINY = dict(device="cpu", batch_size=2, n_T=2, fake_data=4, num_workers=0, seed=0)
+
+
+@pytest.fixture
+def windows(monkeypatch):
+    """The platform as Windows has it: no SIGUSR1, and a folder that cannot be
+    opened as a file."""
+    # the module as it is, so that its classes, such as Stopped, come back as the
+    # same objects that other modules imported
+    module = dict(vars(signals))
+    monkeypatch.delattr(signal, "SIGUSR1")
+    importlib.reload(signals)
+    real_open = os.open
+
+    def open_as_windows(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.os, "open", open_as_windows)
+    yield
+    monkeypatch.undo()
+    vars(signals).update(module)
+
+
+def test_on_windows_the_stop_signals_are_sigterm_and_sigint(windows):
+    assert signals.STOP_SIGNALS == (signal.SIGTERM, signal.SIGINT)
+
+
+def test_on_windows_a_run_trains_and_saves_without_the_folder_fsync(
+    windows, tmp_path, monkeypatch
+):
+    narrow_unets(monkeypatch)
+    run_training(train_cifar10, n_epoch=1, out=str(tmp_path), **TINY)
+    state = torch.load(tmp_path / "ddpm_cifar.pth", weights_only=True)
+    assert state["epoch"] == 1
+    assert (tmp_path / "ddpm_sample_cifar0.png").exists()
+
+
+def test_a_failing_fsync_is_still_an_error_and_leaves_nothing(tmp_path, monkeypatch):
+    def broken_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(checkpoints.os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        checkpoints.write_atomically(str(tmp_path / "file"), b"data")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("mps", [True, False])
+def test_laptop_takes_mps_where_there_is_one(mps):
+    # a cached function, as torch's own is_available is
+    code = (
+        "import functools, torch\n"
+        f"torch.backends.mps.is_available = functools.cache(lambda: {mps})\n"
+        "import train_mnist\n"
+        "print(train_mnist.LAPTOP['device'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == ("mps" if mps else "cpu")
+
+
+class OnMps(torch.Tensor):
+    """A tensor that acts as one on an MPS device: it has no float64."""
+
+    def double(self):
+        raise TypeError("Cannot convert a MPS Tensor to float64 dtype")
+
+    def cpu(self):
+        return self.as_subclass(torch.Tensor)
+
+
+def test_fid_sums_its_float64_moments_on_the_cpu():
+    features = torch.randn(5, 3, dtype=torch.float64)
+    moments = Moments()
+    moments.add(features.float().as_subclass(OnMps))
+    mu, sigma = moments.statistics()
+    torch.testing.assert_close(mu, features.float().double().mean(0))
+    torch.testing.assert_close(sigma, torch.cov(features.float().double().T))
