@@ -1,0 +1,121 @@
+"""python -m mindiffusion.figures: each figure is written at its size, and its data
+are the DDPM's own equations: the forward noising, the schedules' closed forms,
+Algorithm 2's walk from x_T to x_0, and the record's losses."""
+import csv
+
+import pytest
+import torch
+from PIL import Image
+
+from mindiffusion import figures
+from mindiffusion.ddpm import DDPM
+from mindiffusion.unet import NaiveUnet
+
+N_T = 20
+RECIPE = dict(
+    dataset="MNIST", eps_model="NaiveUnet", eps_model_args=(1, 1, 8),
+    betas=(1e-4, 0.02), n_T=N_T, image_size=(1, 32, 32),
+    normalize=((0.5,), (1.0,)), n_classes=None, classes=None, p_uncond=None,
+)
+
+
+def tiny_ddpm():
+    torch.manual_seed(0)
+    return DDPM(NaiveUnet(1, 1, 8), RECIPE["betas"], N_T).eval()
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A weights-only checkpoint of an untrained narrow UNet, with its record."""
+    path = tmp_path / "tiny.pth"
+    model = tiny_ddpm().state_dict()
+    torch.save({"model": model, "recipe": RECIPE, "averaged": False}, path)
+    with open(tmp_path / "tiny_log.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["epoch", "step", "loss", "lr", "images_per_s", "seconds"])
+        writer.writerows([[0, 63, 0.2, 1e-3, 100, 30], [1, 126, 0.05, 1e-3, 100, 30]])
+    return path
+
+
+def test_the_walks_take_the_lessons_timesteps():
+    assert figures.timesteps(1000) == [0, 50, 100, 250, 500, 750, 1000]
+    assert figures.timesteps(20) == [0, 1, 2, 5, 10, 15, 20]
+
+
+def test_forward_noising_is_sqrtab_x_plus_sqrtmab_eps_with_the_seeded_eps():
+    ddpm = tiny_ddpm()
+    x0 = torch.rand(3, 1, 32, 32) - 0.5
+    x_t, eps = figures.forward_noising(x0, ddpm, [0, 5, 20], seed=7)
+    # the figure's noise: a generator of its own, seeded with --seed
+    seeded = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(eps, seeded)
+    betas = torch.linspace(1e-4, 0.02, N_T + 1, dtype=torch.float64)
+    alphabar = torch.cumprod(1 - betas, 0).float()
+    for row, t in zip(x_t, [0, 5, 20]):
+        expected = alphabar[t].sqrt() * x0 + (1 - alphabar[t]).sqrt() * seeded
+        torch.testing.assert_close(row, expected)
+
+
+def test_the_schedule_curves_are_the_closed_forms():
+    curves = figures.schedule_curves((1e-4, 0.02), 1000)
+    t = torch.arange(1001, dtype=torch.float64)
+    # beta_t = beta1 + (beta2 - beta1) t / T, and alphabar_t its running product
+    beta = 1e-4 + (0.02 - 1e-4) * t / 1000
+    alphabar = torch.cumprod(1 - beta, 0)
+    expected = dict(beta_t=beta, alphabar_t=alphabar, sqrtab=alphabar.sqrt(),
+                    sqrtmab=(1 - alphabar).sqrt())
+    for name, curve in expected.items():
+        torch.testing.assert_close(curves[name].double(), curve, rtol=1e-5, atol=1e-6)
+
+
+def test_the_reverse_walk_goes_from_x_T_to_the_samples():
+    ddpm = tiny_ddpm()
+    ts = figures.timesteps(N_T)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        walk = figures.reverse_walk(ddpm, 2, (1, 32, 32), "cpu", ts, None)
+    torch.manual_seed(3)
+    x_T = torch.randn(2, 1, 32, 32)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        x_0 = ddpm.sample(2, (1, 32, 32), "cpu")
+    assert walk.shape == (len(ts), 2, 1, 32, 32)
+    assert torch.equal(walk[0], x_T)
+    assert torch.equal(walk[-1], x_0)
+
+
+def test_the_loss_curve_reads_the_record(checkpoint):
+    epochs, losses = figures.loss_curve(str(checkpoint.with_name("tiny_log.csv")))
+    assert (epochs, losses) == ([0, 1], [0.2, 0.05])
+
+
+def test_the_command_writes_four_figures_of_their_sizes(checkpoint, tmp_path, capsys):
+    out = tmp_path / "figures"
+    argv = [str(checkpoint), "--out", str(out), "--device", "cpu", "--seed", "1"]
+    figures.main(argv)
+    # (width, height) in pixels: 1.4 inches an image at 100 dpi, 7 timesteps by 6
+    # images and a title; the schedules 10x4 inches, the loss 6x4
+    sizes = {
+        "forward_noising.png": (980, 900),
+        "reverse_walk.png": (980, 900),
+        "schedules.png": (1000, 400),
+        "loss_curve.png": (600, 400),
+    }
+    for name, size in sizes.items():
+        assert Image.open(out / name).size == size, name
+    # the same seed draws the same figures; no file is replaced
+    figures.main(argv)
+    for name in sizes:
+        stem = name.removesuffix(".png")
+        again = out / f"{stem}_2.png"
+        assert again.read_bytes() == (out / name).read_bytes(), name
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_a_record_that_is_not_one_is_one_sentence(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        figures.main([str(checkpoint), "--record", str(bad), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "is not a run's record" in capsys.readouterr().err
