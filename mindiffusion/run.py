@@ -179,7 +179,8 @@ def run_training(train: Callable, **settings) -> DDPM:
             try:
                 train(**own, run=run)
             except signals.Stopped:
-                run.model.final_grid()
+                if run.model is not None:
+                    run.model.final_grid()
                 raise
         return run.model and run.model.ddpm
     finally:
@@ -277,6 +278,8 @@ class PreparedDDPM(nn.Module):
         if path is None or os.path.exists(path):
             return
         device = next(self.ddpm.parameters()).device
+        # the loop was training: BatchNorm draws with its running statistics
+        self.eval()
         ddpm = self.grid_sampler()
         n_classes, guide_w = ddpm.n_classes, self.run.guide_w
         recipe = self.checkpoint.recipe
