@@ -1,7 +1,7 @@
 """Train a DDPM on MNIST with the notes' tiny CNN, DummyEpsModel (notes, section 2).
 
     python train_mnist.py                                  # the notes' run, on cuda:0
-    python train_mnist.py --laptop --epochs 4              # a small UNet, on a CPU
+    python train_mnist.py --laptop                         # digits in minutes, on a CPU
     python train_mnist.py --cond                           # choose the digit to draw
     python train_mnist.py --fake-data 64 --epochs 1 --n-T 10   # a quick smoke run
     torchrun --nproc_per_node=4 train_mnist.py             # the same run on 4 GPUs
@@ -157,5 +157,5 @@ LAPTOP = dict(eps_model="unet", n_feat=24, batch_size=64, lr=1e-3, ema=0.995,
               device="mps" if torch.backends.mps.is_available() else "cpu")
 
 if __name__ == "__main__":
-    laptop = ("a small UNet, for a CPU", LAPTOP)
+    laptop = ("a small UNet, for a laptop's CPU or a Mac's GPU", LAPTOP)
     cli.main(train_mnist, __doc__, presets={"laptop": laptop})
