@@ -111,6 +111,9 @@ class DDPM(nn.Module):
         the classifier-free guided one (eq. 6 of Ho & Salimans 2021)."""
         if self.n_classes is None:
             return self.eps_model(x_t, t)
+        if guide_w == 0:
+            # (1 + 0) eps(x_t, c) - 0 eps(x_t, null): the null prediction is not needed
+            return self.eps_model(x_t, t, c)
         # the conditional and the null predictions in one doubled batch:
         # (n, C, H, W) -> (2n, C, H, W)
         null = torch.full_like(c, self.n_classes)

@@ -96,8 +96,10 @@ def test_guided_samples_follow_the_exact_guided_walk(sampler, k, w):
     torch.manual_seed(0)
     c = torch.full((256,), k)
     x = model.sample(256, (1, 16, 16), "cpu", c=c, guide_w=w)
-    # one doubled batch per step: the conditional and the null predictions
-    assert calls == [512] * (N_T if sampler == "ddpm" else 50)
+    # one doubled batch per step, the conditional and the null predictions; at
+    # w = 0 the conditional one alone
+    batch = 256 if w == 0 else 512
+    assert calls == [batch] * (N_T if sampler == "ddpm" else 50)
     # 65,536 pixels: standard errors about sd/256 for the mean and sd/362 for the std
     assert abs(x.mean().item() - walk[0]) < 0.02 * SDS[k]
     assert abs(x.std().item() - walk[1]) < 0.02 * SDS[k]
@@ -139,7 +141,11 @@ def test_unconditional_sampling_is_the_null_class_and_c_needs_classes():
     recorder = LabelRecorder()
     ddpm = DDPM(recorder, BETAS, 2, n_classes=3)
     ddpm.sample(4, (1, 2, 2), "cpu")
-    # doubled batches: the "conditional" half is the null class too
+    # at the default w = 0, one batch of the null class
+    assert all(torch.equal(c, torch.full((4,), 3)) for c in recorder.labels)
+    recorder.labels.clear()
+    ddpm.sample(4, (1, 2, 2), "cpu", guide_w=2.0)
+    # guided, doubled batches: the "conditional" half is the null class too
     assert all(torch.equal(c, torch.full((8,), 3)) for c in recorder.labels)
     plain = DDPM(nn.Identity(), BETAS, 2)
     with pytest.raises(ValueError, match="n_classes"):
@@ -175,3 +181,17 @@ def test_a_conditional_dummy_eps_model_reads_a_map_per_class():
     assert set(DummyEpsModel(1).state_dict()) == set(model.state_dict()) - {
         "classmap.weight"
     }
+
+
+def test_at_w_0_the_single_call_equals_the_doubled_batch():
+    torch.manual_seed(0)
+    model = DDPM(NaiveUnet(1, 1, 8, n_classes=3), BETAS, N_T, n_classes=3).eval()
+    x_t, t = torch.randn(4, 1, 32, 32), torch.full((4, 1), 0.5)
+    c = torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        single = model.guided_eps(x_t, t, c, 0.0)
+        # the doubled batch, as for w > 0, and its conditional half
+        null = torch.full_like(c, 3)
+        both = model.eps_model(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                               torch.cat([c, null]))
+    torch.testing.assert_close(single, both[:4])
