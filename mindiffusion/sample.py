@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> None:
 
         def keep_snapshot(module, inputs):
             if next(calls) in keep:
-                # with --class, the model sees x_t twice, for eps(x_t, c) and
-                # eps(x_t, null): the first n are the images
+                # guided (--class, W > 0), the model sees x_t twice, for
+                # eps(x_t, c) and eps(x_t, null): the first n are the images
                 snapshots.append(inputs[0][:n].clone())
 
         ddpm.eps_model.register_forward_pre_hook(keep_snapshot)
