@@ -81,10 +81,10 @@ class Checkpoint:
 
         The file is written whole or not at all (`write_atomically`).
         """
-        # every rank's generators, so that each one resumes its own stream; on CUDA,
-        # the generator of the GPU this rank trains on
         # where the last save stands, for the grid a stop draws
         self.saved_at = (epoch, batches)
+        # every rank's generators, so that each one resumes its own stream; on CUDA,
+        # the generator of the GPU this rank trains on
         device = next(self.ddpm.parameters()).device
         on_cuda = device.type == "cuda"
         rng_cpu = gather(torch.get_rng_state())

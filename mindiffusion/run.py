@@ -229,14 +229,10 @@ class PreparedDDPM(nn.Module):
         return self.loss
 
     def sample(self, n_sample: int, size, device) -> torch.Tensor:
-        """The epoch's grid: n_sample images of shape `size`, or under --cond a row
-        of 4 for each of the first ten classes, guided with weight --guide-w."""
-        ddpm = self.grid_sampler()
-        n_classes, guide_w = ddpm.n_classes, self.run.guide_w
-        c = conditioning.grid_classes(n_classes, 4, device) if n_classes else None
-        n_sample = n_sample if c is None else len(c)
+        """The epoch's grid (see `grid_walk`), drawn after the epoch is saved."""
+        ddpm, sample_args = self.grid_walk(n_sample, size, device)
         epoch = self.loader.epoch
-        self.save_before_grid(ddpm, epoch, (n_sample, size, device, c, guide_w))
+        self.save_before_grid(ddpm, epoch, sample_args)
         if signals.received:
             signals.noted(signals.received)
 
@@ -247,9 +243,25 @@ class PreparedDDPM(nn.Module):
                 f"same command with --resume to go on"
             )
 
+        return self.draw(ddpm, sample_args, stopped)
+
+    def grid_walk(self, n_sample: int, size, device) -> tuple[DDPM, tuple]:
+        """The grids' sampler and its arguments: n_sample images of shape `size`,
+        or under --cond a row of 4 for each of the first ten classes, guided with
+        weight --guide-w."""
+        ddpm = self.grid_sampler()
+        n_classes = ddpm.n_classes
+        c = conditioning.grid_classes(n_classes, 4, device) if n_classes else None
+        n_sample = n_sample if c is None else len(c)
+        return ddpm, (n_sample, size, device, c, self.run.guide_w)
+
+    def draw(self, ddpm: DDPM, sample_args: tuple, stopped) -> torch.Tensor:
+        """ddpm.sample(*sample_args), where a second stop signal raises Stopped with
+        the message stopped(signum)."""
         # a bar over the timesteps: a 1000-step grid takes minutes, on a CPU hours
         with signals.grid_in_progress(stopped), progress.timesteps(ddpm, "grid"):
-            xh = ddpm.sample(n_sample, size, device, c, guide_w)
+            with torch.no_grad():
+                xh = ddpm.sample(*sample_args)
         self.grid_at = self.steps
         return xh
 
@@ -280,11 +292,8 @@ class PreparedDDPM(nn.Module):
         device = next(self.ddpm.parameters()).device
         # the loop was training: BatchNorm draws with its running statistics
         self.eval()
-        ddpm = self.grid_sampler()
-        n_classes, guide_w = ddpm.n_classes, self.run.guide_w
         recipe = self.checkpoint.recipe
-        c = conditioning.grid_classes(n_classes, 4, device) if n_classes else None
-        n_sample = 16 if c is None else len(c)
+        ddpm, sample_args = self.grid_walk(16, recipe["image_size"], device)
 
         def stopped(signum: int) -> str:
             return (
@@ -294,9 +303,7 @@ class PreparedDDPM(nn.Module):
             )
 
         print("drawing the grid of the weights saved (a second signal skips it)")
-        with signals.grid_in_progress(stopped), progress.timesteps(ddpm, "grid"):
-            with torch.no_grad():
-                xh = ddpm.sample(n_sample, recipe["image_size"], device, c, guide_w)
+        xh = self.draw(ddpm, sample_args, stopped)
         save_image(make_grid(denormalize(xh, recipe["normalize"]), nrow=4), path)
         print(f"wrote {path}")
 
