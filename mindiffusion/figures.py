@@ -121,7 +121,7 @@ def plot_walk(images: torch.Tensor, ts: list[int], title: str, path: str) -> Non
 
 
 def plot_schedules(curves: dict[str, torch.Tensor], path: str) -> None:
-    fig = Figure(figsize=(10, 4), dpi=DPI)
+    fig = Figure(figsize=(10, 4), dpi=DPI, layout="constrained")
     left, right = fig.subplots(1, 2)
     t = torch.arange(len(curves["beta_t"]))
     left.plot(t, curves["beta_t"], label=r"$\beta_t$")
@@ -138,7 +138,7 @@ def plot_schedules(curves: dict[str, torch.Tensor], path: str) -> None:
 
 
 def plot_loss(epochs: list[int], losses: list[float], path: str) -> None:
-    fig = Figure(figsize=(6, 4), dpi=DPI)
+    fig = Figure(figsize=(6, 4), dpi=DPI, layout="constrained")
     ax = fig.subplots()
     ax.plot(epochs, losses, marker=".")
     ax.set_yscale("log")
