@@ -72,21 +72,12 @@ def reverse_walk(
 ) -> torch.Tensor:
     """Algorithm 2's states x_t at each t in ts, from x_T to x_0, for n samples:
     (len(ts), n, C, H, W), the largest t first."""
-    states = {}
-    calls = iter(range(ddpm.n_T, 0, -1))
-
-    def keep_state(module, inputs) -> None:
-        # the model's input at the call for timestep i is x_i; under guidance it
-        # sees x_i twice, for eps(x_i, c) and eps(x_i, null): the first n are x_i
-        i = next(calls)
-        if i in ts:
-            states[i] = inputs[0][:n].clone()
-
-    handle = ddpm.eps_model.register_forward_pre_hook(keep_state)
-    try:
-        states[0] = ddpm.sample(n, size, device, c, GUIDE_W)
-    finally:
-        handle.remove()
+    # the model's input at call k is x_i for i = n_T - k; x_0 is the walk's result
+    calls = [ddpm.n_T - t for t in ts if t > 0]
+    with progress.model_inputs(ddpm, calls, n) as inputs_at:
+        x_0 = ddpm.sample(n, size, device, c, GUIDE_W)
+    states = {ddpm.n_T - k: x_t for k, x_t in inputs_at.items()}
+    states[0] = x_0
     return torch.stack([states[t] for t in sorted(ts, reverse=True)])
 
 

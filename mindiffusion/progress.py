@@ -1,9 +1,11 @@
-"""Progress bars for waits that call the noise model many times, such as a grid.
+"""Progress bars for waits that call the noise model many times, such as a grid,
+and snapshots of the walk from x_T to x_0.
 
 `DDPM.sample` keeps the notes' loop; the bar counts the model's calls from outside,
-with a forward pre-hook, as `mindiffusion.sample --progress` takes its snapshots.
+with a forward pre-hook, and `model_inputs` keeps the states it passes the same way.
 """
 import contextlib
+import itertools
 
 import torch.nn as nn
 from tqdm import tqdm
@@ -28,3 +30,24 @@ def timesteps(ddpm: nn.Module, description: str, samples: int = 1):
     finally:
         handle.remove()
         bar.close()
+
+
+@contextlib.contextmanager
+def model_inputs(ddpm: nn.Module, calls: list[int], n: int):
+    """While it lasts, a dict that gets the state x_t that ddpm.sample passes its
+    model at each call numbered in `calls` (0 is the first, whose input is x_T):
+    the first n images, as many as the walk samples."""
+    inputs_at, counter = {}, itertools.count()
+
+    def keep_input(module, inputs) -> None:
+        call = next(counter)
+        if call in calls:
+            # guided (w > 0), the model sees x_t twice, for eps(x_t, c) and
+            # eps(x_t, null): the first n are the images
+            inputs_at[call] = inputs[0][:n].clone()
+
+    handle = ddpm.eps_model.register_forward_pre_hook(keep_input)
+    try:
+        yield inputs_at
+    finally:
+        handle.remove()

@@ -199,28 +199,19 @@ def main(argv: list[str] | None = None) -> None:
         c = torch.tensor(labels, device=device).repeat_interleave(nrow)
         n = len(c)
 
-    snapshots = []
+    # states 0..n_calls: the model's input at each call (state 0 is x_T), then x_0
+    keep = []
     if args.progress:
-        # states 0..n_calls: the model's input at each call (state 0 is x_T), then x_0
         keep = torch.linspace(0, n_calls, args.progress).round().long().tolist()
-        calls = itertools.count()
-
-        def keep_snapshot(module, inputs):
-            if next(calls) in keep:
-                # guided (--class, W > 0), the model sees x_t twice, for
-                # eps(x_t, c) and eps(x_t, null): the first n are the images
-                snapshots.append(inputs[0][:n].clone())
-
-        ddpm.eps_model.register_forward_pre_hook(keep_snapshot)
-
-    with progress.timesteps(ddpm, "sampling"):
-        x = ddpm.sample(n, recipe["image_size"], device, c, guide_w)
+    with progress.model_inputs(ddpm, keep, n) as inputs_at:
+        with progress.timesteps(ddpm, "sampling"):
+            x = ddpm.sample(n, recipe["image_size"], device, c, guide_w)
     images = denormalize(x, recipe["normalize"])
     save_image(make_grid(images, nrow=nrow), out)
     print(f"wrote {out}")
 
     if args.progress:
-        snapshots.append(x)
+        snapshots = [inputs_at[k] for k in keep if k < n_calls] + [x]
         # (K, n, C, H, W) -> one row of K snapshots for each of the n images
         strips = denormalize(torch.stack(snapshots), recipe["normalize"]).unbind(1)
         for j, strip in enumerate(strips):
