@@ -26,8 +26,11 @@ def averaged_copy(model: nn.Module, decay: float, warmup: bool = True) -> Averag
     where it stopped."""
 
     @torch.no_grad()
-    def update(averages: list, weights: list, n_averaged: torch.Tensor) -> None:
-        d = warmup_decay(decay, int(n_averaged)) if warmup else decay
+    def update(averages: list, weights: list, n_on_device: torch.Tensor) -> None:
+        # the count as AveragedModel keeps it, on the CPU: reading the copy it
+        # passes on would make a GPU wait
+        n = int(averaged.n_averaged)
+        d = warmup_decay(decay, n) if warmup else decay
         if torch.is_floating_point(averages[0]):
             # e <- d e + (1 - d) w, as a lerp of e towards w by 1 - d
             torch._foreach_lerp_(averages, weights, 1 - d)
@@ -36,4 +39,5 @@ def averaged_copy(model: nn.Module, decay: float, warmup: bool = True) -> Averag
             for e, w in zip(averages, weights):
                 e.copy_(e * d + w * (1 - d))
 
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    averaged = AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    return averaged

@@ -35,6 +35,7 @@ from mindiffusion.duties import StepDuties
 from mindiffusion.ema import averaged_copy
 from mindiffusion.errors import UserError
 from mindiffusion.locks import hold_lock, release
+from mindiffusion.readings import StepReadings
 
 
 @dataclasses.dataclass
@@ -130,9 +131,10 @@ class Run:
             dataloader, device, self.num_workers, start.data_seed, *start[:2]
         )
         parallel = distribute(ddpm, device)
-        model = PreparedDDPM(self, checkpoint, parallel, loader, dtype)
+        readings = StepReadings(parallel)
+        model = PreparedDDPM(self, checkpoint, parallel, loader, dtype, readings)
         StepDuties(
-            checkpoint, loader, lambda: model.loss, start.batches, self.save_every,
+            checkpoint, loader, readings, start.batches, self.save_every,
             self.grad_clip, ema,
         )
         self.n_epoch, self.start_epoch, self.model = n_epoch, start.epoch, model
@@ -206,13 +208,14 @@ class PreparedDDPM(nn.Module):
         parallel: nn.Module,
         loader: PreparedLoader,
         dtype: torch.dtype | None,
+        readings: StepReadings,
     ) -> None:
         super().__init__()
         self.ddpm, self.parallel, self.ema = checkpoint.ddpm, parallel, checkpoint.ema
         self.run, self.checkpoint, self.loader = run, checkpoint, loader
-        self.dtype, self.scaler = dtype, checkpoint.scaler
-        # the loss of the step under way, for its checks; the epochs saved
-        self.loss, self.saved = None, None
+        self.dtype, self.scaler, self.readings = dtype, checkpoint.scaler, readings
+        # the epochs saved
+        self.saved = None
         # the training steps this run has taken, and how many its last grid came after
         self.steps, self.grid_at = 0, None
 
@@ -220,13 +223,15 @@ class PreparedDDPM(nn.Module):
         # the labels, with --cond; the notes' unconditional DDPM takes none
         c = self.loader.labels.to(x.device) if self.run.cond else None
         with torch.autocast(x.device.type, self.dtype, enabled=bool(self.dtype)):
-            self.loss = self.parallel(x, c)
+            loss = self.parallel(x, c)
+        # for the guard's checks of this step
+        self.readings.take_loss(loss)
         self.steps += 1
         if self.scaler.is_enabled():
             # backward starts from the loss times the scale, while the loss itself,
             # and the progress bar's, stay as they are
-            self.loss.register_hook(self.scaler.scale)
-        return self.loss
+            loss.register_hook(self.scaler.scale)
+        return loss
 
     def sample(self, n_sample: int, size, device) -> torch.Tensor:
         """The epoch's grid (see `grid_walk`), drawn after the epoch is saved."""

@@ -10,34 +10,47 @@ import torch
 import torch.nn as nn
 
 from conftest import REPO
-from mindiffusion import distributed, errors
+from mindiffusion import distributed, duties, errors
 from mindiffusion.ddpm import DDPM
 from train_mnist import DummyEpsModel
 
-# 8 fake images in global batches of 4: two steps per epoch, 2 images per rank each
-FLAGS = "--device cpu --fake-data 8 --batch-size 4 --n-T 2 --num-workers 0 --seed 0"
+# global batches of 4, 2 images per rank each, with more steps to an epoch than the
+# steps between the ranks' checks for a stop signal
+STEPS_PER_EPOCH = duties.SIGNAL_EVERY + 2
+FLAGS = (f"--device cpu --fake-data {4 * STEPS_PER_EPOCH} --batch-size 4 --n-T 2 "
+         "--num-workers 0 --seed 0")
 # MNIST with a narrow UNet: most of each launch is then Python and torch starting up
 SMALL_MNIST = "--eps-model unet --n-feat 8"
 
 
-def torchrun(*args, cwd, env=None, returncode=0):
-    """Run torchrun with 2 processes on this machine; return what it printed."""
-    result = subprocess.run(
+def start_torchrun(*args, cwd, env=None) -> subprocess.Popen:
+    """Start torchrun with 2 processes on this machine."""
+    return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         + ["--nproc_per_node=2", *args],
         cwd=cwd,
         env={**os.environ, **(env or {})},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
     )
-    assert result.returncode == returncode, result.stderr[-3000:]
-    return result.stdout + result.stderr
 
 
-def train_mnist_on_2_ranks(out, *flags, env=None, returncode=0):
-    """train_mnist under torchrun, through tests/ddp_worker.py; its output."""
-    return torchrun(
+def finish(process: subprocess.Popen, returncode=0) -> str:
+    """What a torchrun started so printed, once it has ended with `returncode`."""
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == returncode, stderr[-3000:]
+    return stdout + stderr
+
+
+def torchrun(*args, cwd):
+    """Run torchrun with 2 processes on this machine; return what it printed."""
+    return finish(start_torchrun(*args, cwd=cwd))
+
+
+def start_mnist_on_2_ranks(out, *flags, env=None) -> subprocess.Popen:
+    """Start train_mnist under torchrun, through tests/ddp_worker.py."""
+    return start_torchrun(
         str(REPO / "tests" / "ddp_worker.py"),
         "train_mnist",
         *FLAGS.split(),
@@ -49,7 +62,6 @@ def train_mnist_on_2_ranks(out, *flags, env=None, returncode=0):
         *flags,
         cwd=out.parent,
         env=env,
-        returncode=returncode,
     )
 
 
@@ -58,9 +70,15 @@ def test_torchrun_trains_in_step_stops_together_and_resumes_exactly(
 ):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     # a first grid slower than the process group's timeout: the other rank waits
-    stdout = train_mnist_on_2_ranks(
+    straight_run = start_mnist_on_2_ranks(
         straight, env=dict(PG_TIMEOUT="3", SLOW_GRID="5")
     )
+    # SIGTERM reaches rank 0 in its first step and rank 1 in its second: both stop
+    # after the step at which the ranks next compare their signals, and rank 0 saves
+    halves_run = start_mnist_on_2_ranks(
+        halves, env=dict(SLOW_GRID="0", SIGTERM_AT="1,2")
+    )
+    stdout = finish(straight_run)
     # rank 0 alone prints, draws and saves
     assert stdout.count("Epoch 0 : ") == 1 and stdout.count("Epoch 1 : ") == 1
     assert sorted(os.listdir(straight)) == [
@@ -74,7 +92,8 @@ def test_torchrun_trains_in_step_stops_together_and_resumes_exactly(
     saved = torch.load(straight / "ddpm_mnist.pth", weights_only=True)
     ranks = [torch.load(straight / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     # each rank trained on its half of every global batch of 4
-    assert ranks[0]["batch_sizes"] == ranks[1]["batch_sizes"] == [2] * 4
+    steps = 2 * STEPS_PER_EPOCH
+    assert ranks[0]["batch_sizes"] == ranks[1]["batch_sizes"] == [2] * steps
     # and drew its own noise
     assert not torch.equal(ranks[0]["rng"], ranks[1]["rng"])
     for name, value in saved["model"].items():
@@ -82,15 +101,14 @@ def test_torchrun_trains_in_step_stops_together_and_resumes_exactly(
         assert torch.equal(ranks[0]["model"][name], value), name
         assert torch.equal(ranks[1]["model"][name], value), name
 
-    # SIGTERM reaches rank 0 in its first step and rank 1 in its second: both stop
-    # after the first, and rank 0 saves
-    stdout = train_mnist_on_2_ranks(
-        halves, env=dict(SLOW_GRID="0", SIGTERM_AT="1,2"), returncode=1
-    )
-    assert stdout.count("stopped by SIGTERM after epoch 0, step 1") == 1
+    stdout = finish(halves_run, returncode=1)
+    at = duties.SIGNAL_EVERY
+    assert stdout.count(f"stopped by SIGTERM after epoch 0, step {at}:") == 1
     state = torch.load(halves / "ddpm_mnist.pth", weights_only=True)
-    assert (state["epoch"], state["batches"]) == (0, 1)
-    stdout = train_mnist_on_2_ranks(halves, "--resume", env=dict(SLOW_GRID="0"))
+    assert (state["epoch"], state["batches"]) == (0, at)
+    stdout = finish(
+        start_mnist_on_2_ranks(halves, "--resume", env=dict(SLOW_GRID="0"))
+    )
     assert stdout.count("resuming from") == 1
     resumed = torch.load(halves / "ddpm_mnist.pth", weights_only=True)
     for name, value in saved["model"].items():

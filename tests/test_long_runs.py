@@ -18,6 +18,7 @@ from conftest import REPO
 from mindiffusion import checkpoints, cli, devices, duties, signals
 from mindiffusion.checkpoints import GRIDS
 from mindiffusion.ddpm import DDPM
+from mindiffusion.readings import StepReadings
 from mindiffusion.run import PreparedDDPM, Run
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
@@ -204,23 +205,35 @@ def test_a_save_that_fails_after_writing_is_one_sentence(tmp_path, monkeypatch, 
     assert not (out / "ddpm_cifar.pth.tmp").exists()
 
 
-def test_grad_clip_bounds_the_norm_and_without_it_nothing_changes():
+def test_grad_clip_bounds_the_norm_and_without_it_nothing_changes(monkeypatch):
     ddpm = DDPM(torch.nn.Conv2d(1, 1, 3, padding=1), (1e-4, 0.02), 2)
     optim = torch.optim.Adam(ddpm.parameters())
     checkpoint = checkpoints.Checkpoint("unused", ddpm, optim, {})
-    loss = torch.ones(())
+    clip_grad_norm, clips = torch.nn.utils.clip_grad_norm_, []
+
+    def counted_clip(*args):
+        clips.append(args[1])
+        return clip_grad_norm(*args)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counted_clip)
     for clip in (None, 0.01):
-        ddpm.zero_grad()
-        (ddpm.eps_model.weight.sum() * 100).backward()
-        before = ddpm.eps_model.weight.grad.clone()
+        readings = StepReadings(ddpm)
         step_duties = duties.StepDuties(
-            checkpoint, FOUR_BATCHES, lambda: loss, 0, None, clip, None
+            checkpoint, FOUR_BATCHES, readings, 0, None, clip, None
         )
+        ddpm.zero_grad()
+        loss = ddpm.eps_model.weight.sum() * 100
+        readings.take_loss(loss)
+        loss.backward()
+        before = ddpm.eps_model.weight.grad.clone()
         step_duties.before_step(optim, (), {})
         after = ddpm.eps_model.weight.grad
         if clip is None:
+            # not even a pass over the gradients
+            assert clips == []
             assert torch.equal(after, before)
         else:
+            assert clips == [clip]
             # the total norm is bias and weight together; the bias has no gradient
             assert after.norm().item() == pytest.approx(clip, rel=1e-4)
 
@@ -299,8 +312,9 @@ def test_amp_auto_picks_by_the_gpus_compute_capability(
 def test_fp16_overflowing_step_after_step_is_divergence(
     stand_in, tmp_path, monkeypatch, capsys
 ):
+    # gradients that overflow at any loss scale
     def overflowing(self, x, c):
-        return sum(p.sum() for p in self.parameters()) * 1e38
+        return sum(p.sum() for p in self.parameters()) * float("inf")
 
     monkeypatch.setattr(DDPM, "forward", overflowing)
     out = tmp_path / "out"
@@ -331,9 +345,10 @@ def test_fp16_backward_starts_from_the_scaled_loss_and_the_step_sees_it_unscaled
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     checkpoint = checkpoints.Checkpoint("unused", ddpm, optim, {}, scaler=scaler)
     # the model the loop calls, and the duties of its optimizer
-    prepared = PreparedDDPM(Run(), checkpoint, ddpm, FOUR_BATCHES, None)
+    readings = StepReadings(ddpm)
+    prepared = PreparedDDPM(Run(), checkpoint, ddpm, FOUR_BATCHES, None, readings)
     step_duties = duties.StepDuties(
-        checkpoint, FOUR_BATCHES, lambda: prepared.loss, 0, None, None, None
+        checkpoint, FOUR_BATCHES, readings, 0, None, None, None
     )
     x = torch.randn(2, 1, 8, 8)
     reference = DDPM(TinyEps(), (1e-4, 0.02), 2)

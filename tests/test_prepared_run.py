@@ -14,6 +14,7 @@ from conftest import cheap_ddpm, narrow_unets
 from mindiffusion import checkpoints, data, duties, locks, run, signals
 from mindiffusion.ddpm import DDPM
 from mindiffusion.errors import UserError
+from mindiffusion.readings import StepReadings
 from test_long_runs import FLAGS, SMALL_MNIST, same_files, train
 import train_celeba
 import train_cifar10
@@ -188,10 +189,15 @@ def test_the_guard_stops_on_a_finite_loss_with_an_infinite_gradient():
     optim = torch.optim.Adam(ddpm.parameters())
     checkpoint = checkpoints.Checkpoint("unused", ddpm, optim, {})
     loader = SimpleNamespace(epoch=0, batch_size=2, batches_per_epoch=4)
-    duties.StepDuties(checkpoint, loader, lambda: torch.ones(()), 0, None, None, None)
-    ddpm.eps_model.weight.grad = torch.full_like(ddpm.eps_model.weight, float("inf"))
-    before = ddpm.eps_model.weight.detach().clone()
-    with pytest.raises(UserError, match="the loss is 1.0 and the gradient norm inf"):
+    readings = StepReadings(ddpm)
+    duties.StepDuties(checkpoint, loader, readings, 0, None, None, None)
+    weight = ddpm.eps_model.weight
+    # sqrt(w - w) is 0, and its derivative 1 / (2 sqrt(0)) infinite
+    loss = (weight - weight.detach()).sqrt().sum()
+    readings.take_loss(loss)
+    loss.backward()
+    before = weight.detach().clone()
+    with pytest.raises(UserError, match="the loss is 0.0 and the gradient norm inf"):
         optim.step()
     assert torch.equal(ddpm.eps_model.weight, before)
 
