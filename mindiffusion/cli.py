@@ -80,6 +80,12 @@ FLAGS = {
     "fake_data": ("--fake-data", dict(type=at_least(1), metavar="N"),
                   "train on N random images of the dataset's shape, with no download "
                   "(default: off)"),
+    "fast": ("--fast", dict(action="store_true"),
+             "turn on the speed flags that pay on the device: --amp and --compile "
+             "on CUDA, --compile on a CPU, none yet on MPS. Left out: "
+             "--channels-last, whose GroupNorm is slow on CUDA and which did not "
+             "pay on a CPU, and bfloat16 on CPUs that only emulate it; flags given "
+             "as well keep their value (default: off)"),
     "amp": ("--amp", dict(nargs="?", const="auto", choices=("auto", "bf16", "fp16")),
             "autocast the training forward pass: auto (a bare --amp) takes bfloat16 "
             "where it is native, float16 with loss scaling on CUDA GPUs of compute "

@@ -30,9 +30,11 @@ from mindiffusion.distributed import (
     init_processes,
     largest,
     process_rank,
+    say,
 )
 from mindiffusion.duties import StepDuties
 from mindiffusion.ema import averaged_copy
+from mindiffusion.fastpath import fast_settings
 from mindiffusion.errors import UserError
 from mindiffusion.locks import hold_lock, release
 from mindiffusion.readings import StepReadings
@@ -44,7 +46,8 @@ class Run:
 
     seed: torch's seed (each torchrun rank adds its rank); num_workers: DataLoader
     worker processes; resume: go on from the checkpoint; fake_data: train on N
-    random images of the dataset's shape; amp: autocast the forward pass (auto,
+    random images of the dataset's shape; fast: turn on the speed flags that pay
+    on the device (mindiffusion/fastpath.py); amp: autocast the forward pass (auto,
     bf16 or fp16); channels_last: the weights, and so the activations, in
     channels_last; compile: torch.compile the noise model; ema: the decay of an
     averaged copy of the weights, which draws the grids; ema_warmup: a young average
@@ -59,6 +62,7 @@ class Run:
     num_workers: int = 0
     resume: bool = False
     fake_data: int | None = None
+    fast: bool = False
     amp: str | None = None
     channels_last: bool = False
     compile: bool = False
@@ -99,6 +103,8 @@ class Run:
         the checkpoint at `path` and --resume taken up; see `PreparedDDPM`,
         `StepDuties` and `PreparedLoader` for what each one does besides."""
         device = next(ddpm.parameters()).device
+        if self.fast:
+            self.take_fast_path(device)
         if self.channels_last:
             # a convolution with channels_last weights returns channels_last, so
             # the notes' x.to(device) is all the batches need
@@ -139,6 +145,22 @@ class Run:
         )
         self.n_epoch, self.start_epoch, self.model = n_epoch, start.epoch, model
         return model, optim, loader
+
+    def take_fast_path(self, device: torch.device) -> None:
+        """Turn on what --fast takes on this device, leaving a flag given as well
+        as it is, and say what that is."""
+        defaults = Run()
+        for name, value in fast_settings(device).items():
+            if getattr(self, name) == getattr(defaults, name):
+                setattr(self, name, value)
+        # the speed flags now on, as the command line writes them: --amp auto
+        words = [
+            f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
+            for name in ("amp", "channels_last", "compile")
+            if (value := getattr(self, name)) != getattr(defaults, name)
+        ]
+        taken = " ".join(words) or "nothing, for nothing measured pays there yet"
+        say(f"--fast on {device.type}: {taken}")
 
     def grid_due(self, i: int) -> bool:
         """Whether epoch i draws its grid: rank 0 does, after every --grid-every

@@ -29,6 +29,7 @@ from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
 from mindiffusion.devices import resolve_device
 from mindiffusion.errors import UserError
+from mindiffusion.fastpath import compile_for_sampling
 from mindiffusion.unet import NaiveUnet
 from train_mnist import DummyEpsModel
 
@@ -158,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     add("--progress", type=cli.at_least(2), metavar="K",
         help="also write one strip per image: K snapshots from x_T to x_0, as "
         "OUT_progress{image}.png (default: off)")
+    add("--compile", action="store_true",
+        help="torch.compile the noise model first, into CUDA graphs on a GPU: "
+        "the compiler's first call takes a minute or more, which a long walk, "
+        "such as DDPM's 1000 steps, pays back (default: off)")
     add("--no-ema", dest="use_ema", action="store_false",
         help="sample with the trained weights, not their --ema average (default: "
         "the average, where the checkpoint has one)")
@@ -187,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     ddpm.to(device).eval()
+    if args.compile:
+        compile_for_sampling(ddpm.eps_model, device)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     guide_w = GUIDE_W if args.guide_w is None else args.guide_w

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from conftest import cheap_ddpm
 from mindiffusion import data, devices
 from mindiffusion.ddpm import DDPM
-from mindiffusion.run import run_training
+from mindiffusion.run import Run, run_training
 from mindiffusion.unet import NaiveUnet
 import train_celeba
 import train_cifar10
@@ -248,3 +248,36 @@ def test_amp_on_mps_says_it_stays_float32(capsys):
     assert capsys.readouterr().out == (
         "--amp: bfloat16 autocast is for CUDA and CPUs; mps stays in float32\n"
     )
+
+
+@pytest.mark.parametrize("module, train", SCRIPTS)
+def test_fast_turns_on_compile_on_a_cpu_and_says_so(
+    module, train, seen_steps, tmp_path, monkeypatch, capsys
+):
+    compiled = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self: compiled.append(self))
+    ddpm = run_training(train, out=str(tmp_path), fake_data=2, fast=True, **TINY_RUN)
+    assert compiled == [ddpm.eps_model]
+    # float32 and contiguous: bfloat16 and channels_last are not on a CPU's path
+    assert seen_steps[0]["compute_dtype"] == torch.float32
+    assert not seen_steps[0]["weight_channels_last"]
+    assert "--fast on cpu: --compile\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "device, given, said",
+    [
+        ("cuda", {}, "--fast on cuda: --amp auto --compile"),
+        ("cuda", dict(amp="fp16"), "--fast on cuda: --amp fp16 --compile"),
+        ("cpu", dict(channels_last=True), "--fast on cpu: --channels-last --compile"),
+        ("mps", {}, "--fast on mps: nothing, for nothing measured pays there yet"),
+    ],
+)
+def test_fast_takes_the_device_s_knobs_and_keeps_the_flags_given(
+    device, given, said, capsys
+):
+    run = Run(fast=True, **given)
+    run.take_fast_path(torch.device(device))
+    assert capsys.readouterr().out == said + "\n"
+    for name, value in given.items():
+        assert getattr(run, name) == value

@@ -1,14 +1,22 @@
 """The guard's readings: the loss and the gradients' norm of each step, taken as
-backward ends, in a plain run and across the buckets that torchrun's DDP averages."""
+backward ends, in a plain run and across the buckets that torchrun's DDP averages;
+on a GPU, the step's duties never wait for it."""
 
 import math
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from conftest import narrow_unets
+from mindiffusion import duties
 from mindiffusion.readings import StepReadings
+from mindiffusion.run import run_training
+from train_cifar10 import train_cifar10
+
+NO_GPU = "only a CUDA GPU can show whether the GPU waits, and this machine has none"
 
 
 def layers():
@@ -61,3 +69,38 @@ def test_under_ddp_the_norm_covers_every_bucket_of_averaged_gradients():
                 assert norm == largest_gradient(model)
     finally:
         dist.destroy_process_group()
+
+
+def never_waits(method):
+    """`method`, run with CUDA's sync debug mode raising at any wait for the GPU."""
+
+    def strict(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return strict
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+@pytest.mark.parametrize("flags", [{}, dict(ema=0.999), dict(amp="fp16")])
+def test_on_cuda_the_duties_of_a_step_never_wait_for_the_gpu(
+    flags, tmp_path, monkeypatch
+):
+    narrow_unets(monkeypatch)
+    for cls, name in [
+        (duties.StepDuties, "before_step"),
+        (duties.StepDuties, "after_step"),
+        (StepReadings, "take_loss"),
+        (StepReadings, "gradients_done"),
+    ]:
+        monkeypatch.setattr(cls, name, never_waits(getattr(cls, name)))
+    run_training(
+        train_cifar10, n_epoch=1, device="cuda", batch_size=4, n_T=10,
+        out=str(tmp_path), fake_data=12, num_workers=0, grid_sampler="ddim",
+        grid_steps=1, **flags,
+    )
+    rows = (tmp_path / "ddpm_cifar_log.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("0,3,")

@@ -1,0 +1,34 @@
+"""--fast: the speed knobs that pay on each kind of device, and no knob that slows it.
+
+`python -m mindiffusion.bench` measures each knob alone on the machine it runs on;
+the README's Performance part has the tables behind these choices.
+"""
+import torch
+import torch.nn as nn
+
+# the Run flags --fast turns on, by device type; a flag given as well keeps its value
+FAST_PATHS = {
+    # bfloat16 autocast (float16 on GPUs without it), compiled: without compile each
+    # GroupNorm casts to float32 and back, and an H200 trained slower in bfloat16
+    # than in float32; no channels_last, whose GroupNorm kernels are slow on CUDA
+    "cuda": dict(amp="auto", compile=True),
+    # compiled, in float32: a CPU without AVX-512 only emulates bfloat16, and
+    # channels_last did not pay on the 2-core test CPU
+    "cpu": dict(compile=True),
+    # nothing measured yet: torch.compile is experimental on MPS
+    "mps": dict(),
+}
+
+
+def fast_settings(device: torch.device) -> dict:
+    """What --fast sets on `device`: a dict of Run fields and their values."""
+    return dict(FAST_PATHS[device.type])
+
+
+def compile_for_sampling(eps_model: nn.Module, device: torch.device) -> None:
+    """Compile eps_model's forward in place, for a sampler's many calls of one shape:
+    on CUDA into CUDA graphs (mode "reduce-overhead"), which replay a call's
+    kernels for the cost of one launch. The module's hooks stay outside the
+    compiled forward, so that progress bars and snapshots still see every call."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    eps_model.forward = torch.compile(eps_model.forward, mode=mode)
