@@ -133,10 +133,10 @@ class PreparedLoader:
             # workers never draws from the one that makes the training noise
             generator=torch.Generator(),
             worker_init_fn=ignore_stop_signals,
-            # page-locked batches copy to the GPU while it computes, and the workers
-            # start once rather than at every epoch
+            # page-locked batches copy to the GPU while it computes
             pin_memory=on_cuda,
-            persistent_workers=on_cuda and num_workers > 0,
+            # the workers start once, rather than at every epoch
+            persistent_workers=num_workers > 0,
         )
         # whole epochs, before the first one is cut short by a resume
         self.batches_per_epoch = len(self.loader)

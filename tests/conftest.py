@@ -17,13 +17,37 @@ from mindiffusion.run import ZeroEps  # noqa: E402
 from mindiffusion.unet import NaiveUnet  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def started_early(request, tmp_path_factory):
+    """Start the processes of the test modules that have start_early(factory), as
+    the session begins, so that they overlap with the in-process tests: most of
+    such a process is torch starting up and computing on one of the two cores
+    that the in-process tests mostly leave one of. Each returns its processes,
+    which are killed at the end if they still run."""
+    modules = {item.module for item in request.session.items}
+    processes = []
+    for module in sorted(modules, key=lambda m: m.__name__):
+        if hasattr(module, "start_early"):
+            processes += module.start_early(tmp_path_factory)
+    yield
+    for process in processes:
+        process.kill()
+
+
+# proxies at a closed local port, with no exceptions: every download fails at once
+OFFLINE = {
+    **{name: "http://127.0.0.1:9"
+       for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")},
+    "no_proxy": "",
+    "NO_PROXY": "",
+}
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Send every download to a closed local port, so that it fails at once."""
-    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-        monkeypatch.setenv(name, "http://127.0.0.1:9")
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.delenv("NO_PROXY", raising=False)
+    for name, value in OFFLINE.items():
+        monkeypatch.setenv(name, value)
 
 
 def run_script(train, argv, capsys):

@@ -1,18 +1,36 @@
-"""python -m mindiffusion.bench: its timings against models whose cost is known, and
-its table and JSON on a small stand-in for the three setups."""
+"""python -m mindiffusion.bench: its timings against models whose cost is known, the
+choice of its best row, and its table and JSON on small stand-ins for the setups.
+Nothing here compiles: torch.compile takes a minute on a small CPU."""
 
 import json
+import os
 import time
 
 import pytest
 import torch
 import torch.nn as nn
 
+from conftest import narrow_unets
 from mindiffusion import bench
 from mindiffusion.ddpm import DDPM
+from mindiffusion.record import Record
 from mindiffusion.unet import NaiveUnet
+import train_cifar10
+import train_mnist
 
 WARMUP_S, STEP_S = 0.3, 0.05
+# the rows that run on a CPU without compiling, and those that a CPU skips
+CHEAP = "default,channels_last,fused_adam,tf32,cuda_graphs"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """torch on one thread: when other processes share a small CPU, two threads that
+    wait for each other made these tiny models up to 50 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class SleepyEps(nn.Module):
@@ -31,13 +49,14 @@ class SleepyEps(nn.Module):
 
 
 def test_training_throughput_counts_images_per_second_after_warm_up():
-    ddpm = DDPM(SleepyEps(), bench.BETAS, n_T=10)
-    img_per_s = bench.train_throughput(
-        ddpm, torch.zeros(4, 1, 2, 2), steps=3, warmup=1, amp=False
-    )
-    assert ddpm.eps_model.calls == 4
-    # 4 images per STEP_S, slowed a little by the rest of each step
-    assert 0.8 * 4 / STEP_S < img_per_s <= 4 / STEP_S
+    for knobs in (frozenset(), frozenset({"fused_adam"})):
+        ddpm = DDPM(SleepyEps(), bench.BETAS, n_T=10)
+        img_per_s = bench.train_throughput(
+            ddpm, torch.zeros(4, 1, 2, 2), steps=3, warmup=1, knobs=knobs
+        )
+        assert ddpm.eps_model.calls == 4
+        # 4 images per STEP_S, slowed a little by the rest of each step
+        assert 0.8 * 4 / STEP_S < img_per_s <= 4 / STEP_S
 
 
 def test_sampling_step_time_is_seconds_per_step_after_warm_up():
@@ -49,55 +68,327 @@ def test_sampling_step_time_is_seconds_per_step_after_warm_up():
     assert STEP_S <= step_s < 1.25 * STEP_S
 
 
+class SeeingEps(nn.Module):
+    """A noise model that keeps the autocast dtype of each call (None: off)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.dtypes = []
+
+    def forward(self, x, t):
+        on = torch.is_autocast_enabled("cpu")
+        self.dtypes.append(torch.get_autocast_dtype("cpu") if on else None)
+        return x * self.scale
+
+
+def test_the_step_knobs_reach_the_step(monkeypatch):
+    made = []
+
+    def adam(*args, **kwargs):
+        made.append(kwargs.get("fused"))
+        return real_adam(*args, **kwargs)
+
+    class Scaler(torch.amp.GradScaler):
+        def scale(self, outputs):
+            scaled.append(self.is_enabled())
+            return super().scale(outputs)
+
+    real_adam, scaled = torch.optim.Adam, []
+    monkeypatch.setattr(torch.optim, "Adam", adam)
+    monkeypatch.setattr(torch.amp, "GradScaler", Scaler)
+    x = torch.zeros(2, 1, 2, 2)
+    for knobs, dtype, fused in (
+        (set(), None, None),
+        ({"bf16"}, torch.bfloat16, None),
+        ({"fp16"}, torch.float16, None),
+        ({"fused_adam"}, None, True),
+    ):
+        ddpm = DDPM(SeeingEps(), bench.BETAS, n_T=10)
+        bench.train_throughput(ddpm, x, steps=1, warmup=1, knobs=frozenset(knobs))
+        assert ddpm.eps_model.dtypes == [dtype, dtype] and made.pop() is fused
+        # float16's loss is scaled, before each backward
+        assert scaled == [dtype == torch.float16] * 2
+        scaled.clear()
+
+
+def test_the_model_knobs_reach_the_model_and_the_batch(monkeypatch):
+    seen = {}
+
+    def look(ddpm, x, steps, warmup, knobs):
+        weight = next(ddpm.parameters())
+        # stepping one channel steps one element: channels_last
+        layout = (x.stride(1) == 1, weight.stride(1) == 1)
+        seen[knobs] = layout, torch.backends.cuda.matmul.allow_tf32
+        return 1.0
+
+    monkeypatch.setattr(bench, "train_throughput", look)
+    setup = tiny_setup("Tiny", size=(3, 32, 32))._replace(
+        model=lambda: NaiveUnet(3, 3, 8)
+    )
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    for knobs in (frozenset(), {"channels_last"}, {"tf32"}):
+        bench.train_speed(setup, frozenset(knobs), torch.device("cpu"), 2, 1, 1)
+    assert seen == {
+        frozenset(): ((False, False), tf32),
+        frozenset({"channels_last"}): ((True, True), tf32),
+        frozenset({"tf32"}): ((False, False), True),
+    }
+    assert torch.backends.cuda.matmul.allow_tf32 == tf32
+
+
+def test_best_takes_each_knob_that_paid_alone_and_one_autocast():
+    fast = frozenset({"compile"})
+    ratios = dict(bf16=1.2, fp16=1.5, channels_last=1.03, compile=0.6,
+                  fused_adam=1.02, tf32=1.1)
+    assert bench.best_knobs(ratios, fast) == ({"fp16", "channels_last", "tf32"}, None)
+    # a tie keeps bfloat16, which needs no loss scaling
+    tie = dict(bf16=1.2, fp16=1.2, channels_last=1.1)
+    assert bench.best_knobs(tie, fast) == ({"bf16", "channels_last"}, None)
+
+
+def test_best_is_skipped_when_it_would_repeat_a_row():
+    fast = frozenset({"bf16", "compile"})
+    assert bench.best_knobs(dict(bf16=1.0, compile=1.029), fast) == (
+        set(), "no knob reached 1.03x the default alone"
+    )
+    assert bench.best_knobs(dict(bf16=1.2, fp16=1.1, compile=1.5), fast) == (
+        fast, "the same knobs as fast"
+    )
+    assert bench.best_knobs(dict(bf16=0.9, fused_adam=1.3), fast) == (
+        {"fused_adam"}, "fused_adam alone, measured above"
+    )
+
+
+def test_a_speed_up_is_more_images_per_second_or_fewer_seconds_per_step():
+    assert bench.speedup("train", 150.0, 100.0) == 1.5
+    assert bench.speedup("loop", 50.0, 100.0) == 0.5
+    assert bench.speedup("sample", 0.02, 0.05) == 2.5
+    assert bench.speedup("train", None, 100.0) is None
+    assert bench.speedup("sample", 0.02, None) is None
+
+
+def test_fast_settings_become_training_knobs():
+    cpu = torch.device("cpu")
+    assert bench.fast_knobs({}, cpu) == set()
+    assert bench.fast_knobs(dict(amp="fp16", compile=True), cpu) == {"fp16", "compile"}
+    assert bench.fast_knobs(dict(amp="bf16", channels_last=True), cpu) == {
+        "bf16", "channels_last"
+    }
+
+
 def tiny():
     return NaiveUnet(1, 1, n_feat=8)
 
 
-def test_quick_run_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(
-        bench,
-        "SETUPS",
-        [("tiny A", tiny, (1, 32, 32), 64, 16), ("tiny B", tiny, (1, 32, 64), 32, 8)],
-    )
-    bench.main(["--device", "cpu", "--quick", "--json", str(tmp_path / "b.json")])
-    report = json.loads((tmp_path / "b.json").read_text())
+def tiny_setup(name, size=(1, 32, 32), batch_size=64, n_sample=16, preset=None):
+    """A setup of the tiny UNet, whose loop rows would run train_mnist's --laptop
+    UNet without workers."""
+    preset = preset or dict(eps_model="unet", n_feat=8, num_workers=0)
+    return bench.Setup(name, tiny, size, batch_size, n_sample, train_mnist.train_mnist,
+                       preset)
+
+
+@pytest.fixture
+def tiny_setups(monkeypatch):
+    setups = [tiny_setup("Tiny A"), tiny_setup("Tiny B", (1, 32, 64), 32, 8)]
+    monkeypatch.setattr(bench, "SETUPS", setups)
+    return setups
+
+
+def test_quick_run_prints_a_table_and_writes_json(tmp_path, tiny_setups, capsys):
+    path = tmp_path / "b.json"
+    bench.main(["--device", "cpu", "--quick", "--knobs", CHEAP, "--json", str(path)])
+    report = json.loads(path.read_text())
     assert report["device"] == "cpu" and report["quick"] is True
-    assert report["fast_path"]["channels_last"] is True
+    assert report["batch_size_override"] is None
+    assert report["cpu_count"] == os.cpu_count()
+    assert report["torch"] == torch.__version__
+    assert report["machine"].endswith(f"{torch.get_num_threads()} threads")
+    assert not os.path.exists(f"{path}.tmp")
     rows = report["rows"]
-    assert [(r["setup"], r["path"]) for r in rows] == [
-        ("tiny A", "default"),
-        ("tiny A", "fast"),
-        ("tiny B", "default"),
-        ("tiny B", "fast"),
+    names = [("train", n) for n in ("default", "channels_last", "fused_adam", "tf32")]
+    names += [("sample", "default"), ("sample", "cuda_graphs")]
+    assert [(r["setup"], r["kind"], r["name"]) for r in rows] == [
+        (setup.name, kind, name) for setup in tiny_setups for kind, name in names
     ]
-    for row in rows:
-        # --quick: batches of 2 and grids of 2, whatever the setup's own sizes
-        assert row["batch_size"] == row["n_sample"] == 2
-        assert row["train_img_per_s"] > 0 and row["sample_step_s"] > 0
-        assert row["peak_mib"] is None
     table = capsys.readouterr().out
     for row in rows:
-        assert f"{row['train_img_per_s']:.2f}" in table
-    ratio = rows[1]["train_img_per_s"] / rows[0]["train_img_per_s"]
-    assert f"{ratio:.2f}x" in table
+        # --quick: batches of 2, whatever the setup's own
+        assert row["batch_size"] == 2 and row["peak_mib"] is None
+        if row["name"] in ("tf32", "cuda_graphs"):
+            assert row["value"] is row["ratio"] is None
+            assert f"skipped: {row['skipped']}" in table
+        else:
+            assert row["value"] > 0 and row["skipped"] is None
+            assert f"{row['value']:.4g}" in table
+    for setup in rows[:6], rows[6:]:
+        train_default, sample_default = setup[0]["value"], setup[4]["value"]
+        assert setup[0]["ratio"] == setup[4]["ratio"] == 1.0
+        for row in setup[1:3]:
+            assert row["ratio"] == pytest.approx(row["value"] / train_default)
+            assert f"{row['ratio']:.2f}x" in table
+        assert setup[3]["skipped"] == "TF32 is a CUDA tensor-core format"
+        assert setup[5]["skipped"] == "CUDA graphs need a CUDA device"
+        assert sample_default > 0
 
 
-def test_an_unwritable_json_file_is_one_sentence(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "SETUPS", [("tiny", tiny, (1, 32, 32), 64, 16)])
+def test_fast_and_best_rows_measure_the_knobs_chosen(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "SETUPS", [tiny_setup("Tiny")])
+    monkeypatch.setattr(bench, "fast_settings", lambda device: dict(amp="bf16"))
+    speed_ups = dict(bf16=1.2, fp16=1.3, channels_last=1.1, compile=0.5,
+                     fused_adam=1.05, tf32=2.0)
+    measured = []
+
+    def made_up_speed(setup, knobs, device, batch_size, steps, warmup):
+        measured.append(knobs)
+        speed = 100.0
+        for knob in knobs:
+            speed *= speed_ups[knob]
+        return speed
+
+    monkeypatch.setattr(bench, "train_speed", made_up_speed)
+    # the compile sampling row too, which would compile for a minute
+    monkeypatch.setattr(bench, "sample_speed", lambda *args: 1.0)
+    path = tmp_path / "b.json"
+    knobs = "default,bf16,fp16,channels_last,compile,fused_adam,tf32,fast,best"
+    bench.main(["--device", "cpu", "--knobs", knobs, "--json", str(path)])
+    rows = json.loads(path.read_text())["rows"]
+    assert [row["kind"] for row in rows] == ["train"] * 9 + ["sample"] * 2
+    fast, best = rows[7:9]
+    assert fast["knobs"] == ["bf16"] and fast["value"] == pytest.approx(120.0)
+    # tf32 is skipped on the CPU, compile slowed down, fp16 beat bf16
+    assert best["knobs"] == ["channels_last", "fp16", "fused_adam"]
+    assert best["ratio"] == pytest.approx(1.3 * 1.1 * 1.05)
+    assert measured[-1] == {"fp16", "channels_last", "fused_adam"}
+    assert "best (channels_last+fp16+fused_adam)" in capsys.readouterr().out
+
+
+def test_a_failing_knob_is_a_row_that_says_why(tmp_path, tiny_setups, monkeypatch):
+    real = bench.train_throughput
+
+    def no_fused(ddpm, x, steps, warmup, knobs):
+        if "fused_adam" in knobs:
+            raise RuntimeError("fused=True is not here\nsecond line of the error")
+        return real(ddpm, x, steps, warmup, knobs)
+
+    monkeypatch.setattr(bench, "train_throughput", no_fused)
+    path = tmp_path / "b.json"
+    argv = ["--device", "cpu", "--quick", "--only", "tiny a", "--json", str(path)]
+    bench.main(argv + ["--knobs", "default,fused_adam,channels_last"])
+    rows = json.loads(path.read_text())["rows"]
+    assert [(row["kind"], row["name"]) for row in rows] == [
+        ("train", "default"), ("train", "channels_last"), ("train", "fused_adam"),
+        ("sample", "default"),
+    ]
+    assert rows[2]["skipped"] == "RuntimeError: fused=True is not here"
+    assert rows[2]["value"] is None
+    # the bench went on after it
+    assert rows[3]["value"] > 0
+
+
+def test_the_json_holds_every_row_before_an_interruption(
+    tmp_path, tiny_setups, monkeypatch, capsys
+):
+    calls = []
+
+    def third_is_interrupted(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return 10.0 * len(calls)
+
+    monkeypatch.setattr(bench, "train_speed", third_is_interrupted)
+    path = tmp_path / "b.json"
+    argv = ["--device", "cpu", "--knobs", "default,bf16,fp16", "--json", str(path)]
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert err == f"\ninterrupted: the rows measured are in {path}\n"
+    rows = json.loads(path.read_text())["rows"]
+    assert [(row["name"], row["value"]) for row in rows] == [
+        ("default", 10.0), ("bf16", 20.0)
+    ]
+    assert rows[1]["ratio"] == 2.0
+
+
+def test_loop_rows_read_the_second_epoch_of_the_scripts_record(
+    tmp_path, monkeypatch, capsys
+):
+    narrow_unets(monkeypatch)
+    setup = bench.Setup("Tiny CIFAR-10", lambda: NaiveUnet(3, 3, 8), (3, 32, 32),
+                        512, 8, train_cifar10.train_cifar10, dict(num_workers=0))
+    monkeypatch.setattr(bench, "SETUPS", [setup])
+    original = Record.end_epoch
+
+    def known_speed(self, epoch, lr):
+        # epoch 0 at 111 images per second, epoch 1 at 222
+        self.images = 111 * (epoch + 1)
+        self.seconds, self.clock, self.last_step = 0.0, 0.0, 1.0
+        original(self, epoch, lr)
+
+    monkeypatch.setattr(Record, "end_epoch", known_speed)
+    seen = []
+
+    def spy(train, **settings):
+        seen.append(settings)
+        return bench_run_training(train, **settings)
+
+    bench_run_training = bench.run_training
+    monkeypatch.setattr(bench, "run_training", spy)
+    path = tmp_path / "b.json"
+    argv = ["--device", "cpu", "--batch-size", "2", "--steps", "2"]
+    bench.main(argv + ["--knobs", "default,loop_default", "--json", str(path)])
+    default, _, loop = json.loads(path.read_text())["rows"]
+    assert (loop["kind"], loop["name"], loop["value"]) == ("loop", "loop_default", 222)
+    assert loop["ratio"] == pytest.approx(222 / default["value"])
+    # the table again at the end, without the script's lines between the rows
+    out = capsys.readouterr().out
+    tables = out.split("The tables again, without the scripts' lines:\n")[1]
+    assert "Epoch" not in tables and bench.row_line(loop) in tables
+    (settings,) = seen
+    assert not os.path.exists(settings.pop("out"))
+    assert settings == dict(
+        num_workers=0, device="cpu", batch_size=2, n_epoch=2, n_T=1000,
+        fake_data=4, grid_every=2, grid_sampler="ddim", grid_steps=1,
+        save_every=None,
+    )
+
+
+def test_loop_settings_keep_the_scripts_own_workers_and_the_laptop_preset():
+    cpu = torch.device("cpu")
+    cifar, mnist, _, laptop = bench.SETUPS
+    assert cifar.script is train_cifar10.train_cifar10
+    settings = bench.loop_settings(cifar, dict(ema=0.999), cpu, 8, 3)
+    assert settings["num_workers"] == min(16, os.cpu_count() or 1)
+    assert settings["ema"] == 0.999 and settings["fake_data"] == 24
+    settings = bench.loop_settings(mnist, {}, cpu, 8, 3)
+    assert settings["num_workers"] == min(20, os.cpu_count() or 1)
+    assert "eps_model" not in settings
+    settings = bench.loop_settings(laptop, dict(compile=True), cpu, 64, 10)
+    assert (settings["eps_model"], settings["n_feat"]) == ("unet", 24)
+    assert settings["num_workers"] == 0 and settings["lr"] == train_mnist.LAPTOP["lr"]
+    assert settings["device"] == "cpu" and settings["compile"] is True
+    # each row's own precision and average, not the preset's
+    assert "amp" not in settings and "ema" not in settings
+
+
+def test_an_unwritable_json_file_is_one_sentence(tmp_path, tiny_setups, monkeypatch,
+                                                 capsys):
     folder = tmp_path / "out"
     folder.mkdir()
 
-    def measure_then_lose_the_folder(setup, path, device, quick, fast):
+    def measure_then_lose_the_folder(*args):
         # the folder was there at the start, and is gone when the numbers are
         if folder.exists():
             folder.rmdir()
-        return dict(setup=setup[0], path=path, batch_size=2, n_sample=2,
-                    train_img_per_s=1.0, sample_step_s=1.0, peak_mib=None)
+        return 1.0
 
-    monkeypatch.setattr(bench, "measure", measure_then_lose_the_folder)
+    monkeypatch.setattr(bench, "train_speed", measure_then_lose_the_folder)
     path = folder / "b.json"
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--device", "cpu", "--quick", "--json", str(path)])
+        bench.main(["--device", "cpu", "--knobs", "default", "--json", str(path)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err == f"could not write {path}: No such file or directory\n"
@@ -106,10 +397,10 @@ def test_an_unwritable_json_file_is_one_sentence(tmp_path, monkeypatch, capsys):
 def test_an_existing_or_folderless_json_is_refused_before_measuring(
     tmp_path, monkeypatch, capsys
 ):
-    def measure(*args):
+    def bench_setup(*args):
         raise AssertionError("measured")
 
-    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(bench, "bench_setup", bench_setup)
     existing = tmp_path / "b.json"
     existing.write_text("earlier numbers")
     missing = tmp_path / "no" / "such" / "b.json"
@@ -125,19 +416,30 @@ def test_an_existing_or_folderless_json_is_refused_before_measuring(
     assert existing.read_text() == "earlier numbers"
 
 
-def test_only_picks_setups_by_the_start_of_their_name(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(
-        bench,
-        "SETUPS",
-        [("Tiny A", tiny, (1, 32, 32), 64, 16), ("Tiny B", tiny, (1, 32, 64), 32, 8)],
-    )
-    argv = ["--device", "cpu", "--quick", "--json", str(tmp_path / "b.json")]
-    bench.main(argv + ["--only", "tiny b"])
+def test_only_picks_setups_by_the_start_of_their_name(tmp_path, tiny_setups, capsys):
+    argv = ["--device", "cpu", "--quick", "--knobs", "default"]
+    bench.main(argv + ["--only", "tiny b", "--json", str(tmp_path / "b.json")])
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert [row["setup"] for row in rows] == ["Tiny B", "Tiny B"]
+    assert [(row["setup"], row["kind"]) for row in rows] == [
+        ("Tiny B", "train"), ("Tiny B", "sample")
+    ]
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv + ["--only", "cifar"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.endswith(
         "error: --only cifar: no setup's name starts so\n"
     )
+
+
+def test_each_setup_has_a_prefix_of_its_own():
+    for prefix in ("cifar", "mnist", "celeba", "laptop"):
+        chosen = [s for s in bench.SETUPS if s.name.lower().startswith(prefix)]
+        assert len(chosen) == 1
+
+
+def test_an_unknown_row_name_is_one_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cpu", "--knobs", "default,bf17"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --knobs: unknown row bf17: choose from all or default," in err

@@ -1,5 +1,6 @@
 """torchrun with two gloo processes on the CPU: DDP keeps the ranks in step, the
-global batch is shared out, and rank 0 alone writes grids and checkpoints."""
+global batch is shared out, and rank 0 alone writes grids and checkpoints. The
+launches start as the session begins (conftest.py's started_early)."""
 
 import os
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import REPO
+from conftest import OFFLINE, REPO
 from mindiffusion import distributed, duties, errors
 from mindiffusion.ddpm import DDPM
 from train_mnist import DummyEpsModel
@@ -43,11 +44,6 @@ def finish(process: subprocess.Popen, returncode=0) -> str:
     return stdout + stderr
 
 
-def torchrun(*args, cwd):
-    """Run torchrun with 2 processes on this machine; return what it printed."""
-    return finish(start_torchrun(*args, cwd=cwd))
-
-
 def start_mnist_on_2_ranks(out, *flags, env=None) -> subprocess.Popen:
     """Start train_mnist under torchrun, through tests/ddp_worker.py."""
     return start_torchrun(
@@ -65,20 +61,31 @@ def start_mnist_on_2_ranks(out, *flags, env=None) -> subprocess.Popen:
     )
 
 
-def test_torchrun_trains_in_step_stops_together_and_resumes_exactly(
-    tmp_path, no_network
-):
-    straight, halves = tmp_path / "straight", tmp_path / "halves"
+# the first launch of each test below, started as the session begins (conftest.py)
+STARTED = {}
+
+
+def start_early(tmp_path_factory) -> list:
+    folder = tmp_path_factory.mktemp("torchrun")
+    STARTED["folder"] = folder
     # a first grid slower than the process group's timeout: the other rank waits
-    straight_run = start_mnist_on_2_ranks(
-        straight, env=dict(PG_TIMEOUT="3", SLOW_GRID="5")
+    STARTED["straight"] = start_mnist_on_2_ranks(
+        folder / "straight", env=dict(PG_TIMEOUT="10", SLOW_GRID="12", **OFFLINE)
     )
     # SIGTERM reaches rank 0 in its first step and rank 1 in its second: both stop
     # after the step at which the ranks next compare their signals, and rank 0 saves
-    halves_run = start_mnist_on_2_ranks(
-        halves, env=dict(SLOW_GRID="0", SIGTERM_AT="1,2")
+    STARTED["halves"] = start_mnist_on_2_ranks(
+        folder / "halves", env=dict(SLOW_GRID="0", SIGTERM_AT="1,2", **OFFLINE)
     )
-    stdout = finish(straight_run)
+    STARTED["equal steps"] = start_torchrun(
+        str(REPO / "tests" / "ddp_equal_steps.py"), "out.pt", cwd=folder
+    )
+    return [STARTED[name] for name in ("straight", "halves", "equal steps")]
+
+
+def test_torchrun_trains_in_step_stops_together_and_resumes_exactly(no_network):
+    straight, halves = STARTED["folder"] / "straight", STARTED["folder"] / "halves"
+    stdout = finish(STARTED["straight"])
     # rank 0 alone prints, draws and saves
     assert stdout.count("Epoch 0 : ") == 1 and stdout.count("Epoch 1 : ") == 1
     assert sorted(os.listdir(straight)) == [
@@ -101,7 +108,7 @@ def test_torchrun_trains_in_step_stops_together_and_resumes_exactly(
         assert torch.equal(ranks[0]["model"][name], value), name
         assert torch.equal(ranks[1]["model"][name], value), name
 
-    stdout = finish(halves_run, returncode=1)
+    stdout = finish(STARTED["halves"], returncode=1)
     at = duties.SIGNAL_EVERY
     assert stdout.count(f"stopped by SIGTERM after epoch 0, step {at}:") == 1
     state = torch.load(halves / "ddpm_mnist.pth", weights_only=True)
@@ -152,9 +159,9 @@ def test_torchrun_on_mps_is_one_sentence(monkeypatch):
         distributed.init_processes(torch.device("mps"))
 
 
-def test_two_ranks_take_the_step_of_one_with_groupnorm(tmp_path):
-    torchrun(str(REPO / "tests" / "ddp_equal_steps.py"), "out.pt", cwd=tmp_path)
-    difference = torch.load(tmp_path / "out.pt")
+def test_two_ranks_take_the_step_of_one_with_groupnorm():
+    finish(STARTED["equal steps"])
+    difference = torch.load(STARTED["folder"] / "out.pt")
     assert difference["NaiveUnet"] < 1e-5
     # on the CPU each rank normalises its own half: BatchNorm's gradients differ
     assert difference["DummyEpsModel"] > 1e-2

@@ -1,4 +1,5 @@
-"""Each script run as a user runs it, in a fresh process, on --fake-data."""
+"""Each script run as a user runs it, in a fresh process, on --fake-data; the runs
+start as the session begins (conftest.py's started_early)."""
 
 import csv
 import math
@@ -44,15 +45,16 @@ RUNS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def started(tmp_path_factory):
-    """Every run of this module, started at once, each in a folder of its own: much
-    of a short run is Python and torch starting up, which overlaps with the others."""
+# each run's folder and process, started as the session begins (conftest.py)
+STARTED = {}
+
+
+def start_early(tmp_path_factory) -> list:
+    """Every run of this module, each in a folder of its own."""
     env = {k: v for k, v in os.environ.items() if k != "CELEBA_PATH"}
     quick = ["--epochs", "1", "--n-T", "1", "--num-workers", "0", "--out", "results"]
     commands = {script: [script, *quick, *flags] for script, flags, *_ in RUNS}
     commands["without a folder"] = ["train_celeba.py"]
-    runs = {}
     for name, (script, *argv) in commands.items():
         cwd = tmp_path_factory.mktemp("run")
         process = subprocess.Popen(
@@ -63,24 +65,22 @@ def started(tmp_path_factory):
             stderr=subprocess.PIPE,
             text=True,
         )
-        runs[name] = (cwd, process)
-    yield runs
-    for _, process in runs.values():
-        process.kill()
+        STARTED[name] = (cwd, process)
+    return [process for _, process in STARTED.values()]
 
 
-def finished(started, name):
+def finished(name):
     """The run's folder, its exit code, stdout and stderr, once it has ended."""
-    cwd, process = started[name]
+    cwd, process = STARTED[name]
     stdout, stderr = process.communicate(timeout=300)
     return cwd, process.returncode, stdout, stderr
 
 
 @pytest.mark.parametrize("script, flags, grid, tile, checkpoint, make_model", RUNS)
 def test_script_runs_end_to_end_on_fake_data(
-    started, script, flags, grid, tile, checkpoint, make_model
+    script, flags, grid, tile, checkpoint, make_model
 ):
-    tmp_path, returncode, stdout, stderr = finished(started, script)
+    tmp_path, returncode, stdout, stderr = finished(script)
     assert returncode == 0, stderr
     assert "Traceback" not in stderr
     if "--device" not in flags and not torch.cuda.is_available():
@@ -106,8 +106,8 @@ def test_script_runs_end_to_end_on_fake_data(
     assert not any(p.isnan().any() for p in ddpm.parameters())
 
 
-def test_celeba_without_a_folder_says_where_to_put_one(started):
-    _, returncode, _, stderr = finished(started, "without a folder")
+def test_celeba_without_a_folder_says_where_to_put_one():
+    _, returncode, _, stderr = finished("without a folder")
     assert returncode == 2
     assert stderr.splitlines() == [
         "train_celeba.py: error: no image folder given: pass --data-root DIR or set "

@@ -179,15 +179,15 @@ def loader_options(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "device, pinned, persistent",
-    [("cuda", True, True), ("cpu", False, False)],
+    "device, workers, pinned, persistent",
+    [("cuda", 2, True, True), ("cpu", 2, False, True), ("cpu", 0, False, False)],
 )
-def test_on_cuda_the_loader_pins_memory_and_keeps_its_workers(
-    device, pinned, persistent, loader_options
+def test_the_loader_pins_memory_on_cuda_and_keeps_its_workers_everywhere(
+    device, workers, pinned, persistent, loader_options
 ):
     notes_loader = DataLoader(range(8), batch_size=2, shuffle=True)
     with pytest.raises(StopBeforeTraining):
-        data.PreparedLoader(notes_loader, torch.device(device, 0), 2, 0, 0, 0)
+        data.PreparedLoader(notes_loader, torch.device(device, 0), workers, 0, 0, 0)
     assert loader_options["pin_memory"] is pinned
     assert loader_options["persistent_workers"] is persistent
 
