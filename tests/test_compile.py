@@ -78,9 +78,10 @@ def compare_compiled(make, size, dtype, tolerance, **compile_options) -> None:
 @pytest.mark.parametrize("name", MODELS)
 def test_compiled_noise_models_train_and_evaluate_as_eager_ones(name):
     float64 = dict(rtol=1e-9, atol=1e-11)
-    compare_compiled(
-        *MODELS[name], torch.float64, float64, backend=WHOLE_MODEL_BACKEND
-    )
+    # GroupNorm has no running statistics to mishandle: NaiveUnet through dynamo and
+    # AOTAutograd alone, which trace it in half the time
+    backend = "aot_eager" if name == "NaiveUnet" else WHOLE_MODEL_BACKEND
+    compare_compiled(*MODELS[name], torch.float64, float64, backend=backend)
 
 
 @pytest.mark.parametrize("name", BLOCKS)

@@ -52,6 +52,9 @@ STARTED = {}
 def start_early(tmp_path_factory) -> list:
     """Every run of this module, each in a folder of its own."""
     env = {k: v for k, v in os.environ.items() if k != "CELEBA_PATH"}
+    # one thread each, as torchrun gives its processes: these runs share two cores
+    # with each other and with the in-process tests
+    env["OMP_NUM_THREADS"] = "1"
     quick = ["--epochs", "1", "--n-T", "1", "--num-workers", "0", "--out", "results"]
     commands = {script: [script, *quick, *flags] for script, flags, *_ in RUNS}
     commands["without a folder"] = ["train_celeba.py"]
