@@ -81,11 +81,11 @@ FLAGS = {
                   "train on N random images of the dataset's shape, with no download "
                   "(default: off)"),
     "fast": ("--fast", dict(action="store_true"),
-             "turn on the speed flags that pay on the device: --amp and --compile "
-             "on CUDA, --compile on a CPU, none yet on MPS. Left out: "
-             "--channels-last, whose GroupNorm is slow on CUDA and which did not "
-             "pay on a CPU, and bfloat16 on CPUs that only emulate it; flags given "
-             "as well keep their value (default: off)"),
+             "turn on the speed flags that pay on the device: --amp auto and "
+             "--compile on CUDA and on a CPU (where --amp auto takes bfloat16 only "
+             "if the CPU has it natively), none yet on MPS. Left out: "
+             "--channels-last, whose GroupNorm is slow on CUDA; flags given as well "
+             "keep their value (default: off)"),
     "amp": ("--amp", dict(nargs="?", const="auto", choices=("auto", "bf16", "fp16")),
             "autocast the training forward pass: auto (a bare --amp) takes bfloat16 "
             "where it is native, float16 with loss scaling on CUDA GPUs of compute "

@@ -250,18 +250,21 @@ def test_amp_on_mps_says_it_stays_float32(capsys):
     )
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("module, train", SCRIPTS)
-def test_fast_turns_on_compile_on_a_cpu_and_says_so(
-    module, train, seen_steps, tmp_path, monkeypatch, capsys
+def test_fast_compiles_on_a_cpu_and_takes_bfloat16_where_it_is_native(
+    module, train, native, seen_steps, tmp_path, monkeypatch, capsys
 ):
+    native_bf16(monkeypatch, native)
     compiled = []
     monkeypatch.setattr(nn.Module, "compile", lambda self: compiled.append(self))
     ddpm = run_training(train, out=str(tmp_path), fake_data=2, fast=True, **TINY_RUN)
     assert compiled == [ddpm.eps_model]
-    # float32 and contiguous: bfloat16 and channels_last are not on a CPU's path
-    assert seen_steps[0]["compute_dtype"] == torch.float32
+    dtype = torch.bfloat16 if native else torch.float32
+    assert seen_steps[0]["compute_dtype"] == dtype
+    # channels_last is not on the fast path
     assert not seen_steps[0]["weight_channels_last"]
-    assert "--fast on cpu: --compile\n" in capsys.readouterr().out
+    assert "--fast on cpu: --amp auto --compile\n" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -269,7 +272,8 @@ def test_fast_turns_on_compile_on_a_cpu_and_says_so(
     [
         ("cuda", {}, "--fast on cuda: --amp auto --compile"),
         ("cuda", dict(amp="fp16"), "--fast on cuda: --amp fp16 --compile"),
-        ("cpu", dict(channels_last=True), "--fast on cpu: --channels-last --compile"),
+        ("cpu", dict(channels_last=True),
+         "--fast on cpu: --amp auto --channels-last --compile"),
         ("mps", {}, "--fast on mps: nothing, for nothing measured pays there yet"),
     ],
 )
