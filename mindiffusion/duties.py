@@ -12,6 +12,7 @@ the gradients, and under torchrun the ranks meet about signals only every
 SIGNAL_EVERY steps.
 """
 import math
+
 import torch
 from torch.optim.swa_utils import AveragedModel
 

@@ -34,8 +34,8 @@ from mindiffusion.distributed import (
 )
 from mindiffusion.duties import StepDuties
 from mindiffusion.ema import averaged_copy
-from mindiffusion.fastpath import fast_settings
 from mindiffusion.errors import UserError
+from mindiffusion.fastpath import fast_settings
 from mindiffusion.locks import hold_lock, release
 from mindiffusion.readings import StepReadings
 
