@@ -5,6 +5,7 @@ import io
 import itertools
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,7 @@ from tqdm import tqdm
 from mindiffusion.distributed import process_rank, split_batch, world_size
 from mindiffusion.errors import UserError
 from mindiffusion.signals import ignore_stop_signals
+
 
 @contextlib.contextmanager
 def explain_missing_dataset(name: str, root: str):
@@ -104,8 +106,9 @@ class PreparedLoader:
     with workers that leave stop signals to the training process and, on CUDA,
     page-locked batches.
 
-    Each pass is the next epoch's. It yields the notes' (x, labels) pairs and keeps
-    the labels of the batch under way, which a --cond model reads.
+    Each pass is the next epoch's, and calls epoch_started() before its first batch.
+    It yields the notes' (x, labels) pairs and keeps the labels of the batch under
+    way, which a --cond model reads.
     """
 
     def __init__(
@@ -116,8 +119,9 @@ class PreparedLoader:
         seed: int,
         epoch: int,
         batches: int,
+        epoch_started: Callable[[], None],
     ) -> None:
-        self.dataset = dataloader.dataset
+        self.dataset, self.epoch_started = dataloader.dataset, epoch_started
         # --batch-size is the global batch, shared out among the ranks
         self.batch_size = split_batch(dataloader.batch_size)
         self.sampler = ResumableSampler(
@@ -164,6 +168,7 @@ class PreparedLoader:
         if process_rank() == 0:
             # above the progress bar that tqdm(dataloader) has just drawn
             tqdm.write(f"Epoch {self.epoch} : ")
+        self.epoch_started()
         for x, labels in self.loader:
             self.labels = labels
             yield x, labels

@@ -3,8 +3,9 @@
     epoch,step,loss,lr,images_per_s,seconds
 
 `loss` is the mean training loss over the epoch's steps (rank 0's, under torchrun),
-`step` the optimizer steps done so far, and `seconds` the epoch's training time,
-without its grid. The sums of an unfinished epoch travel in the checkpoint, so a run
+`step` the optimizer steps done so far, and `seconds` the epoch's training time:
+from its first batch to its last step, so without the grid and the save between two
+epochs. The sums of an unfinished epoch travel in the checkpoint, so a run
 stopped in the middle of an epoch and resumed writes the same row as one that never
 stopped, timings aside.
 """
@@ -32,6 +33,10 @@ class Record:
         self.batches += 1
         self.images += images
         self.loss_sum += loss
+
+    def start_epoch(self) -> None:
+        """Start the epoch's clock, as its first batch is asked for."""
+        self.clock = self.last_step = time.perf_counter()
 
     def end_epoch(self, epoch: int, lr: float) -> None:
         """Write epoch `epoch`'s row, and start the sums of the next."""

@@ -133,8 +133,10 @@ class Run:
         recipe = recipe_of(ddpm, dataloader.dataset)
         checkpoint = Checkpoint(path, ddpm, optim, recipe, ema, scaler, settings)
         start = checkpoint.resume_or_start(self.resume, n_epoch, self.seed)
+        # the record times each epoch from its first batch, after the last one's grid
         loader = PreparedLoader(
-            dataloader, device, self.num_workers, start.data_seed, *start[:2]
+            dataloader, device, self.num_workers, start.data_seed, *start[:2],
+            checkpoint.record.start_epoch,
         )
         parallel = distribute(ddpm, device)
         readings = StepReadings(parallel)

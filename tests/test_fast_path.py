@@ -187,7 +187,9 @@ def test_the_loader_pins_memory_on_cuda_and_keeps_its_workers_everywhere(
 ):
     notes_loader = DataLoader(range(8), batch_size=2, shuffle=True)
     with pytest.raises(StopBeforeTraining):
-        data.PreparedLoader(notes_loader, torch.device(device, 0), workers, 0, 0, 0)
+        data.PreparedLoader(
+            notes_loader, torch.device(device, 0), workers, 0, 0, 0, lambda: None
+        )
     assert loader_options["pin_memory"] is pinned
     assert loader_options["persistent_workers"] is persistent
 

@@ -2,8 +2,12 @@
 wrote past its checkpoint."""
 
 import csv
+import time
 
+from conftest import cheap_ddpm, narrow_unets
 from mindiffusion.record import FIELDS, Record
+from mindiffusion.run import run_training
+from train_cifar10 import train_cifar10
 
 
 def rows(path):
@@ -44,3 +48,17 @@ def test_resume_drops_the_rows_past_the_checkpoint(tmp_path):
         ("0", "1", "1.0"),
         ("1", "2", "0.5"),
     ]
+
+
+def test_an_epoch_s_time_leaves_out_the_grid_before_it(tmp_path, monkeypatch):
+    grid_seconds = 0.5
+    narrow_unets(monkeypatch)
+    cheap_ddpm(monkeypatch, on_sample=lambda ddpm, size: time.sleep(grid_seconds))
+    run_training(
+        train_cifar10, device="cpu", batch_size=2, n_T=2, fake_data=4, n_epoch=2,
+        num_workers=0, out=str(tmp_path),
+    )
+    written = rows(tmp_path / "ddpm_cifar_log.csv")
+    # two steps of a stand-in loss take milliseconds; epoch 0's grid came before
+    # epoch 1's first batch
+    assert float(written[1]["seconds"]) < grid_seconds / 2
