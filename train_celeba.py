@@ -17,12 +17,12 @@ import os
 import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms
-from torchvision.datasets import FakeData, ImageFolder
+from torchvision.datasets import ImageFolder
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from mindiffusion import cli, conditioning
-from mindiffusion.data import explain_image_folder, real_images
+from mindiffusion.data import FakeImages, explain_image_folder, real_images
 from mindiffusion.ddpm import DDPM
 from mindiffusion.run import Run
 from mindiffusion.unet import NaiveUnet
@@ -64,7 +64,7 @@ def train_celeba(
     )
     if run.fake_data:
         # CelebA's aligned faces are 178 wide and 218 high
-        dataset = FakeData(run.fake_data, image_size=(3, 218, 178), transform=tf)
+        dataset = FakeImages(run.fake_data, image_size=(3, 218, 178), transform=tf)
     else:
         with explain_image_folder(CELEBA_PATH):
             dataset = ImageFolder(root=CELEBA_PATH, transform=tf)

@@ -14,12 +14,12 @@ import os
 import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms
-from torchvision.datasets import CIFAR10, FakeData
+from torchvision.datasets import CIFAR10
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from mindiffusion import cli
-from mindiffusion.data import explain_missing_dataset, real_images
+from mindiffusion.data import FakeImages, explain_missing_dataset, real_images
 from mindiffusion.ddpm import DDPM
 from mindiffusion.run import Run
 from mindiffusion.unet import NaiveUnet
@@ -48,7 +48,7 @@ def train_cifar10(
         [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
     )
     if run.fake_data:
-        dataset = FakeData(run.fake_data, image_size=(3, 32, 32), transform=tf)
+        dataset = FakeImages(run.fake_data, image_size=(3, 32, 32), transform=tf)
     else:
         with explain_missing_dataset("CIFAR-10", data_root):
             dataset = CIFAR10(data_root, train=True, download=True, transform=tf)

@@ -16,12 +16,12 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
-from torchvision.datasets import MNIST, FakeData
+from torchvision.datasets import MNIST
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from mindiffusion import cli
-from mindiffusion.data import explain_missing_dataset
+from mindiffusion.data import FakeImages, explain_missing_dataset
 from mindiffusion.ddpm import DDPM
 from mindiffusion.run import Run
 from mindiffusion.unet import NaiveUnet
@@ -102,7 +102,7 @@ def train_mnist(
         # 28x28 -> 32x32, with black borders, for NaiveUnet's three halvings
         tf.transforms.insert(0, transforms.Pad(2))
     if run.fake_data:
-        dataset = FakeData(run.fake_data, image_size=(1, 28, 28), transform=tf)
+        dataset = FakeImages(run.fake_data, image_size=(1, 28, 28), transform=tf)
     else:
         with explain_missing_dataset("MNIST", data_root):
             dataset = MNIST(data_root, train=True, download=True, transform=tf)

@@ -16,7 +16,7 @@ GRID_CLASSES = 10
 
 def class_names(dataset) -> list[str]:
     """The names of the dataset's classes, in the order of their labels."""
-    # FakeData draws labels in 0..num_classes-1 but has no names for them
+    # FakeImages draws labels in 0..num_classes-1 but has no names for them
     names = getattr(dataset, "classes", None)
     names = list(names) if names else [str(k) for k in range(dataset.num_classes)]
     if len(names) < 2:
@@ -29,7 +29,7 @@ def class_names(dataset) -> list[str]:
 
 def folder_classes(root: str | None, fake_data: int | None) -> int:
     """How many classes --cond trains on: the image folder's subfolders, or the ten
-    of FakeData."""
+    of FakeImages."""
     if fake_data:
         return 10
     with explain_image_folder(root):

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
@@ -65,6 +66,38 @@ def explain_image_folder(root: str | None):
                 f"into a subfolder such as {os.path.join(root, 'all')}"
             ) from None
         raise UserError(f"no images found under {root}: {layout}") from None
+
+
+class FakeImages(Dataset):
+    """`size` random images of shape image_size (C, H, W), each with a label in
+    0..num_classes-1, for --fake-data: drawn once, from a generator of their own,
+    then read as MNIST and CIFAR10 read theirs, a uint8 array through PIL and the
+    transform, so that a batch costs what a real one does (torchvision's FakeData
+    draws each image anew, at about three times the cost of an MNIST digit)."""
+
+    def __init__(
+        self, size: int, image_size: tuple, transform=None, num_classes: int = 10
+    ) -> None:
+        generator = torch.Generator().manual_seed(0)
+        channels, height, width = image_size
+        # (size, H, W, C), the layout PIL reads
+        shape = (size, height, width, channels)
+        self.images = torch.randint(
+            0, 256, shape, dtype=torch.uint8, generator=generator
+        )
+        self.targets = torch.randint(num_classes, (size,), generator=generator).tolist()
+        self.transform, self.num_classes = transform, num_classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        pixels = self.images[index].numpy()
+        # a grey image is (H, W) to PIL
+        image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
 
 
 def real_images(x: torch.Tensor, dataset: Dataset, n: int = 8) -> torch.Tensor:

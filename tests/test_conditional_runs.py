@@ -6,12 +6,12 @@ from PIL import Image
 import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
-from torchvision.datasets import FakeData
 
 from conftest import grid_tiles, narrow_unets
 from mindiffusion import cli
 from mindiffusion import ema as ema_module
 from mindiffusion import sample
+from mindiffusion.data import FakeImages
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
 from mindiffusion.run import ZeroEps, run_training
@@ -22,7 +22,7 @@ from train_mnist import train_mnist
 QUICK = ["--epochs", "1", "--n-T", "1", "--device", "cpu", "--num-workers", "0"]
 # MNIST's own small UNet: digits padded to 32x32
 TINY_MNIST = ["--eps-model", "unet", "--n-feat", "8"]
-# script, its flags, FakeData's image size, the grid's tile and its rows of real images
+# script, its flags, its fake images' size, the grid's tile and its rows of real images
 SCRIPTS = {
     "mnist": (train_mnist, [*TINY_MNIST, "--fake-data", "6"], (1, 28, 28), 32, 0),
     "cifar10": (train_cifar10.train_cifar10, ["--fake-data", "6"], (3, 32, 32), 32, 2),
@@ -77,8 +77,8 @@ def test_each_script_trains_on_the_labels_and_draws_a_row_per_class(
     code, err = command(train, argv, capsys)
     assert code == 0, err
 
-    # every image's own label, once in the epoch; FakeData draws it from its index
-    fake = FakeData(int(flags[flags.index("--fake-data") + 1]), size)
+    # every image's own label, once in the epoch
+    fake = FakeImages(int(flags[flags.index("--fake-data") + 1]), size)
     expected = sorted(int(fake[j][1]) for j in range(len(fake)))
     assert sorted(torch.cat(calls["labels"]).tolist()) == expected
     assert calls["p_uncond"] == 0.25

@@ -9,8 +9,10 @@ from PIL import Image
 import pytest
 import torch
 import torchvision.datasets.cifar
+from torchvision import transforms
 
 from conftest import cheap_ddpm, grid_tiles
+from mindiffusion.data import FakeImages
 from mindiffusion.run import run_training
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
@@ -120,3 +122,22 @@ def test_celeba_reads_an_image_folder(tmp_path, seen_batches):
     tiles = grid_tiles(tmp_path / "out" / "ddpm_sample_celeba000.png", 128)
     # 8 real faces, though the last batch held only 1
     assert all(is_written(colour_of(tile)) for tile in tiles[8:])
+
+
+@pytest.mark.parametrize("image_size", [(1, 28, 28), (3, 218, 178)])
+def test_fake_images_are_fixed_bytes_that_leave_the_training_noise_alone(image_size):
+    torch.manual_seed(0)
+    noise = torch.rand(3)
+    torch.manual_seed(0)
+    fake = FakeImages(5, image_size, transform=transforms.PILToTensor())
+    # the global generator is where the training noise comes from
+    assert torch.equal(torch.rand(3), noise)
+    again = FakeImages(5, image_size)
+    for index in range(len(fake)):
+        image, label = fake[index]
+        assert image.dtype == torch.uint8 and tuple(image.shape) == image_size
+        # the same pixels through PIL, and the same label, every time
+        assert torch.equal(image.permute(1, 2, 0), fake.images[index])
+        assert torch.equal(transforms.PILToTensor()(again[index][0]), image)
+        assert label == again[index][1] and 0 <= label < 10
+    assert len({label for _, label in (fake[j] for j in range(5))}) > 1

@@ -8,10 +8,10 @@ from PIL import Image
 import pytest
 import torch
 from torchvision import transforms
-from torchvision.datasets import FakeData
 
 from conftest import cheap_ddpm, run_script
 from mindiffusion import cli, sample
+from mindiffusion.data import FakeImages
 from mindiffusion.run import run_training
 from mindiffusion.unet import NaiveUnet
 from train_mnist import LAPTOP, DummyEpsModel, train_mnist
@@ -32,7 +32,7 @@ def test_the_default_run_is_the_notes(seen_batches, tmp_path):
     notes_tf = transforms.Compose(
         [transforms.ToTensor(), transforms.Normalize((0.5,), (1.0,))]
     )
-    images = [notes_tf(image) for image, _ in FakeData(2, image_size=(1, 28, 28))]
+    images = [notes_tf(image) for image, _ in FakeImages(2, (1, 28, 28))]
     (batch,) = seen_batches
     assert batch.shape == (2, 1, 28, 28)
     assert all(any(torch.equal(x, image) for image in images) for x in batch)

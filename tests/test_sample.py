@@ -6,10 +6,10 @@ from PIL import Image
 import pytest
 import torch
 from torchvision import transforms
-from torchvision.datasets import FakeData
 
 from conftest import cheap_ddpm, grid_tiles
 from mindiffusion import sample
+from mindiffusion.data import FakeImages
 from mindiffusion.ddpm import DDPM
 from mindiffusion.run import run_training
 from mindiffusion.unet import NaiveUnet
@@ -17,7 +17,7 @@ from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist
 
-# script, the sizes its FakeData draws, and the transform before its Normalize
+# script, the sizes its FakeImages draws, and the transform before its Normalize
 SCRIPTS = {
     "mnist": (train_mnist, (1, 28, 28), transforms.ToTensor()),
     "cifar10": (train_cifar10, (3, 32, 32), transforms.ToTensor()),
@@ -80,7 +80,7 @@ def test_the_recipe_rebuilds_the_scripts_model(name, checkpoints):
 def test_denormalize_undoes_the_scripts_transform(name, checkpoints):
     _, image_size, to_tensor = SCRIPTS[name]
     recipe = torch.load(checkpoints[name]["path"], weights_only=True)["recipe"]
-    raw = [to_tensor(image) for image, _ in FakeData(2, image_size=image_size)]
+    raw = [to_tensor(image) for image, _ in FakeImages(2, image_size=image_size)]
     (batch,) = checkpoints[name]["batches"]
     pixels = sample.denormalize(batch, recipe["normalize"])
     for image in pixels:
