@@ -23,12 +23,13 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
-from torchvision.datasets import CIFAR10, MNIST, FakeData, ImageFolder
+from torchvision.datasets import CIFAR10, MNIST, ImageFolder
 from tqdm import tqdm
 
 from mindiffusion import cli, progress
 from mindiffusion.checkpoints import write_atomically
 from mindiffusion.data import (
+    FakeImages,
     denormalize,
     explain_image_folder,
     explain_missing_dataset,
@@ -102,8 +103,8 @@ def reference_dataset(recipe: dict, data_root: str | None, fake_data: int | None
     it in the cache key."""
     size = tuple(recipe["image_size"])
     if fake_data:
-        dataset = FakeData(fake_data, image_size=size, transform=transforms.ToTensor())
-        return dataset, f"FakeData({fake_data}, {size})"
+        dataset = FakeImages(fake_data, size, transform=transforms.ToTensor())
+        return dataset, f"FakeImages({fake_data}, {size})"
     name = recipe.get("dataset")
     if name == "ImageFolder":
         root = data_root or os.environ.get("CELEBA_PATH")
