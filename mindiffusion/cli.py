@@ -78,8 +78,8 @@ FLAGS = {
     "resume": ("--resume", dict(action="store_true"),
                "continue from the checkpoint in --out, up to --epochs"),
     "fake_data": ("--fake-data", dict(type=at_least(1), metavar="N"),
-                  "train on N random images of the dataset's shape, with no download "
-                  "(default: off)"),
+                  "train on N random images of the dataset's shape, with no download; "
+                  "they are held in memory, N x C x H x W bytes (default: off)"),
     "fast": ("--fast", dict(action="store_true"),
              "turn on the speed flags that pay on the device: --amp auto and "
              "--compile on CUDA and on a CPU (where --amp auto takes bfloat16 only "

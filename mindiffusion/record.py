@@ -23,7 +23,7 @@ class Record:
         self.path = path
         self.steps, self.loss_sum, self.images, self.seconds = 0, 0.0, 0, 0.0
         self.batches = 0
-        self.clock = self.last_step = time.perf_counter()
+        self.start_epoch()
 
     def add(self, loss: float, images: int) -> None:
         """Count one optimizer step, its loss and the images of its global batch."""
@@ -56,7 +56,7 @@ class Record:
                 writer.writeheader()
             writer.writerow(row)
         self.loss_sum, self.batches, self.images, self.seconds = 0.0, 0, 0, 0.0
-        self.clock = self.last_step = time.perf_counter()
+        self.start_epoch()
 
     def state_dict(self) -> dict:
         seconds = self.seconds + time.perf_counter() - self.clock
@@ -76,7 +76,7 @@ class Record:
             self.steps, self.loss_sum = state["steps"], state["loss_sum"]
             self.batches, self.images = state["batches"], state["images"]
             self.seconds = state["seconds"]
-        self.clock = self.last_step = time.perf_counter()
+        self.start_epoch()
         if not os.path.exists(self.path):
             return
         with open(self.path, newline="") as file:
