@@ -35,7 +35,9 @@ class Record:
         self.loss_sum += loss
 
     def start_epoch(self) -> None:
-        """Start the epoch's clock, as its first batch is asked for."""
+        """Start the epoch's clock from now: the prepared loader calls it as the
+        epoch's first batch is asked for, so that what came between two epochs is
+        left out."""
         self.clock = self.last_step = time.perf_counter()
 
     def end_epoch(self, epoch: int, lr: float) -> None:
