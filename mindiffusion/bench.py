@@ -23,6 +23,12 @@ Rows of each setup:
 Each train ratio is to the default; a sample ratio is the default's seconds over
 the row's. A knob that fails is a row that says why. The first steps of each row
 are not timed: they allocate memory, tune kernels and compile.
+
+The rows come in three passes over the setups, so that a run cut short by a time
+limit has measured the fast path of every setup: the default and fast train rows;
+the default sample row and the one of `mindiffusion.sample --compile` on the device
+(cuda_graphs on CUDA, compile elsewhere); then the rest, setup by setup. At the end
+the tables come again, each setup's rows together.
 """
 import argparse
 import contextlib
@@ -46,7 +52,7 @@ from mindiffusion.cli import at_least
 from mindiffusion.ddpm import DDPM
 from mindiffusion.devices import autocast_dtype, has_native_bf16, resolve_device
 from mindiffusion.errors import UserError
-from mindiffusion.fastpath import fast_settings
+from mindiffusion.fastpath import fast_settings, sampling_mode
 from mindiffusion.run import run_training
 from mindiffusion.unet import NaiveUnet
 from train_celeba import train_celeba
@@ -63,6 +69,8 @@ TRAIN_KNOBS = ("bf16", "fp16", "channels_last", "compile", "fused_adam", "tf32")
 KNOB_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # the sampling rows: torch.compile's mode, or None for the eager model
 SAMPLE_MODES = {"default": None, "compile": "default", "cuda_graphs": "reduce-overhead"}
+# the train rows, in the order of their tables: best takes the knobs that paid alone
+TRAIN_ROWS = ("default", *TRAIN_KNOBS, "fast", "best")
 # the loop rows: the bare row they are compared with, and their extra Run flags
 # (loop_fast's are fast_settings(device))
 LOOP_ROWS = {
@@ -70,7 +78,8 @@ LOOP_ROWS = {
     "loop_fast": ("fast", None),
     "loop_ema": ("default", {"ema": 0.999}),
 }
-ROW_NAMES = ("default", *TRAIN_KNOBS, "fast", "best", "cuda_graphs", *LOOP_ROWS)
+ROW_NAMES = (*TRAIN_ROWS, "cuda_graphs", *LOOP_ROWS)
+# the kinds of row, in the order of their tables
 UNITS = {"train": "img/s", "sample": "s/step", "loop": "img/s"}
 # knobs that need CUDA, and why
 CUDA_ONLY = {
@@ -309,13 +318,16 @@ def speedup(kind: str, value: float | None, reference: float | None) -> float | 
 
 
 class Report:
-    """The rows so far: each printed as it comes and, with a path, the whole report
+    """The rows so far: each printed as it comes, under the heading of its setup
+    where it follows another setup's row, and, with a path, the whole report
     written after it, so that a run killed by a time limit keeps what it measured."""
 
-    def __init__(self, path: str | None, header: dict) -> None:
-        self.path, self.header, self.rows = path, header, []
+    def __init__(self, path: str | None, header: dict, headings: dict) -> None:
+        self.path, self.header, self.headings, self.rows = path, header, headings, []
 
     def add(self, row: dict) -> dict:
+        if not self.rows or self.rows[-1]["setup"] != row["setup"]:
+            print(self.headings[row["setup"]])
         self.rows.append(row)
         print(row_line(row), flush=True)
         if self.path:
@@ -389,50 +401,53 @@ def train_row(
     )
 
 
-def train_rows(report: Report, plan: Plan, setup: Setup) -> dict:
-    """The setup's train rows that plan asks for: default, each knob alone, fast and
-    best; by name."""
-    rows = {}
-    for name in ("default", *TRAIN_KNOBS):
-        if name in plan.names:
-            knobs = frozenset() if name == "default" else frozenset({name})
-            skip = needs_cuda(name, plan.device)
-            rows[name] = train_row(
-                report, plan, setup, name, knobs, rows.get("default"), skip
-            )
-    if "fast" in plan.names:
-        skip = None if plan.fast else nothing_fast(plan.device)
-        rows["fast"] = train_row(
-            report, plan, setup, "fast", plan.fast, rows.get("default"), skip
-        )
-    if "best" in plan.names:
-        ratios = {
-            name: row["ratio"] for name, row in rows.items()
-            if name in TRAIN_KNOBS and row["ratio"] is not None
-        }
-        knobs, skip = best_knobs(ratios, plan.fast)
-        rows["best"] = train_row(
-            report, plan, setup, "best", knobs, rows.get("default"), skip
-        )
-    return rows
+def to_measure(order: tuple, names: tuple, plan: Plan, rows: dict) -> list[str]:
+    """Those of `names` that plan asks for and that are not among `rows` yet, in the
+    order of `order`."""
+    return [
+        name for name in order
+        if name in names and name in plan.names and name not in rows
+    ]
 
 
-def sample_rows(report: Report, plan: Plan, setup: Setup) -> None:
-    """The setup's sample rows that plan asks for: default, compile, cuda_graphs."""
+def train_rows(
+    report: Report, plan: Plan, setup: Setup, rows: dict, names=TRAIN_ROWS
+) -> None:
+    """Measure the setup's train rows `names` that plan asks for into `rows`, by
+    name, in TRAIN_ROWS' order and each once: default, each knob alone, fast, best."""
+    for name in to_measure(TRAIN_ROWS, names, plan, rows):
+        knobs, skip = frozenset({name}), needs_cuda(name, plan.device)
+        if name == "default":
+            knobs = frozenset()
+        elif name == "fast":
+            knobs, skip = plan.fast, None if plan.fast else nothing_fast(plan.device)
+        elif name == "best":
+            ratios = {
+                knob: row["ratio"] for knob, row in rows.items()
+                if knob in TRAIN_KNOBS and row["ratio"] is not None
+            }
+            knobs, skip = best_knobs(ratios, plan.fast)
+        rows[name] = train_row(
+            report, plan, setup, name, knobs, rows.get("default"), skip
+        )
+
+
+def sample_rows(
+    report: Report, plan: Plan, setup: Setup, rows: dict, names=tuple(SAMPLE_MODES)
+) -> None:
+    """Measure the setup's sample rows `names` that plan asks for into `rows`, by
+    name, in SAMPLE_MODES' order and each once: default, compile, cuda_graphs."""
     n_sample = plan.n_sample or setup.n_sample
-    default = None
-    for name, mode in SAMPLE_MODES.items():
-        if name in plan.names:
-            measurement = partial(
-                sample_speed, setup, mode, plan.device, n_sample, plan.steps,
-                plan.warmup,
-            )
-            skip = needs_cuda(name, plan.device)
-            row = run_row(
-                report, plan, setup, "sample", name, measurement, default, skip
-            )
-            if name == "default":
-                default = row
+    for name in to_measure(tuple(SAMPLE_MODES), names, plan, rows):
+        measurement = partial(
+            sample_speed, setup, SAMPLE_MODES[name], plan.device, n_sample,
+            plan.steps, plan.warmup,
+        )
+        skip = needs_cuda(name, plan.device)
+        rows[name] = run_row(
+            report, plan, setup, "sample", name, measurement, rows.get("default"),
+            skip,
+        )
 
 
 def loop_rows(report: Report, plan: Plan, setup: Setup, bare: dict) -> None:
@@ -462,19 +477,42 @@ def heading(plan: Plan, setup: Setup) -> str:
     return f"\n{setup.name}: batch {batch_size}, grids of {n_sample}\n{columns}"
 
 
-def bench_setup(report: Report, plan: Plan, setup: Setup) -> None:
-    """Every row of one setup that plan asks for: train, then sample, then loop."""
-    print(heading(plan, setup))
-    bare = train_rows(report, plan, setup)
-    sample_rows(report, plan, setup)
-    loop_rows(report, plan, setup, bare)
+def measure(report: Report, plan: Plan, setups: list[Setup]) -> None:
+    """Every row of `setups` that plan asks for, in the three passes of the module's
+    docstring: the fast path of every setup first, then the rest."""
+    fast_sampler = next(
+        name for name, mode in SAMPLE_MODES.items()
+        if mode == sampling_mode(plan.device)
+    )
+    trained = {setup.name: {} for setup in setups}
+    sampled = {setup.name: {} for setup in setups}
+    for setup in setups:
+        train_rows(report, plan, setup, trained[setup.name], ("default", "fast"))
+    for setup in setups:
+        sample_rows(report, plan, setup, sampled[setup.name], ("default", fast_sampler))
+    for setup in setups:
+        train_rows(report, plan, setup, trained[setup.name])
+        sample_rows(report, plan, setup, sampled[setup.name])
+        loop_rows(report, plan, setup, trained[setup.name])
+
+
+def table_order(rows: list[dict], setups: list[Setup]) -> list[dict]:
+    """The rows setup by setup, and in a setup train, sample, then loop rows, each
+    kind in the order of ROW_NAMES."""
+    names = [setup.name for setup in setups]
+
+    def place(row: dict) -> tuple[int, int, int]:
+        kind = list(UNITS).index(row["kind"])
+        return names.index(row["setup"]), kind, ROW_NAMES.index(row["name"])
+
+    return sorted(rows, key=place)
 
 
 def tables(rows: list[dict], plan: Plan, setups: list[Setup]) -> str:
-    """The table of each setup, its rows in the order measured."""
-    parts = []
+    """The table of each setup, its rows in table_order."""
+    ordered, parts = table_order(rows, setups), []
     for setup in setups:
-        lines = [row_line(row) for row in rows if row["setup"] == setup.name]
+        lines = [row_line(row) for row in ordered if row["setup"] == setup.name]
         parts.append("\n".join([heading(plan, setup), *lines]))
     return "\n".join(parts)
 
@@ -603,10 +641,9 @@ def main(argv: list[str] | None = None) -> None:
         fast=plan.fast_settings,
     )
     print(f"{machine}, torch {torch.__version__}; --fast here: {plan.fast_settings}")
-    report = Report(args.json, header)
+    report = Report(args.json, header, {s.name: heading(plan, s) for s in setups})
     try:
-        for setup in setups:
-            bench_setup(report, plan, setup)
+        measure(report, plan, setups)
     except UserError as err:
         command.exit(2, f"{err}\n")
     except KeyboardInterrupt:
@@ -615,9 +652,11 @@ def main(argv: list[str] | None = None) -> None:
         # not the run's own message: its folder, and so its checkpoint, is gone
         stopped = f"stopped by {signals.name(stop.signum)}"
         command.exit(128 + stop.signum, f"\n{stopped}{kept(args.json)}\n")
-    if plan.names & set(LOOP_ROWS):
-        # the scripts' progress lines came between the loop rows
-        print("\nThe tables again, without the scripts' lines:")
+    # the passes took the rows out of their tables' order, or the scripts' progress
+    # lines came between the loop rows
+    if table_order(report.rows, setups) != report.rows or plan.names & set(LOOP_ROWS):
+        print("\nThe tables again, each setup's rows together, without the scripts' "
+              "lines:")
         print(tables(report.rows, plan, setups))
 
 

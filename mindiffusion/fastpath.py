@@ -28,10 +28,15 @@ def fast_settings(device: torch.device) -> dict:
     return dict(FAST_PATHS[device.type])
 
 
+def sampling_mode(device: torch.device) -> str:
+    """torch.compile's mode for a sampler's many calls of one shape on `device`: on
+    CUDA "reduce-overhead", CUDA graphs, which replay a call's kernels for the cost
+    of one launch."""
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
 def compile_for_sampling(eps_model: nn.Module, device: torch.device) -> None:
-    """Compile eps_model's forward in place, for a sampler's many calls of one shape:
-    on CUDA into CUDA graphs (mode "reduce-overhead"), which replay a call's
-    kernels for the cost of one launch. The module's hooks stay outside the
-    compiled forward, so that progress bars and snapshots still see every call."""
-    mode = "reduce-overhead" if device.type == "cuda" else "default"
-    eps_model.forward = torch.compile(eps_model.forward, mode=mode)
+    """Compile eps_model's forward in place, in sampling_mode(device). The module's
+    hooks stay outside the compiled forward, so that progress bars and snapshots
+    still see every call."""
+    eps_model.forward = torch.compile(eps_model.forward, mode=sampling_mode(device))

@@ -207,10 +207,13 @@ def test_quick_run_prints_a_table_and_writes_json(tmp_path, tiny_setups, capsys)
     assert report["machine"].endswith(f"{torch.get_num_threads()} threads")
     assert not os.path.exists(f"{path}.tmp")
     rows = report["rows"]
-    names = [("train", n) for n in ("default", "channels_last", "fused_adam", "tf32")]
-    names += [("sample", "default"), ("sample", "cuda_graphs")]
-    assert [(r["setup"], r["kind"], r["name"]) for r in rows] == [
-        (setup.name, kind, name) for setup in tiny_setups for kind, name in names
+    # the defaults of every setup first: the fast rows of these knobs
+    first = [(setup.name, "train", "default") for setup in tiny_setups]
+    first += [(setup.name, "sample", "default") for setup in tiny_setups]
+    rest = [("train", n) for n in ("channels_last", "fused_adam", "tf32")]
+    rest += [("sample", "cuda_graphs")]
+    assert [(r["setup"], r["kind"], r["name"]) for r in rows] == first + [
+        (setup.name, kind, name) for setup in tiny_setups for kind, name in rest
     ]
     table = capsys.readouterr().out
     for row in rows:
@@ -222,7 +225,8 @@ def test_quick_run_prints_a_table_and_writes_json(tmp_path, tiny_setups, capsys)
         else:
             assert row["value"] > 0 and row["skipped"] is None
             assert f"{row['value']:.4g}" in table
-    for setup in rows[:6], rows[6:]:
+    for name in "Tiny A", "Tiny B":
+        setup = bench.table_order([r for r in rows if r["setup"] == name], tiny_setups)
         train_default, sample_default = setup[0]["value"], setup[4]["value"]
         assert setup[0]["ratio"] == setup[4]["ratio"] == 1.0
         for row in setup[1:3]:
@@ -254,14 +258,61 @@ def test_fast_and_best_rows_measure_the_knobs_chosen(tmp_path, monkeypatch, caps
     knobs = "default,bf16,fp16,channels_last,compile,fused_adam,tf32,fast,best"
     bench.main(["--device", "cpu", "--knobs", knobs, "--json", str(path)])
     rows = json.loads(path.read_text())["rows"]
-    assert [row["kind"] for row in rows] == ["train"] * 9 + ["sample"] * 2
-    fast, best = rows[7:9]
+    assert sorted(row["kind"] for row in rows) == ["sample"] * 2 + ["train"] * 9
+    by_name = {row["name"]: row for row in rows if row["kind"] == "train"}
+    fast, best = by_name["fast"], by_name["best"]
     assert fast["knobs"] == ["bf16"] and fast["value"] == pytest.approx(120.0)
     # tf32 is skipped on the CPU, compile slowed down, fp16 beat bf16
     assert best["knobs"] == ["channels_last", "fp16", "fused_adam"]
     assert best["ratio"] == pytest.approx(1.3 * 1.1 * 1.05)
     assert measured[-1] == {"fp16", "channels_last", "fused_adam"}
     assert "best (channels_last+fp16+fused_adam)" in capsys.readouterr().out
+
+
+def test_the_fast_path_of_every_setup_comes_first(tmp_path, tiny_setups, monkeypatch,
+                                                 capsys):
+    measured = []
+
+    def made_up(kind):
+        def speed(setup, knobs_or_mode, *args):
+            measured.append((setup.name[-1], kind, knobs_or_mode))
+            return 100.0
+
+        return speed
+
+    monkeypatch.setattr(bench, "train_speed", made_up("train"))
+    monkeypatch.setattr(bench, "sample_speed", made_up("sample"))
+    monkeypatch.setattr(bench, "loop_in_temporary_folder", lambda *args: 90.0)
+    monkeypatch.setattr(bench, "fast_settings", lambda device: dict(amp="bf16"))
+    bench.main(["--device", "cpu"])
+    none, bf16 = frozenset(), frozenset({"bf16"})
+    fast_path = [
+        ("A", "train", none), ("A", "train", bf16),
+        ("B", "train", none), ("B", "train", bf16),
+        ("A", "sample", None), ("A", "sample", "default"),
+        ("B", "sample", None), ("B", "sample", "default"),
+    ]
+    assert measured[:8] == fast_path
+    # then each knob alone; best is skipped, for no knob paid, and so is cuda_graphs
+    knobs = [frozenset({k}) for k in bench.TRAIN_KNOBS if k != "tf32"]
+    assert measured[8:] == [(s, "train", k) for s in "AB" for k in knobs]
+    tables = capsys.readouterr().out.split("each setup's rows together")[1]
+    # the tables in their own order: the fast row after each knob alone
+    assert tables.index("train  bf16") < tables.index("train  fast (bf16)")
+    assert tables.index("train  fast (bf16)") < tables.index("sample default")
+    assert tables.index("loop_ema") < tables.index("Tiny B")
+    # on CUDA, the fast sampler is the CUDA graphs row, skipped here on the CPU
+    monkeypatch.setattr(bench, "sampling_mode", lambda device: "reduce-overhead")
+    measured.clear()
+    path = tmp_path / "b.json"
+    bench.main(["--device", "cpu", "--knobs", "default,compile,cuda_graphs",
+                "--json", str(path)])
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["setup"][-1], r["kind"], r["name"]) for r in rows[:6]] == [
+        ("A", "train", "default"), ("B", "train", "default"),
+        ("A", "sample", "default"), ("A", "sample", "cuda_graphs"),
+        ("B", "sample", "default"), ("B", "sample", "cuda_graphs"),
+    ]
 
 
 def test_a_failing_knob_is_a_row_that_says_why(tmp_path, tiny_setups, monkeypatch):
@@ -278,13 +329,11 @@ def test_a_failing_knob_is_a_row_that_says_why(tmp_path, tiny_setups, monkeypatc
     bench.main(argv + ["--knobs", "default,fused_adam,channels_last"])
     rows = json.loads(path.read_text())["rows"]
     assert [(row["kind"], row["name"]) for row in rows] == [
-        ("train", "default"), ("train", "channels_last"), ("train", "fused_adam"),
-        ("sample", "default"),
+        ("train", "default"), ("sample", "default"), ("train", "channels_last"),
+        ("train", "fused_adam"),
     ]
-    assert rows[2]["skipped"] == "RuntimeError: fused=True is not here"
-    assert rows[2]["value"] is None
-    # the bench went on after it
-    assert rows[3]["value"] > 0
+    assert rows[3]["skipped"] == "RuntimeError: fused=True is not here"
+    assert rows[3]["value"] is None
 
 
 def test_the_json_holds_every_row_before_an_interruption(
@@ -300,17 +349,18 @@ def test_the_json_holds_every_row_before_an_interruption(
 
     monkeypatch.setattr(bench, "train_speed", third_is_interrupted)
     path = tmp_path / "b.json"
+    monkeypatch.setattr(bench, "sample_speed", lambda *args: 1.0)
     argv = ["--device", "cpu", "--knobs", "default,bf16,fp16", "--json", str(path)]
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(argv)
+        bench.main(argv + ["--only", "tiny a"])
     assert exit_info.value.code == 130
     err = capsys.readouterr().err
     assert err == f"\ninterrupted: the rows measured are in {path}\n"
     rows = json.loads(path.read_text())["rows"]
-    assert [(row["name"], row["value"]) for row in rows] == [
-        ("default", 10.0), ("bf16", 20.0)
+    assert [(row["kind"], row["name"], row["value"]) for row in rows] == [
+        ("train", "default", 10.0), ("sample", "default", 1.0), ("train", "bf16", 20.0)
     ]
-    assert rows[1]["ratio"] == 2.0
+    assert rows[2]["ratio"] == 2.0
 
 
 def test_loop_rows_read_the_second_epoch_of_the_scripts_record(
@@ -345,7 +395,7 @@ def test_loop_rows_read_the_second_epoch_of_the_scripts_record(
     assert loop["ratio"] == pytest.approx(222 / default["value"])
     # the table again at the end, without the script's lines between the rows
     out = capsys.readouterr().out
-    tables = out.split("The tables again, without the scripts' lines:\n")[1]
+    tables = out.split("rows together, without the scripts' lines:\n")[1]
     assert "Epoch" not in tables and bench.row_line(loop) in tables
     (settings,) = seen
     assert not os.path.exists(settings.pop("out"))
@@ -397,10 +447,10 @@ def test_an_unwritable_json_file_is_one_sentence(tmp_path, tiny_setups, monkeypa
 def test_an_existing_or_folderless_json_is_refused_before_measuring(
     tmp_path, monkeypatch, capsys
 ):
-    def bench_setup(*args):
+    def measure(*args):
         raise AssertionError("measured")
 
-    monkeypatch.setattr(bench, "bench_setup", bench_setup)
+    monkeypatch.setattr(bench, "measure", measure)
     existing = tmp_path / "b.json"
     existing.write_text("earlier numbers")
     missing = tmp_path / "no" / "such" / "b.json"
