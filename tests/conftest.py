@@ -17,6 +17,29 @@ from mindiffusion.run import ZeroEps  # noqa: E402
 from mindiffusion.unet import NaiveUnet  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "gpu(reason): needs a CUDA GPU; skipped for `reason` without one"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_first(items, torch.cuda.is_available())
+
+
+def gpu_first(items: list, cuda: bool) -> None:
+    """Where there is a CUDA GPU (`cuda`), put the tests marked gpu first, so that
+    a run under a time limit reaches them before the suite's slow compiles; where
+    there is none, skip them, each with its reason."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if cuda:
+        items[:] = gpu + [item for item in items if item not in gpu]
+        return
+    for item in gpu:
+        reason = item.get_closest_marker("gpu").kwargs["reason"]
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def started_early(request, tmp_path_factory):
     """Start the processes of the test modules that have start_early(factory), as

@@ -1,6 +1,6 @@
 """Windows, Macs and MPS, by patching the platform: the scripts run without SIGUSR1
 and without a folder fsync, --laptop takes MPS where there is one, and FID's
-float64 sums are made on the CPU."""
+float64 sums are made on the CPU. And this suite's own tests that need a GPU."""
 import errno
 import importlib
 import os
@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, narrow_unets
+from conftest import REPO, gpu_first, narrow_unets
 from mindiffusion import checkpoints, signals
 from mindiffusion.frechet import Moments
 from mindiffusion.run import run_training
@@ -101,3 +101,33 @@ def test_fid_sums_its_float64_moments_on_the_cpu():
     mu, sigma = moments.statistics()
     torch.testing.assert_close(mu, features.float().double().mean(0))
     torch.testing.assert_close(sigma, torch.cov(features.float().double().T))
+
+
+class CollectedTest:
+    """A collected test as gpu_first sees it: its gpu marker, and the markers added."""
+
+    def __init__(self, reason=None):
+        self.gpu = None if reason is None else pytest.mark.gpu(reason=reason).mark
+        self.added = []
+
+    def get_closest_marker(self, name):
+        return self.gpu if name == "gpu" else None
+
+    def add_marker(self, marker):
+        self.added.append(marker.mark)
+
+
+def test_a_gpu_runs_the_gpu_tests_first_and_elsewhere_they_say_why_they_skip():
+    plain, other = CollectedTest(), CollectedTest()
+    graphs, waits = CollectedTest("no graphs"), CollectedTest("no wait")
+    items = [plain, graphs, other, waits]
+    gpu_first(items, cuda=True)
+    assert items == [graphs, waits, plain, other]
+    assert all(not item.added for item in items)
+    items = [plain, graphs, other, waits]
+    gpu_first(items, cuda=False)
+    assert items == [plain, graphs, other, waits]
+    assert plain.added == other.added == []
+    assert [(m.name, m.kwargs) for m in graphs.added + waits.added] == [
+        ("skip", dict(reason="no graphs")), ("skip", dict(reason="no wait"))
+    ]
