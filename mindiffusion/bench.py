@@ -509,10 +509,10 @@ def table_order(rows: list[dict], setups: list[Setup]) -> list[dict]:
 
 
 def tables(rows: list[dict], plan: Plan, setups: list[Setup]) -> str:
-    """The table of each setup, its rows in table_order."""
-    ordered, parts = table_order(rows, setups), []
+    """The table of each setup, its rows in the order of `rows`."""
+    parts = []
     for setup in setups:
-        lines = [row_line(row) for row in ordered if row["setup"] == setup.name]
+        lines = [row_line(row) for row in rows if row["setup"] == setup.name]
         parts.append("\n".join([heading(plan, setup), *lines]))
     return "\n".join(parts)
 
@@ -652,12 +652,13 @@ def main(argv: list[str] | None = None) -> None:
         # not the run's own message: its folder, and so its checkpoint, is gone
         stopped = f"stopped by {signals.name(stop.signum)}"
         command.exit(128 + stop.signum, f"\n{stopped}{kept(args.json)}\n")
+    ordered = table_order(report.rows, setups)
     # the passes took the rows out of their tables' order, or the scripts' progress
     # lines came between the loop rows
-    if table_order(report.rows, setups) != report.rows or plan.names & set(LOOP_ROWS):
+    if ordered != report.rows or plan.names & set(LOOP_ROWS):
         print("\nThe tables again, each setup's rows together, without the scripts' "
               "lines:")
-        print(tables(report.rows, plan, setups))
+        print(tables(ordered, plan, setups))
 
 
 if __name__ == "__main__":
