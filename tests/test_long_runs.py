@@ -75,7 +75,7 @@ def same_files(a, b, lost=frozenset(), extra=frozenset()):
 # each script, each stop signal: a scheduler's, SLURM's warning, a first Ctrl-C
 @pytest.mark.parametrize(
     "script, signum",
-    zip(SCRIPTS, [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT]),
+    list(zip(SCRIPTS, [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])),
 )
 def test_a_signal_mid_epoch_saves_and_resume_is_bit_identical(
     script, signum, stand_in, tmp_path, capsys
