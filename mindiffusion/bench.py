@@ -325,11 +325,18 @@ class Report:
     def __init__(self, path: str | None, header: dict, headings: dict) -> None:
         self.path, self.header, self.headings, self.rows = path, header, headings, []
 
-    def add(self, row: dict) -> dict:
+    def begin(self, row: dict) -> None:
+        """Show the name of the row about to be measured: a row that compiles, or
+        a CPU's step at a notes' batch size, takes minutes."""
         if not self.rows or self.rows[-1]["setup"] != row["setup"]:
             print(self.headings[row["setup"]])
+        # a loop row's script prints its own lines, below the row's name
+        print(row_start(row), end="\n" if row["kind"] == "loop" else "", flush=True)
+
+    def add(self, row: dict) -> dict:
+        """Show the measured row, and keep it."""
         self.rows.append(row)
-        print(row_line(row), flush=True)
+        print(row_line(row) if row["kind"] == "loop" else row_end(row), flush=True)
         if self.path:
             self.write()
         return row
@@ -358,18 +365,22 @@ def run_row(
 ) -> dict:
     """Measure one row, unless there is a reason to `skip` it, and add it to the
     report; its ratio is to the row `reference`."""
+    row = dict(
+        setup=setup.name, kind=kind, name=name,
+        batch_size=plan.batch_size or setup.batch_size,
+        knobs=None if knobs is None else sorted(knobs),
+    )
+    report.begin(row)
     value = peak = None
     if skip is None:
         value, skip, peak = attempt(measurement, plan.device)
     # the default rows are the reference of their kind
     base = value if name == "default" else reference and reference["value"]
-    return report.add(dict(
-        setup=setup.name, kind=kind, name=name,
-        batch_size=plan.batch_size or setup.batch_size,
-        knobs=None if knobs is None else sorted(knobs),
+    row.update(
         value=value, unit=UNITS[kind], ratio=speedup(kind, value, base),
         skipped=skip, peak_mib=peak,
-    ))
+    )
+    return report.add(row)
 
 
 def needs_cuda(name: str, device: torch.device) -> str | None:
@@ -518,16 +529,25 @@ def tables(rows: list[dict], plan: Plan, setups: list[Setup]) -> str:
 
 
 def row_line(row: dict) -> str:
-    """A row of the table: its value, unit, ratio and peak memory, or why skipped."""
+    """A row of the table: its kind and name, then row_end."""
+    return row_start(row) + row_end(row)
+
+
+def row_start(row: dict) -> str:
+    """The row's kind and name, with the knobs of fast and best."""
     label = row["name"]
     if row["name"] in ("fast", "best") and row["knobs"]:
         label += f" ({'+'.join(row['knobs'])})"
-    start = f"{row['kind']:<7}{label:<30}"
+    return f"{row['kind']:<7}{label:<30}"
+
+
+def row_end(row: dict) -> str:
+    """The row's value, unit, ratio and peak memory, or why it was skipped."""
     if row["skipped"] is not None:
-        return f"{start}skipped: {row['skipped']}"
+        return f"skipped: {row['skipped']}"
     ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
     peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
-    return f"{start}{row['value']:>10.4g} {row['unit']:<7}{ratio:>8}{peak:>10}"
+    return f"{row['value']:>10.4g} {row['unit']:<7}{ratio:>8}{peak:>10}"
 
 
 def load_1min() -> float | None:

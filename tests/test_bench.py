@@ -315,6 +315,34 @@ def test_the_fast_path_of_every_setup_comes_first(tmp_path, tiny_setups, monkeyp
     ]
 
 
+def test_a_row_s_name_shows_while_it_is_measured(tiny_setups, monkeypatch, capsys):
+    shown = []
+
+    def speed(*args):
+        shown.append(capsys.readouterr().out)
+        return 100.0
+
+    for measurement in ("train_speed", "sample_speed", "loop_in_temporary_folder"):
+        monkeypatch.setattr(bench, measurement, speed)
+    bench.main(["--device", "cpu", "--only", "tiny a",
+                "--knobs", "default,channels_last,loop_default"])
+    train, sample, channels_last, loop = shown
+
+    def start(kind, name):
+        return f"{kind:<7}{name:<30}"
+
+    assert "\nTiny A: batch 64, grids of 16\n" in train
+    assert train.endswith("peak MiB\n" + start("train", "default"))
+    # then the row is done, on the same line
+    assert sample.startswith(f"{100:>10} img/s     1.00x")
+    assert sample.endswith("\n" + start("sample", "default"))
+    assert channels_last.endswith("\n" + start("train", "channels_last"))
+    # the script's lines come below a loop row's name, and then the whole row
+    assert loop.endswith("\n" + start("loop", "loop_default") + "\n")
+    out = capsys.readouterr().out
+    assert out.startswith(start("loop", "loop_default") + f"{100:>10} img/s")
+
+
 def test_a_failing_knob_is_a_row_that_says_why(tmp_path, tiny_setups, monkeypatch):
     real = bench.train_throughput
 
