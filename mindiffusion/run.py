@@ -116,6 +116,10 @@ class Run:
         if self.compile:
             # compiled in place, so that the state_dict keeps the notes' names
             ddpm.eps_model.compile()
+            say(
+                "--compile: the noise model compiles in the first training step and "
+                "again in the first grid, each a minute or more on a small CPU"
+            )
         dtype = autocast_dtype(self.amp, device)
         # float16 needs its loss scaled, so that small gradients do not round to zero
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

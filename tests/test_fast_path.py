@@ -152,13 +152,17 @@ def test_channels_last_weights_make_every_activation_channels_last(eps_model, x)
 
 @pytest.mark.parametrize("module, train", SCRIPTS)
 def test_compile_compiles_the_noise_model_in_place(
-    module, train, seen_steps, tmp_path, monkeypatch
+    module, train, seen_steps, tmp_path, monkeypatch, capsys
 ):
     compiled = []
     monkeypatch.setattr(nn.Module, "compile", lambda self: compiled.append(self))
     ddpm = run_training(train, out=str(tmp_path), fake_data=2, compile=True, **TINY_RUN)
     # nn.Module.compile, unlike torch.compile, keeps the module and its state_dict
     assert compiled == [ddpm.eps_model]
+    # the wait before the first step is announced
+    assert capsys.readouterr().out.startswith(
+        "--compile: the noise model compiles in the first training step"
+    )
 
 
 class StopBeforeTraining(Exception):
