@@ -21,10 +21,10 @@ from torchvision.datasets import ImageFolder
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from mindiffusion import cli, conditioning
-from mindiffusion.data import FakeImages, explain_image_folder, real_images
 from mindiffusion.ddpm import DDPM
-from mindiffusion.run import Run
+from mindiffusion.training import cli, conditioning
+from mindiffusion.training.data import FakeImages, explain_image_folder, real_images
+from mindiffusion.training.run import Run
 from mindiffusion.unet import NaiveUnet
 
 # the image folder when --data-root is not given
@@ -70,7 +70,10 @@ def train_celeba(
             dataset = ImageFolder(root=CELEBA_PATH, transform=tf)
     dataloader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
     optim = torch.optim.Adam(ddpm.parameters(), lr=lr)
-    # the feature flags, the checkpoint and --resume: see mindiffusion/run.py
+    # prepared (mindiffusion/training/run.py): ddpm(x) also takes the labels under
+    # --cond; ddpm.sample(...) saves the epoch first, then draws from the --ema
+    # average, with --grid-sampler; optim.step() also runs the duties that check,
+    # guard and save (duties.py)
     ddpm, optim, dataloader = run.prepare(
         ddpm, optim, dataloader, n_epoch, f"{out}/ddpm_celeba.pth"
     )

@@ -20,10 +20,10 @@ from torchvision.datasets import MNIST
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from mindiffusion import cli
-from mindiffusion.data import FakeImages, explain_missing_dataset
 from mindiffusion.ddpm import DDPM
-from mindiffusion.run import Run
+from mindiffusion.training import cli
+from mindiffusion.training.data import FakeImages, explain_missing_dataset
+from mindiffusion.training.run import Run
 from mindiffusion.unet import NaiveUnet
 
 # padding 3 keeps a 7x7 convolution at 28x28: no pooling, no skips, no UNet
@@ -108,7 +108,10 @@ def train_mnist(
             dataset = MNIST(data_root, train=True, download=True, transform=tf)
     dataloader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
     optim = torch.optim.Adam(ddpm.parameters(), lr=lr)
-    # the feature flags, the checkpoint and --resume: see mindiffusion/run.py
+    # prepared (mindiffusion/training/run.py): ddpm(x) also takes the labels under
+    # --cond; ddpm.sample(...) saves the epoch first, then draws from the --ema
+    # average, with --grid-sampler; optim.step() also runs the duties that check,
+    # guard and save (duties.py)
     ddpm, optim, dataloader = run.prepare(
         ddpm, optim, dataloader, n_epoch, f"{out}/ddpm_mnist.pth"
     )

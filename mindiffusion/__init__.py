@@ -1,6 +1,16 @@
-"""A minimal DDPM: the schedules, loss and sampler (`ddpm`), the notes' UNet (`unet`),
-the DDIM sampler (`ddim`), and the prepared run that the three training scripts
-share (`run`, with `duties`, `data`, `checkpoints`, `distributed`, `devices`,
-`signals`, `locks` and `cli` under it), and three commands:
-`python -m mindiffusion.sample`, `python -m mindiffusion.fid` and
-`python -m mindiffusion.bench`."""
+"""A minimal DDPM, as its code notes describe it, and the commands that use it.
+
+The DDPM itself is three files:
+    ddpm.py    the schedules, the training loss (Algorithm 1) and the sampler
+               (Algorithm 2), with classifier-free guidance
+    unet.py    the notes' NaiveUnet noise model
+    ddim.py    DDIM, a sampler of fewer steps for the same trained model
+
+The commands, each `python -m mindiffusion.<name>`: sample (draw from a checkpoint),
+fid (the Frechet Inception Distance, with frechet.py), figures (a lesson's figures),
+export (the weights alone) and bench (training and sampling speed).
+
+training/ is the run's machinery that the three training scripts share: flags,
+checkpoints and --resume, stop signals, torchrun, --ema, --amp and the rest. The
+DDPM files import nothing from it.
+"""

@@ -15,8 +15,9 @@ import os
 
 import torch
 
-from mindiffusion.checkpoints import load_checkpoint, write_atomically
-from mindiffusion.errors import UserError
+from mindiffusion.training.checkpoints import load_checkpoint
+from mindiffusion.training.errors import UserError
+from mindiffusion.training.files import write_atomically
 
 # the prefix of the averaged model's names in an AveragedModel's state_dict
 AVERAGED = "module."

@@ -26,18 +26,18 @@ from torchvision import transforms
 from torchvision.datasets import CIFAR10, MNIST, ImageFolder
 from tqdm import tqdm
 
-from mindiffusion import cli, progress
-from mindiffusion.checkpoints import write_atomically
-from mindiffusion.data import (
+from mindiffusion.frechet import Moments, frechet_distance, to_uint8
+from mindiffusion.sample import GUIDE_W, load_ddpm
+from mindiffusion.training import flags, progress
+from mindiffusion.training.data import (
     FakeImages,
     denormalize,
     explain_image_folder,
     explain_missing_dataset,
 )
-from mindiffusion.devices import resolve_device
-from mindiffusion.errors import UserError
-from mindiffusion.frechet import Moments, frechet_distance, to_uint8
-from mindiffusion.sample import GUIDE_W, load_ddpm
+from mindiffusion.training.devices import resolve_device
+from mindiffusion.training.errors import UserError
+from mindiffusion.training.files import write_atomically
 
 # where torch-fidelity's download of the Inception weights comes from
 INCEPTION_URL = (
@@ -220,14 +220,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     add = parser.add_argument
     add("checkpoint", help="a .pth file written by one of the training scripts")
-    add("--n", type=cli.at_least(2), default=PAPERS_N,
+    add("--n", type=flags.at_least(2), default=PAPERS_N,
         help="samples per FID, as many as the papers by default (default: %(default)s)")
     add("--sampler", choices=("ddpm", "ddim"), default="ddim",
         help="the sampler (default: %(default)s)")
     add("--steps", type=step_counts, metavar="S[,S...]",
         help="DDIM's steps; a list gives one FID per entry, like Table 1 of the DDIM "
         "paper (default: 50, or n_T if less)")
-    add("--guide-w", type=cli.guidance_weight, metavar="W",
+    add("--guide-w", type=flags.guidance_weight, metavar="W",
         help="for a checkpoint trained with --cond: the guidance weight; the paper "
         "found the best FIDs at small weights, the best Inception scores at large "
         f"ones (default: {GUIDE_W})")
@@ -236,10 +236,10 @@ def main(argv: list[str] | None = None) -> None:
         "the average, where the checkpoint has one)")
     add("--data-root", metavar="DIR",
         help="the training set's folder (default: ./data; CelebA: $CELEBA_PATH)")
-    add("--fake-data", type=cli.at_least(2), metavar="N",
+    add("--fake-data", type=flags.at_least(2), metavar="N",
         help="measure against N random images instead of the training set "
         "(default: off)")
-    add("--batch-size", type=cli.at_least(1), default=250, metavar="N",
+    add("--batch-size", type=flags.at_least(1), default=250, metavar="N",
         help="images per batch, for sampling and features (default: %(default)s)")
     add("--device", default="cuda", metavar="NAME",
         help="cpu, cuda, cuda:N or mps (default: %(default)s)")

@@ -18,17 +18,18 @@ import csv
 import os
 
 import torch
+
 # matplotlib's Figure draws to a file without pyplot, so without a screen
 from matplotlib.figure import Figure
 
-from mindiffusion import progress
-from mindiffusion.data import denormalize
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM, ddpm_schedules
-from mindiffusion.devices import resolve_device
-from mindiffusion.errors import UserError
 from mindiffusion.fid import reference_dataset
 from mindiffusion.sample import GUIDE_W, free_path, load_ddpm
+from mindiffusion.training import progress
+from mindiffusion.training.data import denormalize
+from mindiffusion.training.devices import resolve_device
+from mindiffusion.training.errors import UserError
 
 # the timesteps of the two walks, as fractions of n_T: 0, 50, 100, ... at n_T 1000
 WALK = (0, 0.05, 0.1, 0.25, 0.5, 0.75, 1)

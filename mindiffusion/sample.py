@@ -22,14 +22,14 @@ from PIL import Image
 from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import make_grid, save_image
 
-from mindiffusion import cli, conditioning, progress
-from mindiffusion.checkpoints import load_checkpoint
-from mindiffusion.data import denormalize
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
-from mindiffusion.devices import resolve_device
-from mindiffusion.errors import UserError
-from mindiffusion.fastpath import compile_for_sampling
+from mindiffusion.training import conditioning, flags, progress
+from mindiffusion.training.checkpoints import load_checkpoint
+from mindiffusion.training.data import denormalize
+from mindiffusion.training.devices import resolve_device
+from mindiffusion.training.errors import UserError
+from mindiffusion.training.fastpath import compile_for_sampling
 from mindiffusion.unet import NaiveUnet
 from train_mnist import DummyEpsModel
 
@@ -130,20 +130,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     add = parser.add_argument
     add("checkpoint", help="a .pth file written by one of the training scripts")
-    add("--n", type=cli.at_least(1),
+    add("--n", type=flags.at_least(1),
         help="number of images (default: 16), or with --class, of each class "
         "(default: 8)")
     add("--class", dest="classes", action="append", metavar="K",
         help="from a checkpoint trained with --cond: draw class K, by number or "
         "name, a row of --n images; repeat it for more rows, or give all "
         "(default: unconditional)")
-    add("--guide-w", type=cli.guidance_weight, metavar="W",
+    add("--guide-w", type=flags.guidance_weight, metavar="W",
         help="with --class, the guidance weight: (1 + W) eps(x, c) - W eps(x, null); "
         f"0 is plain conditional sampling (default: {GUIDE_W})")
     add("--sampler", choices=("ddpm", "ddim"), default="ddpm",
         help="ddpm walks all n_T steps; ddim walks --steps of them "
         "(default: %(default)s)")
-    add("--steps", type=cli.at_least(1),
+    add("--steps", type=flags.at_least(1),
         help="DDIM's steps, at most the model's n_T (default: 50, or n_T if less)")
     add("--eta", type=float,
         help="DDIM's noise, from 0 (none) to 1 (the posterior variance of the DDPM "
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--out", metavar="PNG",
         help="where to write the grid; an existing file is never replaced "
         "(default: beside the checkpoint, as CHECKPOINT_SAMPLER.png)")
-    add("--progress", type=cli.at_least(2), metavar="K",
+    add("--progress", type=flags.at_least(2), metavar="K",
         help="also write one strip per image: K snapshots from x_T to x_0, as "
         "OUT_progress{image}.png (default: off)")
     add("--compile", action="store_true",

@@ -11,9 +11,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mindiffusion import cli  # noqa: E402
 from mindiffusion.ddpm import DDPM  # noqa: E402
-from mindiffusion.run import ZeroEps  # noqa: E402
+from mindiffusion.training import cli  # noqa: E402
+from mindiffusion.training.prepared import ZeroEps  # noqa: E402
 from mindiffusion.unet import NaiveUnet  # noqa: E402
 
 

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mindiffusion.unet import NaiveUnet  # noqa: E402
 from train_mnist import DummyEpsModel  # noqa: E402
-from mindiffusion import distributed  # noqa: E402
+from mindiffusion.training import distributed  # noqa: E402
 
 
 class NoiseLoss(torch.nn.Module):

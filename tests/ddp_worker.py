@@ -23,9 +23,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mindiffusion import cli  # noqa: E402
 from mindiffusion.ddpm import DDPM  # noqa: E402
-from mindiffusion import distributed  # noqa: E402
+from mindiffusion.training import cli  # noqa: E402
+from mindiffusion.training import distributed  # noqa: E402
 
 
 def main() -> None:

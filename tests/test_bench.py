@@ -11,9 +11,12 @@ import torch
 import torch.nn as nn
 
 from conftest import narrow_unets
-from mindiffusion import bench
+from mindiffusion.bench import command, speeds
+from mindiffusion.bench import report as bench_report
+from mindiffusion.bench import rows as bench_rows
+from mindiffusion.bench import setups as bench_setups
 from mindiffusion.ddpm import DDPM
-from mindiffusion.record import Record
+from mindiffusion.training.record import Record
 from mindiffusion.unet import NaiveUnet
 import train_cifar10
 import train_mnist
@@ -50,8 +53,8 @@ class SleepyEps(nn.Module):
 
 def test_training_throughput_counts_images_per_second_after_warm_up():
     for knobs in (frozenset(), frozenset({"fused_adam"})):
-        ddpm = DDPM(SleepyEps(), bench.BETAS, n_T=10)
-        img_per_s = bench.train_throughput(
+        ddpm = DDPM(SleepyEps(), bench_setups.BETAS, n_T=10)
+        img_per_s = speeds.train_throughput(
             ddpm, torch.zeros(4, 1, 2, 2), steps=3, warmup=1, knobs=knobs
         )
         assert ddpm.eps_model.calls == 4
@@ -61,7 +64,7 @@ def test_training_throughput_counts_images_per_second_after_warm_up():
 
 def test_sampling_step_time_is_seconds_per_step_after_warm_up():
     eps_model = SleepyEps()
-    step_s = bench.sampling_step_time(
+    step_s = speeds.sampling_step_time(
         eps_model, 2, (1, 2, 2), steps=3, warmup=1, device=torch.device("cpu")
     )
     assert eps_model.calls == 4
@@ -104,8 +107,8 @@ def test_the_step_knobs_reach_the_step(monkeypatch):
         ({"fp16"}, torch.float16, None),
         ({"fused_adam"}, None, True),
     ):
-        ddpm = DDPM(SeeingEps(), bench.BETAS, n_T=10)
-        bench.train_throughput(ddpm, x, steps=1, warmup=1, knobs=frozenset(knobs))
+        ddpm = DDPM(SeeingEps(), bench_setups.BETAS, n_T=10)
+        speeds.train_throughput(ddpm, x, steps=1, warmup=1, knobs=frozenset(knobs))
         assert ddpm.eps_model.dtypes == [dtype, dtype] and made.pop() is fused
         # float16's loss is scaled, before each backward
         assert scaled == [dtype == torch.float16] * 2
@@ -122,13 +125,13 @@ def test_the_model_knobs_reach_the_model_and_the_batch(monkeypatch):
         seen[knobs] = layout, torch.backends.cuda.matmul.allow_tf32
         return 1.0
 
-    monkeypatch.setattr(bench, "train_throughput", look)
+    monkeypatch.setattr(speeds, "train_throughput", look)
     setup = tiny_setup("Tiny", size=(3, 32, 32))._replace(
         model=lambda: NaiveUnet(3, 3, 8)
     )
     tf32 = torch.backends.cuda.matmul.allow_tf32
     for knobs in (frozenset(), {"channels_last"}, {"tf32"}):
-        bench.train_speed(setup, frozenset(knobs), torch.device("cpu"), 2, 1, 1)
+        speeds.train_speed(setup, frozenset(knobs), torch.device("cpu"), 2, 1, 1)
     assert seen == {
         frozenset(): ((False, False), tf32),
         frozenset({"channels_last"}): ((True, True), tf32),
@@ -141,38 +144,40 @@ def test_best_takes_each_knob_that_paid_alone_and_one_autocast():
     fast = frozenset({"compile"})
     ratios = dict(bf16=1.2, fp16=1.5, channels_last=1.03, compile=0.6,
                   fused_adam=1.02, tf32=1.1)
-    assert bench.best_knobs(ratios, fast) == ({"fp16", "channels_last", "tf32"}, None)
+    best = ({"fp16", "channels_last", "tf32"}, None)
+    assert bench_rows.best_knobs(ratios, fast) == best
     # a tie keeps bfloat16, which needs no loss scaling
     tie = dict(bf16=1.2, fp16=1.2, channels_last=1.1)
-    assert bench.best_knobs(tie, fast) == ({"bf16", "channels_last"}, None)
+    assert bench_rows.best_knobs(tie, fast) == ({"bf16", "channels_last"}, None)
 
 
 def test_best_is_skipped_when_it_would_repeat_a_row():
     fast = frozenset({"bf16", "compile"})
-    assert bench.best_knobs(dict(bf16=1.0, compile=1.029), fast) == (
+    assert bench_rows.best_knobs(dict(bf16=1.0, compile=1.029), fast) == (
         set(), "no knob reached 1.03x the default alone"
     )
-    assert bench.best_knobs(dict(bf16=1.2, fp16=1.1, compile=1.5), fast) == (
+    assert bench_rows.best_knobs(dict(bf16=1.2, fp16=1.1, compile=1.5), fast) == (
         fast, "the same knobs as fast"
     )
-    assert bench.best_knobs(dict(bf16=0.9, fused_adam=1.3), fast) == (
+    assert bench_rows.best_knobs(dict(bf16=0.9, fused_adam=1.3), fast) == (
         {"fused_adam"}, "fused_adam alone, measured above"
     )
 
 
 def test_a_speed_up_is_more_images_per_second_or_fewer_seconds_per_step():
-    assert bench.speedup("train", 150.0, 100.0) == 1.5
-    assert bench.speedup("loop", 50.0, 100.0) == 0.5
-    assert bench.speedup("sample", 0.02, 0.05) == 2.5
-    assert bench.speedup("train", None, 100.0) is None
-    assert bench.speedup("sample", 0.02, None) is None
+    assert bench_rows.speedup("train", 150.0, 100.0) == 1.5
+    assert bench_rows.speedup("loop", 50.0, 100.0) == 0.5
+    assert bench_rows.speedup("sample", 0.02, 0.05) == 2.5
+    assert bench_rows.speedup("train", None, 100.0) is None
+    assert bench_rows.speedup("sample", 0.02, None) is None
 
 
 def test_fast_settings_become_training_knobs():
     cpu = torch.device("cpu")
-    assert bench.fast_knobs({}, cpu) == set()
-    assert bench.fast_knobs(dict(amp="fp16", compile=True), cpu) == {"fp16", "compile"}
-    assert bench.fast_knobs(dict(amp="bf16", channels_last=True), cpu) == {
+    assert bench_rows.fast_knobs({}, cpu) == set()
+    fp16_compile = dict(amp="fp16", compile=True)
+    assert bench_rows.fast_knobs(fp16_compile, cpu) == {"fp16", "compile"}
+    assert bench_rows.fast_knobs(dict(amp="bf16", channels_last=True), cpu) == {
         "bf16", "channels_last"
     }
 
@@ -185,20 +190,21 @@ def tiny_setup(name, size=(1, 32, 32), batch_size=64, n_sample=16, preset=None):
     """A setup of the tiny UNet, whose loop rows would run train_mnist's --laptop
     UNet without workers."""
     preset = preset or dict(eps_model="unet", n_feat=8, num_workers=0)
-    return bench.Setup(name, tiny, size, batch_size, n_sample, train_mnist.train_mnist,
-                       preset)
+    return bench_setups.Setup(
+        name, tiny, size, batch_size, n_sample, train_mnist.train_mnist, preset
+    )
 
 
 @pytest.fixture
 def tiny_setups(monkeypatch):
     setups = [tiny_setup("Tiny A"), tiny_setup("Tiny B", (1, 32, 64), 32, 8)]
-    monkeypatch.setattr(bench, "SETUPS", setups)
+    monkeypatch.setattr(command, "SETUPS", setups)
     return setups
 
 
 def test_quick_run_prints_a_table_and_writes_json(tmp_path, tiny_setups, capsys):
     path = tmp_path / "b.json"
-    bench.main(["--device", "cpu", "--quick", "--knobs", CHEAP, "--json", str(path)])
+    command.main(["--device", "cpu", "--quick", "--knobs", CHEAP, "--json", str(path)])
     report = json.loads(path.read_text())
     assert report["device"] == "cpu" and report["quick"] is True
     assert report["batch_size_override"] is None
@@ -226,7 +232,8 @@ def test_quick_run_prints_a_table_and_writes_json(tmp_path, tiny_setups, capsys)
             assert row["value"] > 0 and row["skipped"] is None
             assert f"{row['value']:.4g}" in table
     for name in "Tiny A", "Tiny B":
-        setup = bench.table_order([r for r in rows if r["setup"] == name], tiny_setups)
+        own = [r for r in rows if r["setup"] == name]
+        setup = bench_report.table_order(own, tiny_setups)
         train_default, sample_default = setup[0]["value"], setup[4]["value"]
         assert setup[0]["ratio"] == setup[4]["ratio"] == 1.0
         for row in setup[1:3]:
@@ -238,8 +245,8 @@ def test_quick_run_prints_a_table_and_writes_json(tmp_path, tiny_setups, capsys)
 
 
 def test_fast_and_best_rows_measure_the_knobs_chosen(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "SETUPS", [tiny_setup("Tiny")])
-    monkeypatch.setattr(bench, "fast_settings", lambda device: dict(amp="bf16"))
+    monkeypatch.setattr(command, "SETUPS", [tiny_setup("Tiny")])
+    monkeypatch.setattr(command, "fast_settings", lambda device: dict(amp="bf16"))
     speed_ups = dict(bf16=1.2, fp16=1.3, channels_last=1.1, compile=0.5,
                      fused_adam=1.05, tf32=2.0)
     measured = []
@@ -251,12 +258,12 @@ def test_fast_and_best_rows_measure_the_knobs_chosen(tmp_path, monkeypatch, caps
             speed *= speed_ups[knob]
         return speed
 
-    monkeypatch.setattr(bench, "train_speed", made_up_speed)
+    monkeypatch.setattr(bench_rows, "train_speed", made_up_speed)
     # the compile sampling row too, which would compile for a minute
-    monkeypatch.setattr(bench, "sample_speed", lambda *args: 1.0)
+    monkeypatch.setattr(bench_rows, "sample_speed", lambda *args: 1.0)
     path = tmp_path / "b.json"
     knobs = "default,bf16,fp16,channels_last,compile,fused_adam,tf32,fast,best"
-    bench.main(["--device", "cpu", "--knobs", knobs, "--json", str(path)])
+    command.main(["--device", "cpu", "--knobs", knobs, "--json", str(path)])
     rows = json.loads(path.read_text())["rows"]
     assert sorted(row["kind"] for row in rows) == ["sample"] * 2 + ["train"] * 9
     by_name = {row["name"]: row for row in rows if row["kind"] == "train"}
@@ -280,11 +287,11 @@ def test_the_fast_path_of_every_setup_comes_first(tmp_path, tiny_setups, monkeyp
 
         return speed
 
-    monkeypatch.setattr(bench, "train_speed", made_up("train"))
-    monkeypatch.setattr(bench, "sample_speed", made_up("sample"))
-    monkeypatch.setattr(bench, "loop_in_temporary_folder", lambda *args: 90.0)
-    monkeypatch.setattr(bench, "fast_settings", lambda device: dict(amp="bf16"))
-    bench.main(["--device", "cpu"])
+    monkeypatch.setattr(bench_rows, "train_speed", made_up("train"))
+    monkeypatch.setattr(bench_rows, "sample_speed", made_up("sample"))
+    monkeypatch.setattr(bench_rows, "loop_in_temporary_folder", lambda *args: 90.0)
+    monkeypatch.setattr(command, "fast_settings", lambda device: dict(amp="bf16"))
+    command.main(["--device", "cpu"])
     none, bf16 = frozenset(), frozenset({"bf16"})
     fast_path = [
         ("A", "train", none), ("A", "train", bf16),
@@ -294,7 +301,7 @@ def test_the_fast_path_of_every_setup_comes_first(tmp_path, tiny_setups, monkeyp
     ]
     assert measured[:8] == fast_path
     # then each knob alone; best is skipped, for no knob paid, and so is cuda_graphs
-    knobs = [frozenset({k}) for k in bench.TRAIN_KNOBS if k != "tf32"]
+    knobs = [frozenset({k}) for k in bench_setups.TRAIN_KNOBS if k != "tf32"]
     assert measured[8:] == [(s, "train", k) for s in "AB" for k in knobs]
     tables = capsys.readouterr().out.split("each setup's rows together")[1]
     # the tables in their own order: the fast row after each knob alone
@@ -302,11 +309,11 @@ def test_the_fast_path_of_every_setup_comes_first(tmp_path, tiny_setups, monkeyp
     assert tables.index("train  fast (bf16)") < tables.index("sample default")
     assert tables.index("loop_ema") < tables.index("Tiny B")
     # on CUDA, the fast sampler is the CUDA graphs row, skipped here on the CPU
-    monkeypatch.setattr(bench, "sampling_mode", lambda device: "reduce-overhead")
+    monkeypatch.setattr(bench_rows, "sampling_mode", lambda device: "reduce-overhead")
     measured.clear()
     path = tmp_path / "b.json"
-    bench.main(["--device", "cpu", "--knobs", "default,compile,cuda_graphs",
-                "--json", str(path)])
+    command.main(["--device", "cpu", "--knobs", "default,compile,cuda_graphs",
+                  "--json", str(path)])
     rows = json.loads(path.read_text())["rows"]
     assert [(r["setup"][-1], r["kind"], r["name"]) for r in rows[:6]] == [
         ("A", "train", "default"), ("B", "train", "default"),
@@ -323,9 +330,9 @@ def test_a_row_s_name_shows_while_it_is_measured(tiny_setups, monkeypatch, capsy
         return 100.0
 
     for measurement in ("train_speed", "sample_speed", "loop_in_temporary_folder"):
-        monkeypatch.setattr(bench, measurement, speed)
-    bench.main(["--device", "cpu", "--only", "tiny a",
-                "--knobs", "default,channels_last,loop_default"])
+        monkeypatch.setattr(bench_rows, measurement, speed)
+    command.main(["--device", "cpu", "--only", "tiny a",
+                  "--knobs", "default,channels_last,loop_default"])
     train, sample, channels_last, loop = shown
 
     def start(kind, name):
@@ -344,17 +351,17 @@ def test_a_row_s_name_shows_while_it_is_measured(tiny_setups, monkeypatch, capsy
 
 
 def test_a_failing_knob_is_a_row_that_says_why(tmp_path, tiny_setups, monkeypatch):
-    real = bench.train_throughput
+    real = speeds.train_throughput
 
     def no_fused(ddpm, x, steps, warmup, knobs):
         if "fused_adam" in knobs:
             raise RuntimeError("fused=True is not here\nsecond line of the error")
         return real(ddpm, x, steps, warmup, knobs)
 
-    monkeypatch.setattr(bench, "train_throughput", no_fused)
+    monkeypatch.setattr(speeds, "train_throughput", no_fused)
     path = tmp_path / "b.json"
     argv = ["--device", "cpu", "--quick", "--json", str(path)]
-    bench.main(argv + ["--knobs", "default,fused_adam,channels_last"])
+    command.main(argv + ["--knobs", "default,fused_adam,channels_last"])
     rows = json.loads(path.read_text())["rows"]
     assert [(row["setup"][-1], row["kind"], row["name"]) for row in rows] == [
         ("A", "train", "default"), ("B", "train", "default"),
@@ -379,12 +386,12 @@ def test_the_json_holds_every_row_before_an_interruption(
             raise KeyboardInterrupt
         return 10.0 * len(calls)
 
-    monkeypatch.setattr(bench, "train_speed", third_is_interrupted)
+    monkeypatch.setattr(bench_rows, "train_speed", third_is_interrupted)
     path = tmp_path / "b.json"
-    monkeypatch.setattr(bench, "sample_speed", lambda *args: 1.0)
+    monkeypatch.setattr(bench_rows, "sample_speed", lambda *args: 1.0)
     argv = ["--device", "cpu", "--knobs", "default,bf16,fp16", "--json", str(path)]
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(argv + ["--only", "tiny a"])
+        command.main(argv + ["--only", "tiny a"])
     assert exit_info.value.code == 130
     err = capsys.readouterr().err
     assert err == f"\ninterrupted: the rows measured are in {path}\n"
@@ -399,9 +406,11 @@ def test_loop_rows_read_the_second_epoch_of_the_scripts_record(
     tmp_path, monkeypatch, capsys
 ):
     narrow_unets(monkeypatch)
-    setup = bench.Setup("Tiny CIFAR-10", lambda: NaiveUnet(3, 3, 8), (3, 32, 32),
-                        512, 8, train_cifar10.train_cifar10, dict(num_workers=0))
-    monkeypatch.setattr(bench, "SETUPS", [setup])
+    setup = bench_setups.Setup(
+        "Tiny CIFAR-10", lambda: NaiveUnet(3, 3, 8), (3, 32, 32), 512, 8,
+        train_cifar10.train_cifar10, dict(num_workers=0),
+    )
+    monkeypatch.setattr(command, "SETUPS", [setup])
     original = Record.end_epoch
 
     def known_speed(self, epoch, lr):
@@ -417,18 +426,18 @@ def test_loop_rows_read_the_second_epoch_of_the_scripts_record(
         seen.append(settings)
         return bench_run_training(train, **settings)
 
-    bench_run_training = bench.run_training
-    monkeypatch.setattr(bench, "run_training", spy)
+    bench_run_training = speeds.run_training
+    monkeypatch.setattr(speeds, "run_training", spy)
     path = tmp_path / "b.json"
     argv = ["--device", "cpu", "--batch-size", "2", "--steps", "2"]
-    bench.main(argv + ["--knobs", "default,loop_default", "--json", str(path)])
+    command.main(argv + ["--knobs", "default,loop_default", "--json", str(path)])
     default, _, loop = json.loads(path.read_text())["rows"]
     assert (loop["kind"], loop["name"], loop["value"]) == ("loop", "loop_default", 222)
     assert loop["ratio"] == pytest.approx(222 / default["value"])
     # the table again at the end, without the script's lines between the rows
     out = capsys.readouterr().out
     tables = out.split("rows together, without the scripts' lines:\n")[1]
-    assert "Epoch" not in tables and bench.row_line(loop) in tables
+    assert "Epoch" not in tables and bench_report.row_line(loop) in tables
     (settings,) = seen
     assert not os.path.exists(settings.pop("out"))
     assert settings == dict(
@@ -440,15 +449,15 @@ def test_loop_rows_read_the_second_epoch_of_the_scripts_record(
 
 def test_loop_settings_keep_the_scripts_own_workers_and_the_laptop_preset():
     cpu = torch.device("cpu")
-    cifar, mnist, _, laptop = bench.SETUPS
+    cifar, mnist, _, laptop = bench_setups.SETUPS
     assert cifar.script is train_cifar10.train_cifar10
-    settings = bench.loop_settings(cifar, dict(ema=0.999), cpu, 8, 3)
+    settings = speeds.loop_settings(cifar, dict(ema=0.999), cpu, 8, 3)
     assert settings["num_workers"] == min(16, os.cpu_count() or 1)
     assert settings["ema"] == 0.999 and settings["fake_data"] == 24
-    settings = bench.loop_settings(mnist, {}, cpu, 8, 3)
+    settings = speeds.loop_settings(mnist, {}, cpu, 8, 3)
     assert settings["num_workers"] == min(20, os.cpu_count() or 1)
     assert "eps_model" not in settings
-    settings = bench.loop_settings(laptop, dict(compile=True), cpu, 64, 10)
+    settings = speeds.loop_settings(laptop, dict(compile=True), cpu, 64, 10)
     assert (settings["eps_model"], settings["n_feat"]) == ("unet", 24)
     assert settings["num_workers"] == 0 and settings["lr"] == train_mnist.LAPTOP["lr"]
     assert settings["device"] == "cpu" and settings["compile"] is True
@@ -467,10 +476,10 @@ def test_an_unwritable_json_file_is_one_sentence(tmp_path, tiny_setups, monkeypa
             folder.rmdir()
         return 1.0
 
-    monkeypatch.setattr(bench, "train_speed", measure_then_lose_the_folder)
+    monkeypatch.setattr(bench_rows, "train_speed", measure_then_lose_the_folder)
     path = folder / "b.json"
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--device", "cpu", "--knobs", "default", "--json", str(path)])
+        command.main(["--device", "cpu", "--knobs", "default", "--json", str(path)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err == f"could not write {path}: No such file or directory\n"
@@ -482,7 +491,7 @@ def test_an_existing_or_folderless_json_is_refused_before_measuring(
     def measure(*args):
         raise AssertionError("measured")
 
-    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(command, "measure", measure)
     existing = tmp_path / "b.json"
     existing.write_text("earlier numbers")
     missing = tmp_path / "no" / "such" / "b.json"
@@ -491,7 +500,7 @@ def test_an_existing_or_folderless_json_is_refused_before_measuring(
         (missing, f"--json {missing}: its folder does not exist"),
     ):
         with pytest.raises(SystemExit) as exit_info:
-            bench.main(["--device", "cpu", "--quick", "--json", str(path)])
+            command.main(["--device", "cpu", "--quick", "--json", str(path)])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert err.endswith(f"python -m mindiffusion.bench: error: {sentence}\n")
@@ -500,13 +509,13 @@ def test_an_existing_or_folderless_json_is_refused_before_measuring(
 
 def test_only_picks_setups_by_the_start_of_their_name(tmp_path, tiny_setups, capsys):
     argv = ["--device", "cpu", "--quick", "--knobs", "default"]
-    bench.main(argv + ["--only", "tiny b", "--json", str(tmp_path / "b.json")])
+    command.main(argv + ["--only", "tiny b", "--json", str(tmp_path / "b.json")])
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [(row["setup"], row["kind"]) for row in rows] == [
         ("Tiny B", "train"), ("Tiny B", "sample")
     ]
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(argv + ["--only", "cifar"])
+        command.main(argv + ["--only", "cifar"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.endswith(
         "error: --only cifar: no setup's name starts so\n"
@@ -515,13 +524,13 @@ def test_only_picks_setups_by_the_start_of_their_name(tmp_path, tiny_setups, cap
 
 def test_each_setup_has_a_prefix_of_its_own():
     for prefix in ("cifar", "mnist", "celeba", "laptop"):
-        chosen = [s for s in bench.SETUPS if s.name.lower().startswith(prefix)]
+        chosen = [s for s in bench_setups.SETUPS if s.name.lower().startswith(prefix)]
         assert len(chosen) == 1
 
 
 def test_an_unknown_row_name_is_one_argparse_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--device", "cpu", "--knobs", "default,bf17"])
+        command.main(["--device", "cpu", "--knobs", "default,bf17"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "argument --knobs: unknown row bf17: choose from all or default," in err

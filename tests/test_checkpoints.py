@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import cheap_ddpm, run_script
-from mindiffusion import checkpoints, data, distributed
-from mindiffusion.run import run_training
+from mindiffusion.training import checkpoints, data, distributed
+from mindiffusion.training.run import run_training
 from train_cifar10 import train_cifar10
 
 # two steps of 2 fake CIFAR-10 images per epoch, on the CPU

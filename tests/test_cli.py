@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 
 from conftest import narrow_unets, run_script
-from mindiffusion import checkpoints, cli, data, devices
 from mindiffusion.ddpm import DDPM
-from mindiffusion.run import run_training
+from mindiffusion.training import checkpoints, cli, data, devices
+from mindiffusion.training.run import run_training
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import DummyEpsModel, train_mnist

@@ -8,13 +8,14 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from conftest import grid_tiles, narrow_unets
-from mindiffusion import cli
-from mindiffusion import ema as ema_module
 from mindiffusion import sample
-from mindiffusion.data import FakeImages
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
-from mindiffusion.run import ZeroEps, run_training
+from mindiffusion.training import cli
+from mindiffusion.training import ema as ema_module
+from mindiffusion.training.data import FakeImages
+from mindiffusion.training.prepared import ZeroEps
+from mindiffusion.training.run import run_training
 import train_celeba
 import train_cifar10
 from train_mnist import train_mnist

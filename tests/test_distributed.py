@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 
 from conftest import OFFLINE, REPO
-from mindiffusion import distributed, duties, errors
 from mindiffusion.ddpm import DDPM
+from mindiffusion.training import distributed, duties, errors
 from train_mnist import DummyEpsModel
 
 # global batches of 4, 2 images per rank each, with more steps to an epoch than the

@@ -8,9 +8,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader
 
 from conftest import cheap_ddpm
-from mindiffusion import data, devices
 from mindiffusion.ddpm import DDPM
-from mindiffusion.run import Run, run_training
+from mindiffusion.training import data, devices
+from mindiffusion.training.run import Run, run_training
 from mindiffusion.unet import NaiveUnet
 import train_celeba
 import train_cifar10

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from conftest import REPO
-from mindiffusion import checkpoints, cli, devices, duties, signals
-from mindiffusion.checkpoints import GRIDS
 from mindiffusion.ddpm import DDPM
-from mindiffusion.readings import StepReadings
-from mindiffusion.run import PreparedDDPM, Run
+from mindiffusion.training import checkpoints, cli, devices, duties, signals
+from mindiffusion.training.checkpoints import GRIDS
+from mindiffusion.training.readings import StepReadings
+from mindiffusion.training.prepared import PreparedDDPM
+from mindiffusion.training.run import Run
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist

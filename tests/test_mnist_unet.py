@@ -10,9 +10,10 @@ import torch
 from torchvision import transforms
 
 from conftest import cheap_ddpm, run_script
-from mindiffusion import cli, sample
-from mindiffusion.data import FakeImages
-from mindiffusion.run import run_training
+from mindiffusion import sample
+from mindiffusion.training import cli
+from mindiffusion.training.data import FakeImages
+from mindiffusion.training.run import run_training
 from mindiffusion.unet import NaiveUnet
 from train_mnist import LAPTOP, DummyEpsModel, train_mnist
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import REPO, gpu_first, narrow_unets
-from mindiffusion import checkpoints, signals
 from mindiffusion.frechet import Moments
-from mindiffusion.run import run_training
+from mindiffusion.training import files, signals
+from mindiffusion.training.run import run_training
 from train_cifar10 import train_cifar10
 
 TINY = dict(device="cpu", batch_size=2, n_T=2, fake_data=4, num_workers=0, seed=0)
@@ -36,7 +36,7 @@ def windows(monkeypatch):
             raise PermissionError(errno.EACCES, "Permission denied", path)
         return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoints.os, "open", open_as_windows)
+    monkeypatch.setattr(files.os, "open", open_as_windows)
     yield
     monkeypatch.undo()
     vars(signals).update(module)
@@ -60,9 +60,9 @@ def test_a_failing_fsync_is_still_an_error_and_leaves_nothing(tmp_path, monkeypa
     def broken_fsync(fd):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(checkpoints.os, "fsync", broken_fsync)
+    monkeypatch.setattr(files.os, "fsync", broken_fsync)
     with pytest.raises(OSError):
-        checkpoints.write_atomically(str(tmp_path / "file"), b"data")
+        files.write_atomically(str(tmp_path / "file"), b"data")
     assert not list(tmp_path.iterdir())
 
 

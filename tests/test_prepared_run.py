@@ -11,10 +11,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import cheap_ddpm, narrow_unets
-from mindiffusion import checkpoints, data, duties, locks, run, signals
 from mindiffusion.ddpm import DDPM
-from mindiffusion.errors import UserError
-from mindiffusion.readings import StepReadings
+from mindiffusion.training import (
+    checkpoints,
+    data,
+    duties,
+    locks,
+    prepared,
+    run,
+    signals,
+)
+from mindiffusion.training.errors import UserError
+from mindiffusion.training.readings import StepReadings
 from test_long_runs import FLAGS, SMALL_MNIST, same_files, train
 import train_celeba
 import train_cifar10
@@ -326,11 +334,11 @@ def test_each_script_hands_on_the_grid_sampler_and_the_warmup_flag(
     grids = []
 
     def ddim_sample(self, n_sample, size, device, c=None, guide_w=0.0):
-        if not isinstance(self.eps_model, run.ZeroEps):
+        if not isinstance(self.eps_model, prepared.ZeroEps):
             grids.append((self.n_steps, self.eps_model))
         return torch.zeros(n_sample, *size)
 
-    monkeypatch.setattr(run.DDIM, "sample", ddim_sample)
+    monkeypatch.setattr(prepared.DDIM, "sample", ddim_sample)
     cheap_ddpm(monkeypatch)
     narrow_unets(monkeypatch)
     argv = [*FLAGS.split(), *argv, "--epochs", "1", "--out", str(tmp_path)]

@@ -11,9 +11,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from conftest import narrow_unets
-from mindiffusion import duties
-from mindiffusion.readings import StepReadings
-from mindiffusion.run import run_training
+from mindiffusion.training import duties
+from mindiffusion.training.readings import StepReadings
+from mindiffusion.training.run import run_training
 from train_cifar10 import train_cifar10
 
 NO_GPU = "only a CUDA GPU can show whether the GPU waits, and this machine has none"

@@ -5,8 +5,8 @@ import csv
 import time
 
 from conftest import cheap_ddpm, narrow_unets
-from mindiffusion.record import FIELDS, Record
-from mindiffusion.run import run_training
+from mindiffusion.training.record import FIELDS, Record
+from mindiffusion.training.run import run_training
 from train_cifar10 import train_cifar10
 
 

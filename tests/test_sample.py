@@ -9,9 +9,9 @@ from torchvision import transforms
 
 from conftest import cheap_ddpm, grid_tiles
 from mindiffusion import sample
-from mindiffusion.data import FakeImages
 from mindiffusion.ddpm import DDPM
-from mindiffusion.run import run_training
+from mindiffusion.training.data import FakeImages
+from mindiffusion.training.run import run_training
 from mindiffusion.unet import NaiveUnet
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10

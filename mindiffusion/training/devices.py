@@ -1,8 +1,8 @@
 """The device a run trains on, and the number format --amp gives its forward pass."""
 import torch
 
-from mindiffusion.distributed import say
-from mindiffusion.errors import UserError
+from mindiffusion.training.distributed import say
+from mindiffusion.training.errors import UserError
 
 DEVICES = "use cpu, cuda, cuda:N or mps"
 

@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from mindiffusion.distributed import process_rank, split_batch, world_size
-from mindiffusion.errors import UserError
-from mindiffusion.signals import ignore_stop_signals
+from mindiffusion.training.distributed import process_rank, split_batch, world_size
+from mindiffusion.training.errors import UserError
+from mindiffusion.training.signals import ignore_stop_signals
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ under --amp fp16, unscale them, as torch's GradScaler does. After it: the --ema
 update, a save every --save-every steps, and a clean stop when a signal came.
 
 None of it stops a GPU more than the notes' own `loss.item()` does: the guard reads
-values already on the host (mindiffusion/readings.py), only --grad-clip passes over
+values already on the host (readings.py), only --grad-clip passes over
 the gradients, and under torchrun the ranks meet about signals only every
 SIGNAL_EVERY steps.
 """
@@ -16,12 +16,12 @@ import math
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from mindiffusion import signals
-from mindiffusion.checkpoints import Checkpoint
-from mindiffusion.data import PreparedLoader
-from mindiffusion.distributed import largest, world_size
-from mindiffusion.errors import UserError
-from mindiffusion.readings import StepReadings
+from mindiffusion.training import signals
+from mindiffusion.training.checkpoints import Checkpoint
+from mindiffusion.training.data import PreparedLoader
+from mindiffusion.training.distributed import largest, world_size
+from mindiffusion.training.errors import UserError
+from mindiffusion.training.readings import StepReadings
 
 # float16 steps that overflow in a row before the run counts as diverged: by then
 # the loss scale has fallen from 65536 to about 1e-5

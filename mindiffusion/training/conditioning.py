@@ -7,8 +7,8 @@ The guided noise prediction itself, eq. 6 of Ho & Salimans (2021), is in
 import torch
 from torchvision.datasets.folder import find_classes
 
-from mindiffusion.data import explain_image_folder
-from mindiffusion.errors import UserError
+from mindiffusion.training.data import explain_image_folder
+from mindiffusion.training.errors import UserError
 
 # a grid shows the first ten classes, one row each
 GRID_CLASSES = 10

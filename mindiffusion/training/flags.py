@@ -1,19 +1,8 @@
-"""The training scripts' command line: their flags, with each default in --help, and
-every mistake ending in one sentence and exit status 2, without a traceback.
-
-The flags of the notes' own settings are the training function's parameters; the
-feature flags are those of `mindiffusion.run.Run`.
-"""
+"""The training scripts' flags: for each setting, its flag, its argparse type and
+its help, which shows the default; and the argparse types that the commands'
+flags share, each refusing a bad value with one sentence."""
 import argparse
-import dataclasses
-import inspect
-import sys
 from collections.abc import Callable
-
-from mindiffusion.distributed import process_rank
-from mindiffusion.errors import UserError
-from mindiffusion.run import run_training
-from mindiffusion.signals import Stopped
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -134,81 +123,3 @@ FLAGS = {
                 "eps(x, null); 0 is plain conditional sampling (default: "
                 "%(default)s)"),
 }
-
-
-def parser_for(defaults: dict, description: str, presets: dict, given_only=False):
-    """The parser of a script whose settings and defaults are `defaults`; with
-    `given_only`, one that returns only the flags given."""
-    parser = argparse.ArgumentParser(
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        argument_default=argparse.SUPPRESS if given_only else None,
-    )
-    for key, (flag, options, text) in FLAGS.items():
-        if key in defaults:
-            parser.add_argument(flag, dest=key, help=text, **options)
-    for name, (purpose, settings) in presets.items():
-        words = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items())
-        parser.add_argument(f"--{name}", action="store_true",
-                            help=f"{purpose}: {words}; flags given as well win")
-    if not given_only:
-        parser.set_defaults(**defaults)
-    return parser
-
-
-def settings_of(train: Callable) -> dict:
-    """The training function's own settings and its run's flags, with defaults."""
-    params = dict(inspect.signature(train).parameters)
-    run = params.pop("run").default
-    own = {name: param.default for name, param in params.items()}
-    return {**own, **dataclasses.asdict(run)}
-
-
-def main(
-    train: Callable,
-    description: str,
-    argv: list[str] | None = None,
-    presets: dict[str, tuple[str, dict]] | None = None,
-) -> None:
-    """Run `train` with the command line's flags; their defaults are train's own.
-
-    Each preset, NAME: (what it is for, settings), is a flag --NAME that sets those
-    settings as the defaults, so that flags given as well win over it.
-    """
-    presets = presets or {}
-    words = sys.argv[1:] if argv is None else argv
-    defaults = settings_of(train)
-    parser = parser_for(defaults, description, presets)
-    parser.parse_args(words)
-    # the flags given, as argparse read them, abbreviations included
-    given = vars(parser_for(defaults, description, presets, True).parse_args(words))
-    settings = dict(defaults)
-    for name in presets:
-        if given.pop(name, False):
-            settings.update(presets[name][1])
-    settings.update(given)
-    if not settings["cond"] and {"p_uncond", "guide_w"} & set(given):
-        parser.error("--p-uncond and --guide-w are --cond's: add --cond, or drop them")
-    if "ema_warmup" in given and settings["ema"] is None:
-        parser.error("--no-ema-warmup is --ema's: add --ema DECAY, or drop it")
-    if settings["grid_sampler"] == "ddpm" and settings["grid_steps"] is not None:
-        parser.error("--grid-steps is DDIM's: add --grid-sampler ddim, or drop it")
-    if (settings["grid_steps"] or 0) > settings["n_T"]:
-        steps, n_T = settings["grid_steps"], settings["n_T"]
-        parser.error(f"--grid-steps {steps} is more than --n-T {n_T}")
-    if "n_feat" in given and settings.get("eps_model") != "unet":
-        parser.error("--n-feat is NaiveUnet's width: add --eps-model unet")
-    if settings.get("eps_model") == "unet" and settings["n_feat"] % 8:
-        n_feat = settings["n_feat"]
-        parser.error(f"--n-feat {n_feat}: NaiveUnet's GroupNorm(8, ...) needs a "
-                     f"multiple of 8")
-    try:
-        run_training(train, **settings)
-    except UserError as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-    except Stopped as stop:
-        parser.exit(128 + stop.signum, f"{stop}\n" if process_rank() == 0 else None)
-    except KeyboardInterrupt:
-        out = settings["out"]
-        parser.exit(130, f"\ninterrupted: what was saved in {out} is kept\n")
-

@@ -1,5 +1,5 @@
 """The loss and the gradients' largest magnitude of each training step, read on the
-host without making the GPU wait, for the guard of mindiffusion/duties.py.
+host without making the GPU wait, for the guard of duties.py.
 
 A GPU runs behind the Python that launches its kernels, and reading a value that it
 computes waits until the GPU gets there. The notes' loop waits once a step, at

@@ -4,7 +4,7 @@ instead of overwriting the first. The operating system releases it when the
 process ends, however it ends; a run that ends normally removes its lock file."""
 import os
 
-from mindiffusion.errors import UserError
+from mindiffusion.training.errors import UserError
 
 try:
     import fcntl

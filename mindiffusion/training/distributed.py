@@ -14,7 +14,7 @@ import torch.nn as nn
 import tqdm
 from torch.nn.parallel import DistributedDataParallel
 
-from mindiffusion.errors import UserError
+from mindiffusion.training.errors import UserError
 
 # under torchrun, a gloo group in which the ranks wait for rank 0 without a time limit
 patient_group = None

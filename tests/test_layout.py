@@ -1,0 +1,163 @@
+"""The package's layout: the DDPM at the top imports nothing else of the package, the
+run's machinery in training/ imports no command, no import circle anywhere (imports
+inside functions included), and no module too long to read."""
+import ast
+from pathlib import Path
+
+from conftest import REPO
+
+# the DDPM of the notes, and DDIM beside it
+CORE = {"ddpm", "unet", "ddim"}
+# the subpackage of the training scripts' machinery
+MACHINERY = "training"
+MAX_LINES = {"default": 350, "cli.py": 200}
+MAX_TOP_MODULES = 10
+
+
+def module_names(package: Path) -> dict[str, Path]:
+    """Each module of the package under `package`, by dotted name."""
+    names = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        names[".".join(parts)] = path
+    return names
+
+
+def imported(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package's modules that the module `name` imports, wherever in it."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            # `from package import module` imports the module, else the package
+            targets = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                for alias in node.names
+            ]
+        else:
+            continue
+        found |= {target for target in targets if target in modules}
+    return found - {name}
+
+
+def circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of `graph`, as the modules along it, or None."""
+    state = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt, path + [nxt])):
+                return found
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return None
+
+
+def layout_problems(package: Path) -> list[str]:
+    """What breaks the package's layout rules, one sentence each."""
+    modules = module_names(package)
+    top = package.name
+    graph = {name: imported(name, path, modules) for name, path in modules.items()}
+    core = {f"{top}.{name}" for name in CORE}
+    machinery = f"{top}.{MACHINERY}"
+
+    def kind(name: str) -> str:
+        if name in core:
+            return "core"
+        if name == machinery or name.startswith(machinery + "."):
+            return "machinery"
+        return "package" if name == top else "command"
+
+    problems = []
+    if found := circle(graph):
+        problems.append(f"import circle: {' -> '.join(found)}")
+    for name, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            if kind(name) == "core" and kind(target) != "core":
+                problems.append(f"{name}, the DDPM, imports {target}")
+            if kind(name) == "machinery" and kind(target) == "command":
+                problems.append(f"{name}, the machinery, imports the command {target}")
+    tops = [
+        path.stem for path in package.iterdir()
+        if path.name != "__init__.py" and path.name != MACHINERY
+        and (path.suffix == ".py" or (path / "__init__.py").exists())
+    ]
+    if len(tops) > MAX_TOP_MODULES:
+        problems.append(f"{len(tops)} modules at the top: {', '.join(sorted(tops))}")
+    for path in modules.values():
+        limit = MAX_LINES.get(path.name, MAX_LINES["default"])
+        if (lines := len(path.read_text().splitlines())) > limit:
+            problems.append(f"{path.relative_to(package.parent)}: {lines} lines")
+    return problems
+
+
+def test_the_package_keeps_its_layout():
+    assert layout_problems(REPO / "mindiffusion") == []
+
+
+def test_the_ddpm_and_the_commands_are_where_the_readme_says():
+    top = {path.stem for path in (REPO / "mindiffusion").iterdir()}
+    assert CORE | {"sample", "fid", "figures", "export", "bench", MACHINERY} <= top
+
+
+def write(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root / "pkg"
+
+
+def test_a_circle_inside_a_function_is_found(tmp_path):
+    package = write(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/ddpm.py": "",
+        "pkg/training/__init__.py": "",
+        "pkg/training/a.py": "from pkg.training import b\n",
+        "pkg/training/b.py": "def f():\n    from pkg.training.c import g\n",
+        "pkg/training/c.py": "from . import a\n",
+    })
+    assert layout_problems(package) == [
+        "import circle: pkg.training.a -> pkg.training.b -> pkg.training.c -> "
+        "pkg.training.a"
+    ]
+
+
+def test_imports_against_the_direction_are_found(tmp_path):
+    package = write(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/ddpm.py": "import pkg.training.run\n",
+        "pkg/unet.py": "def f():\n    from pkg import sample\n",
+        "pkg/sample.py": "",
+        "pkg/training/__init__.py": "",
+        "pkg/training/run.py": "from ..sample import draw\n",
+    })
+    assert layout_problems(package) == [
+        "pkg.ddpm, the DDPM, imports pkg.training.run",
+        "pkg.training.run, the machinery, imports the command pkg.sample",
+        "pkg.unet, the DDPM, imports pkg.sample",
+    ]
+
+
+def test_long_modules_and_a_crowded_top_are_found(tmp_path):
+    files = {f"pkg/command{i}.py": "" for i in range(MAX_TOP_MODULES + 1)}
+    files["pkg/__init__.py"] = ""
+    files["pkg/training/cli.py"] = "x = 1\n" * 201
+    package = write(tmp_path, files)
+    problems = layout_problems(package)
+    assert problems[0].startswith(f"{MAX_TOP_MODULES + 1} modules at the top")
+    assert problems[1:] == ["pkg/training/cli.py: 201 lines"]
