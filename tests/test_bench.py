@@ -244,6 +244,39 @@ def test_quick_run_prints_a_table_and_writes_json(tmp_path, tiny_setups, capsys)
         assert sample_default > 0
 
 
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_quick_measures_the_first_setup_s_knobs_and_says_what_it_left_out(
+    native_bf16, tmp_path, tiny_setups, monkeypatch, capsys
+):
+    monkeypatch.setattr(command, "has_native_bf16", lambda device: native_bf16)
+    fast = dict(amp="auto", compile=True)
+    monkeypatch.setattr(command, "fast_settings", lambda device: fast)
+    monkeypatch.setattr(bench_rows, "train_speed", lambda *args: 100.0)
+    monkeypatch.setattr(bench_rows, "sample_speed", lambda *args: 1.0)
+    monkeypatch.setattr(bench_rows, "loop_in_temporary_folder", lambda *args: 90.0)
+    path = tmp_path / "b.json"
+    command.main(["--device", "cpu", "--quick", "--json", str(path)])
+    report = json.loads(path.read_text())
+    knobs = ["bf16"] if native_bf16 else []
+    knobs += ["channels_last", "fused_adam", "tf32", "best"]
+    assert [(r["setup"][-1], r["kind"], r["name"]) for r in report["rows"]] == [
+        ("A", "train", "default"), ("B", "train", "default"),
+        ("A", "sample", "default"), ("B", "sample", "default"),
+        *[("A", "train", knob) for knob in knobs], ("A", "loop", "loop_default"),
+    ]
+    left_out = {"compile", "cuda_graphs", "fast", "loop_fast", "loop_ema", "fp16"}
+    left_out |= set() if native_bf16 else {"bf16"}
+    assert set(report["left_out"]) == left_out
+    assert report["knob_setup"] == "Tiny A"
+    out = capsys.readouterr().out
+    assert "--quick leaves out these rows, which --knobs measures when named:" in out
+    assert "  compile, cuda_graphs: wait a minute or more for the compiler\n" in out
+    assert "  fast, loop_fast: take --compile here\n" in out
+    assert "  fp16: a CPU emulates float16, at about 0.01x\n" in out
+    assert ("  bf16: this CPU emulates bfloat16" in out) is not native_bf16
+    assert "  every row but the defaults of the setups after Tiny A\n" in out
+
+
 def test_fast_and_best_rows_measure_the_knobs_chosen(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(command, "SETUPS", [tiny_setup("Tiny")])
     monkeypatch.setattr(command, "fast_settings", lambda device: dict(amp="bf16"))
