@@ -310,12 +310,26 @@ def test_amp_auto_picks_by_the_gpus_compute_capability(
                     "bfloat16, so training stays in float32\n")
 
 
+class InfiniteGradient(torch.autograd.Function):
+    """The identity, whose gradient is infinite whatever comes back to it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("inf"))
+
+
+def overflowing(self, x, c):
+    """A finite loss of 1 whose gradients overflow at any loss scale."""
+    return InfiniteGradient.apply(sum(p.sum() for p in self.parameters())) * 0 + 1
+
+
 def test_fp16_overflowing_step_after_step_is_divergence(
     stand_in, tmp_path, monkeypatch, capsys
 ):
-    # gradients that overflow at any loss scale
-    def overflowing(self, x, c):
-        return sum(p.sum() for p in self.parameters()) * float("inf")
 
     monkeypatch.setattr(DDPM, "forward", overflowing)
     out = tmp_path / "out"
@@ -327,6 +341,46 @@ def test_fp16_overflowing_step_after_step_is_divergence(
     )
     assert f"for {duties.MAX_OVERFLOWS} float16 steps in a row, so" in line
     assert not out.joinpath("ddpm_cifar.pth").exists()
+
+
+def test_fp16_overflows_between_finite_steps_are_never_divergence(
+    stand_in, tmp_path, monkeypatch, capsys
+):
+    # every other step overflows, for more than twice MAX_OVERFLOWS steps
+    steps = []
+
+    def every_other(self, x, c):
+        steps.append(len(steps))
+        if len(steps) % 2:
+            return overflowing(self, x, c)
+        return sum(p.sum() for p in self.parameters()) * 0 + 1
+
+    monkeypatch.setattr(DDPM, "forward", every_other)
+    out = tmp_path / "out"
+    n = 2 * duties.MAX_OVERFLOWS + 4
+    argv = [*FLAGS.split(), "--amp", "fp16", "--epochs", "1", "--out", str(out)]
+    assert train(train_cifar10, [*argv, "--fake-data", str(2 * n)], capsys)[0] == 0
+    assert len(steps) == n
+    state = torch.load(out / "ddpm_cifar.pth", weights_only=True)
+    assert int(state["optimizer"]["state"][0]["step"]) == n // 2
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fp16_with_a_loss_that_is_not_finite_stops_at_once(
+    script, stand_in, tmp_path, monkeypatch, capsys
+):
+    # the loss itself diverged: no loss scale can help
+    monkeypatch.setattr(
+        DDPM, "forward",
+        lambda self, x, c: sum(p.sum() for p in self.parameters()) * float("nan"),
+    )
+    out = tmp_path / "out"
+    argv = [*FLAGS.split(), "--amp", "fp16", "--epochs", "3", "--out", str(out)]
+    code, line, _ = train(script, argv + SMALL_MNIST * (script is train_mnist), capsys)
+    assert code == 2
+    assert line.startswith("training diverged at epoch 0, step 1: the loss is nan")
+    assert "float16 steps in a row" not in line
+    assert list(out.iterdir()) == []
 
 
 class TinyEps(torch.nn.Module):

@@ -71,7 +71,9 @@ class StepDuties:
         self.checkpoint.record.add(loss_value, self.global_batch)
         finite = math.isfinite(norm_value)
         self.overflows = 0 if finite else self.overflows + 1
-        overflow = scaler.is_enabled() and not finite
+        # a loss already not finite in the forward pass is divergence: float16
+        # overflows in the gradients, which the loss scale multiplies
+        overflow = scaler.is_enabled() and not finite and math.isfinite(loss_value)
         if overflow and self.overflows < MAX_OVERFLOWS:
             # float16 overflowed: the scaler lowers its scale, and this step is
             # skipped, for the optimizer leaves alone what has no gradient
