@@ -239,15 +239,6 @@ def test_grad_clip_bounds_the_norm_and_without_it_nothing_changes(monkeypatch):
             assert after.norm().item() == pytest.approx(clip, rel=1e-4)
 
 
-def test_a_second_ctrl_c_quits_at_once():
-    with signals.stop_on_signals():
-        signals.remember(signal.SIGINT, None)
-        assert signals.received == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):
-            signals.remember(signal.SIGINT, None)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
 def test_fp16_scales_the_loss_and_its_scaler_survives_resume(
     stand_in, tmp_path, capsys
 ):

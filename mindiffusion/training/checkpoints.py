@@ -78,6 +78,8 @@ class Checkpoint:
         # a disabled scaler when --amp is not fp16: its state is empty
         self.scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
         self.data_seed = 0
+        # where the last save stands, (epochs, batches), for the grid a stop draws
+        self.saved_at = None
         # ddpm_cifar.pth -> ddpm_cifar_log.csv
         self.record = Record(os.path.splitext(path)[0] + "_log.csv")
 
@@ -87,7 +89,6 @@ class Checkpoint:
 
         The file is written whole or not at all (`write_atomically`).
         """
-        # where the last save stands, for the grid a stop draws
         self.saved_at = (epoch, batches)
         # every rank's generators, so that each one resumes its own stream; on CUDA,
         # the generator of the GPU this rank trains on

@@ -90,6 +90,9 @@ def main(
     except Stopped as stop:
         parser.exit(128 + stop.signum, f"{stop}\n" if process_rank() == 0 else None)
     except KeyboardInterrupt:
+        # a Ctrl-C while the run trains is a stop signal that saves; this one came
+        # before training began, or after it ended
         out = settings["out"]
-        parser.exit(130, f"\ninterrupted: what was saved in {out} is kept\n")
+        parser.exit(130, f"\ninterrupted outside training: nothing was being saved, "
+                    f"and {out} holds what earlier saves wrote\n")
 

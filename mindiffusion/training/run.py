@@ -174,7 +174,8 @@ class Run:
 
     def save(self, epoch: int) -> None:
         """Save the checkpoint after `epoch` epochs, unless its grid did already;
-        then, under torchrun, wait for rank 0's grid, and stop if a signal came."""
+        then, under torchrun, wait for rank 0's grid, and stop if a signal came,
+        unless this was the last epoch: then the run has finished."""
         model = self.model
         if model.saved != epoch:
             model.checkpoint.save(epoch)
@@ -182,13 +183,22 @@ class Run:
         # the other ranks wait here while rank 0 draws
         gather(None)
         signum = largest(signals.received)
-        if signum:
+        if signum and self.finished():
+            say(f"{signals.name(signum)} came as the last epoch ended: the run is "
+                f"finished, saved in {model.checkpoint.path}")
+        elif signum:
             raise signals.Stopped(
                 signum,
                 f"stopped by {signals.name(signum)} after epoch {epoch - 1}: saved in "
                 f"{model.checkpoint.path}; run the same command with --resume to go "
                 f"on",
             )
+
+    def finished(self) -> bool:
+        """Whether the checkpoint holds the last epoch whole: the run is done, even
+        if a stop signal came on its last step or during its last grid."""
+        saved = self.model and self.model.checkpoint.saved_at
+        return saved == (self.n_epoch, 0)
 
 
 def run_training(train: Callable, **settings) -> DDPM:
@@ -205,7 +215,12 @@ def run_training(train: Callable, **settings) -> DDPM:
         with signals.stop_on_signals():
             try:
                 train(**own, run=run)
-            except signals.Stopped:
+            except signals.Stopped as stop:
+                if run.finished():
+                    say(f"stopped by {signals.name(stop.signum)} during the last "
+                        f"grid: the run is finished, saved in "
+                        f"{run.model.checkpoint.path}, and only that grid is missing")
+                    return run.model.ddpm
                 if run.model is not None:
                     run.model.final_grid()
                 raise

@@ -1,11 +1,14 @@
 """Stop signals: a run ends after the step under way, saved, rather than at once.
 
 SIGTERM and SIGINT (Ctrl-C) are what `timeout`, SLURM and a terminal send; SLURM's
---signal sends SIGUSR1 ahead of the end of a job. A second Ctrl-C quits at once, and
-during a grid any second stop signal does, since the epoch is saved before its grid.
+--signal sends SIGUSR1 ahead of the end of a job. Each signal is acknowledged at
+once. A second one skips the grid that would follow the save, never the save; during
+a grid, whose epoch is saved before it, a second one stops at once.
 """
 import contextlib
+import os
 import signal
+import sys
 
 # Windows has SIGTERM and SIGINT only
 STOP_SIGNALS = tuple(
@@ -31,10 +34,19 @@ def name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
+def tell(text: str) -> None:
+    """Print `text` from a signal handler: a print that the signal interrupted, or a
+    reader that went away, must not turn the stop into a traceback."""
+    try:
+        print(text, flush=True)
+    except (RuntimeError, OSError):
+        pass
+
+
 def noted(signum: int) -> None:
     """Say at once that a stop during a grid will wait for the grid's end."""
-    print(f"\n{name(signum)}: noted; the run stops after this grid, its epoch "
-          f"already saved (send it again to stop now)", flush=True)
+    tell(f"\n{name(signum)}: noted; the run stops after this grid, its epoch "
+         f"already saved (send it again to stop now)")
 
 
 def remember(signum: int, frame) -> None:
@@ -46,8 +58,42 @@ def remember(signum: int, frame) -> None:
         raise Stopped(signum, during_grid(signum))
     if during_grid is not None:
         noted(signum)
-    elif signum == signal.SIGINT and previous == signal.SIGINT:
-        raise KeyboardInterrupt
+    elif again:
+        tell(f"\n{name(signum)} again: the run still saves after the step under "
+             f"way, then stops without drawing a grid")
+    else:
+        tell(f"\n{name(signum)}: noted; the run saves after the step under way, "
+             f"then stops (send it again to skip the grid after the save)")
+
+
+class StopSafeStream:
+    """sys.stdout or sys.stderr while a run lasts. Once a stop signal has come, a
+    reader that went away, such as the `tee` of `python train_mnist.py | tee log`
+    that the terminal's Ctrl-C ended too, no longer raises BrokenPipeError before
+    the save: the stream's descriptor then writes to nowhere."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str):
+        return self.guarded(self.stream.write, text)
+
+    def flush(self) -> None:
+        self.guarded(self.stream.flush)
+
+    def guarded(self, call, *args):
+        try:
+            return call(*args)
+        except OSError:
+            if not received:
+                raise
+            nowhere = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(nowhere, self.stream.fileno())
+            os.close(nowhere)
+            return len(args[0]) if args else None
+
+    def __getattr__(self, attribute: str):
+        return getattr(self.stream, attribute)
 
 
 @contextlib.contextmanager
@@ -56,9 +102,15 @@ def stop_on_signals():
     global received, count
     received = count = 0
     previous = {signum: signal.signal(signum, remember) for signum in STOP_SIGNALS}
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (StopSafeStream(stream) for stream in streams)
     try:
         yield
     finally:
+        # what is still buffered, while a reader that went away is forgiven
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
         received = count = 0
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -1,0 +1,128 @@
+"""Stops that keep what was saved and say what is true: a second Ctrl-C, a signal as
+the last epoch ends, a reader of the output that went away, and files left by a
+kill -9."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from mindiffusion.ddpm import DDPM
+from mindiffusion.training import signals
+from test_long_runs import FLAGS, SCRIPTS, SMALL_MNIST, train
+from train_cifar10 import train_cifar10
+from train_mnist import train_mnist
+
+
+def flags_of(script, *more):
+    return [*FLAGS.split(), *more] + (SMALL_MNIST if script is train_mnist else [])
+
+
+def test_a_second_ctrl_c_still_saves_and_skips_the_grid(
+    stand_in, tmp_path, monkeypatch, capsys
+):
+    forward, calls = DDPM.forward, []
+
+    def two_ctrl_cs_in_step_2(self, x, c=None):
+        calls.append(x)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return forward(self, x, c)
+
+    monkeypatch.setattr(DDPM, "forward", two_ctrl_cs_in_step_2)
+    argv = flags_of(train_cifar10, "--epochs", "2", "--out", str(tmp_path))
+    code, line, out = train(train_cifar10, argv, capsys)
+    assert code == 130
+    path = tmp_path / "ddpm_cifar.pth"
+    assert line == (
+        f"stopped by SIGINT after epoch 0, step 2: saved in {path}; run the same "
+        f"command with --resume to go on"
+    )
+    state = torch.load(path, weights_only=True)
+    assert (state["epoch"], state["batches"]) == (0, 2)
+    # each signal said at once what happens next
+    assert "SIGINT: noted; the run saves after the step under way, then stops" in out
+    assert ("SIGINT again: the run still saves after the step under way, then "
+            "stops without drawing a grid") in out
+    assert not list(tmp_path.glob("*.png"))
+    assert signal.getsignal(signal.SIGINT) is not signals.remember
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_signal_on_the_last_step_is_a_finished_run(
+    script, stand_in, tmp_path, capsys
+):
+    # 4 steps an epoch: the signal comes during the last step of the last epoch
+    stand_in["signal"] = (4, signal.SIGTERM)
+    argv = flags_of(script, "--epochs", "1", "--out", str(tmp_path))
+    code, line, out = train(script, argv, capsys)
+    assert code == 0
+    (path,) = tmp_path.glob("*.pth")
+    assert f"SIGTERM came as the last epoch ended: the run is finished, saved in " \
+           f"{path}" in out
+    assert "--resume" not in out + line
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    # the last epoch's grid is drawn
+    assert len(list(tmp_path.glob("*.png"))) == 1
+
+
+def test_a_second_signal_during_the_last_grid_leaves_a_finished_run(
+    stand_in, tmp_path, capsys
+):
+    stand_in["grid_signals"] = [signal.SIGTERM, signal.SIGTERM]
+    argv = flags_of(train_cifar10, "--epochs", "1", "--out", str(tmp_path))
+    code, line, out = train(train_cifar10, argv, capsys)
+    assert code == 0
+    path = tmp_path / "ddpm_cifar.pth"
+    assert (f"stopped by SIGTERM during the last grid: the run is finished, saved in "
+            f"{path}, and only that grid is missing") in out
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_ctrl_c_after_the_reader_of_the_output_went_away_still_saves(tmp_path):
+    """`python train_mnist.py ... 2>&1 | tee log`, then Ctrl-C: the terminal signals
+    the whole group, and tee is gone before the run writes again."""
+    argv = flags_of(train_mnist, "--epochs", "1", "--out", str(tmp_path))
+    # 1,000 steps of 4 images, seconds in all: the signal comes while it trains
+    argv[argv.index("--fake-data") + 1] = "4000"
+    argv[argv.index("--batch-size") + 1] = "4"
+    run = subprocess.Popen(
+        [sys.executable, "train_mnist.py", *argv], cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    seen = b""
+    while b"loss:" not in seen:
+        seen += run.stdout.read1(4096)
+        assert run.poll() is None, seen.decode()
+    run.send_signal(signal.SIGINT)
+    # what is already in the pipe, and then the reader is gone
+    run.stdout.close()
+    assert run.wait(timeout=120) == 130
+    state = torch.load(tmp_path / "ddpm_mnist.pth", weights_only=True)
+    assert state["epoch"] == 0 and 0 < state["batches"] < 1000
+    # the grid of the weights saved, whose progress bar wrote to nowhere
+    assert (tmp_path / f"ddpm_sample_0_step{state['batches']}.png").exists()
+
+
+def test_a_stream_whose_reader_went_away_is_forgiven_only_once_a_stop_began(
+    monkeypatch
+):
+    read_end, write_end = os.pipe()
+    stream = open(write_end, "w", buffering=1)
+    os.close(read_end)
+    safe = signals.StopSafeStream(stream)
+    # no stop yet: a broken pipe is an error as ever
+    with pytest.raises(BrokenPipeError):
+        safe.write("line\n")
+    monkeypatch.setattr(signals, "received", signal.SIGINT)
+    assert safe.write("after the stop\n") == len("after the stop\n")
+    safe.flush()
+    # the descriptor now writes to nowhere, so later writes, and the one at exit, pass
+    stream.write("and later\n")
+    stream.flush()
+    stream.close()
