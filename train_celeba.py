@@ -24,6 +24,7 @@ from tqdm import tqdm
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import cli, conditioning
 from mindiffusion.training.data import FakeImages, explain_image_folder, real_images
+from mindiffusion.training.devices import usable_cpus
 from mindiffusion.training.run import Run
 from mindiffusion.unet import NaiveUnet
 
@@ -39,7 +40,7 @@ def train_celeba(
     n_T: int = 1000,
     data_root: str | None = CELEBA_PATH,
     out: str = "contents",
-    run: Run = Run(num_workers=min(16, os.cpu_count() or 1)),
+    run: Run = Run(num_workers=min(16, usable_cpus())),
 ) -> None:
     # the notes' name for the image folder: --data-root, or else $CELEBA_PATH
     CELEBA_PATH = data_root

@@ -9,8 +9,6 @@ Each epoch writes OUT/ddpm_sample_cifar{epoch}.png, 8 samples above 8 real image
 (with --cond, a row of 4 samples for each class, airplane to truck, above them),
 and the checkpoint OUT/ddpm_cifar.pth (OUT is --out, by default contents/).
 """
-import os
-
 import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms
@@ -21,6 +19,7 @@ from tqdm import tqdm
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import cli
 from mindiffusion.training.data import FakeImages, explain_missing_dataset, real_images
+from mindiffusion.training.devices import usable_cpus
 from mindiffusion.training.run import Run
 from mindiffusion.unet import NaiveUnet
 
@@ -33,7 +32,7 @@ def train_cifar10(
     n_T: int = 1000,
     data_root: str = "./data",
     out: str = "contents",
-    run: Run = Run(num_workers=min(16, os.cpu_count() or 1)),
+    run: Run = Run(num_workers=min(16, usable_cpus())),
 ) -> None:
     if run.cond:
         # --cond: the ten classes, airplane to truck, and the null class

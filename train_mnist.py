@@ -10,8 +10,6 @@ Each epoch writes a 4x4 grid of samples, OUT/ddpm_sample_{epoch}.png (with --con
 a row of 4 for each digit, 0 to 9), and the checkpoint OUT/ddpm_mnist.pth (OUT is
 --out, by default contents/).
 """
-import os
-
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
@@ -23,6 +21,7 @@ from tqdm import tqdm
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import cli
 from mindiffusion.training.data import FakeImages, explain_missing_dataset
+from mindiffusion.training.devices import usable_cpus
 from mindiffusion.training.run import Run
 from mindiffusion.unet import NaiveUnet
 
@@ -86,7 +85,7 @@ def train_mnist(
     out: str = "contents",
     eps_model: str = "dummy",
     n_feat: int = 128,
-    run: Run = Run(num_workers=min(20, os.cpu_count() or 1)),
+    run: Run = Run(num_workers=min(20, usable_cpus())),
 ) -> None:
     if eps_model == "dummy" and not run.cond:
         ddpm = DDPM(eps_model=DummyEpsModel(1), betas=(1e-4, 0.02), n_T=n_T)

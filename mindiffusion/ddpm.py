@@ -150,6 +150,9 @@ class DDPM(nn.Module):
 
         Every tensor is made on `device`: nothing is copied over from the CPU per step.
         """
+        if c is None:
+            # unconditional: guidance of the null class by itself is eps(x, null)
+            guide_w = 0.0
         c = self.classes(n_sample, c, device)
         # x_T ~ N(0, I)
         x_i = torch.randn(n_sample, *size, device=device)

@@ -25,8 +25,9 @@ AVERAGED = "module."
 
 def weights_only(state: dict) -> dict:
     """The checkpoint `state` reduced to the weights that draw and the recipe."""
-    averaged = state.get("ema") is not None
-    if averaged:
+    # an export of an export keeps its word on what its weights are
+    averaged = state.get("ema") is not None or bool(state.get("averaged"))
+    if state.get("ema") is not None:
         # AveragedModel's names are the model's under "module.", beside its count
         model = {
             name[len(AVERAGED):]: tensor
@@ -40,6 +41,7 @@ def weights_only(state: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="python -m mindiffusion.export",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -122,10 +122,17 @@ def reference_dataset(recipe: dict, data_root: str | None, fake_data: int | None
             dataset = {"MNIST": MNIST, "CIFAR10": CIFAR10}[name](
                 root, train=True, download=True, transform=tf
             )
+    elif name == "FakeImages":
+        raise UserError(
+            "the checkpoint trained on --fake-data's random images, which no folder "
+            "holds: give fid --fake-data N to measure against such images, or draw "
+            "the figures without --data-root"
+        )
     else:
         raise UserError(
             "the checkpoint does not name its training set (it was saved before "
-            "checkpoints did): give --fake-data N to measure against random images"
+            "checkpoints did): give fid --fake-data N to measure against random "
+            "images, or draw the figures without --data-root"
         )
     return dataset, f"{name} train at {os.path.abspath(root)}, {tf}"
 
@@ -214,6 +221,7 @@ def step_counts(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="python -m mindiffusion.fid",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -243,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         help="images per batch, for sampling and features (default: %(default)s)")
     add("--device", default="cuda", metavar="NAME",
         help="cpu, cuda, cuda:N or mps (default: %(default)s)")
-    add("--seed", type=int, metavar="N",
+    add("--seed", type=flags.seed, metavar="N",
         help="seed for the samples: the same seed gives the same FID "
         "(default: unseeded)")
     add("--inception-weights", metavar="PATH",

@@ -26,7 +26,7 @@ from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM, ddpm_schedules
 from mindiffusion.fid import reference_dataset
 from mindiffusion.sample import GUIDE_W, free_path, load_ddpm
-from mindiffusion.training import progress
+from mindiffusion.training import flags, progress
 from mindiffusion.training.data import denormalize
 from mindiffusion.training.devices import resolve_device
 from mindiffusion.training.errors import UserError
@@ -142,6 +142,7 @@ def plot_loss(epochs: list[int], losses: list[float], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="python -m mindiffusion.figures",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         "beside the checkpoint, where there is one)")
     add("--out", default="contents/figures", metavar="DIR",
         help="folder for the PNGs (default: %(default)s)")
-    add("--seed", type=int, default=0, metavar="N",
+    add("--seed", type=flags.seed, default=0, metavar="N",
         help="seed of the noise and the samples (default: %(default)s)")
     add("--device", default="cuda", metavar="NAME",
         help="cpu, cuda, cuda:N or mps; falls back as the training scripts do "
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.data_root:
             dataset, _ = reference_dataset(recipe, args.data_root, None)
         os.makedirs(args.out, exist_ok=True)
+        # before the sampling, which takes minutes on a CPU
+        if not os.access(args.out, os.W_OK):
+            raise UserError(f"--out {args.out} is not writable: choose another --out")
     except UserError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     except OSError as err:

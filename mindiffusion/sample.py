@@ -124,6 +124,7 @@ def check_out(out: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="python -m mindiffusion.sample",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--device", default="cuda", metavar="NAME",
         help="cpu, cuda, cuda:N or mps; falls back as the training scripts do "
         "(default: %(default)s)")
-    add("--seed", type=int, metavar="N",
+    add("--seed", type=flags.seed, metavar="N",
         help="seed for torch's random numbers (default: unseeded)")
     add("--out", metavar="PNG",
         help="where to write the grid; an existing file is never replaced "

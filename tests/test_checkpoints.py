@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import cheap_ddpm, run_script
-from mindiffusion.training import checkpoints, data, distributed
+from mindiffusion.training import checkpoints, data, distributed, resume_checks
 from mindiffusion.training.run import run_training
 from train_cifar10 import train_cifar10
 
@@ -67,8 +67,8 @@ def test_a_resume_names_the_setting_that_cannot_change(ema_run, flags, named, ca
 def test_a_different_model_is_named_too(ema_run):
     saved = torch.load(ema_run / "ddpm_cifar.pth", weights_only=True)["recipe"]
     recipe = dict(saved, eps_model="DummyEpsModel", eps_model_args=(1,))
-    with pytest.raises(checkpoints.UserError) as error:
-        checkpoints.check_recipe("ckpt", saved, recipe)
+    with pytest.raises(resume_checks.UserError) as error:
+        resume_checks.check_recipe("ckpt", saved, recipe)
     assert str(error.value) == (
         "--resume: ckpt was trained with the model NaiveUnet (this run: "
         "DummyEpsModel), the model's arguments (3, 3, 128) (this run: (1,)): resume "

@@ -162,3 +162,23 @@ def test_eta_1_is_the_posterior_variance_which_the_words_say(capsys):
     for text in (help_text, readme):
         assert "as much as DDPM" not in text and "posterior variance" in text
     assert "0.61 at t = 2, 0.98 at t = 100" in readme
+
+
+def test_steps_that_do_not_divide_n_t_round_to_the_nearest_timestep():
+    # linspace(10, 0, 4) = 10, 6.67, 3.33, 0: rounded, the model sees t = 10, 7, 3
+    ddim = DDIM(CountingEps(), BETAS, n_T=10, n_steps=3)
+    ddim.sample(1, (1, 2, 2), torch.device("cpu"))
+    assert ddim.eps_model.seen_t == pytest.approx([1.0, 0.7, 0.3])
+
+
+@pytest.mark.parametrize("eta", [0.25, 0.5])
+def test_a_few_steps_with_eta_between_0_and_1_follow_the_oracle_s_walk(eta):
+    # 3 steps of 10, far from the data, where eta's noise shapes the result: the
+    # samples' mean and std are those of the closed-form walk of eq. 12 and 16
+    mu, sd, n_T = 0.5, 0.3, 10
+    ddim = DDIM(GaussianOracle(mu, sd, n_T), BETAS, n_T=n_T, eta=eta, n_steps=3)
+    torch.manual_seed(0)
+    x = ddim.sample(256, (1, 16, 16), torch.device("cpu"))
+    walk_mean, walk_sd = ddim_walk_of_the_oracle(mu, sd, n_T, 3, eta)
+    assert abs(x.mean().item() - walk_mean) < 0.01 * walk_sd
+    assert abs(x.std().item() - walk_sd) < 0.01 * walk_sd

@@ -2,6 +2,7 @@
 are the DDPM's own equations: the forward noising, the schedules' closed forms,
 Algorithm 2's walk from x_T to x_0, and the record's losses."""
 import csv
+import os
 
 import pytest
 import torch
@@ -119,3 +120,21 @@ def test_a_record_that_is_not_one_is_one_sentence(checkpoint, tmp_path, capsys):
         figures.main([str(checkpoint), "--record", str(bad), "--device", "cpu"])
     assert exit_info.value.code == 2
     assert "is not a run's record" in capsys.readouterr().err
+
+
+def test_a_read_only_out_is_refused_before_any_sampling(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "read_only"
+    out.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        figures.os, "access",
+        lambda path, mode: False if str(path) == str(out) else real_access(path, mode),
+    )
+    monkeypatch.setattr(DDPM, "sample", lambda *args, **kwargs: pytest.fail("sampled"))
+    with pytest.raises(SystemExit) as exit_info:
+        figures.main([str(checkpoint), "--out", str(out), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: --out {out} is not writable: choose another --out\n")

@@ -144,9 +144,16 @@ def test_unconditional_sampling_is_the_null_class_and_c_needs_classes():
     # at the default w = 0, one batch of the null class
     assert all(torch.equal(c, torch.full((4,), 3)) for c in recorder.labels)
     recorder.labels.clear()
-    ddpm.sample(4, (1, 2, 2), "cpu", guide_w=2.0)
-    # guided, doubled batches: the "conditional" half is the null class too
-    assert all(torch.equal(c, torch.full((8,), 3)) for c in recorder.labels)
+    # guided, (1 + w) eps(x, null) - w eps(x, null) is eps(x, null): no doubled
+    # batch, half of which would be the null class too, for the same images
+    for sampler in (ddpm, DDIM.of(ddpm, 2)):
+        torch.manual_seed(0)
+        plain = sampler.sample(4, (1, 2, 2), "cpu")
+        recorder.labels.clear()
+        torch.manual_seed(0)
+        guided = sampler.sample(4, (1, 2, 2), "cpu", guide_w=2.0)
+        assert all(torch.equal(c, torch.full((4,), 3)) for c in recorder.labels)
+        assert torch.equal(plain, guided)
     plain = DDPM(nn.Identity(), BETAS, 2)
     with pytest.raises(ValueError, match="n_classes"):
         plain.sample(2, (1, 2, 2), "cpu", c=torch.zeros(2, dtype=torch.long))

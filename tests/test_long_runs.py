@@ -16,7 +16,7 @@ import torch
 
 from conftest import REPO
 from mindiffusion.ddpm import DDPM
-from mindiffusion.training import checkpoints, cli, devices, duties, signals
+from mindiffusion.training import checkpoints, cli, devices, duties
 from mindiffusion.training.checkpoints import GRIDS
 from mindiffusion.training.readings import StepReadings
 from mindiffusion.training.prepared import PreparedDDPM

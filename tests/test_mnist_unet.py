@@ -115,6 +115,28 @@ def test_the_laptop_preset_sets_its_flags_and_given_flags_win(capsys):
     assert (seen["eps_model"], seen["lr"]) == ("dummy", 2e-4)
 
 
+def test_the_laptop_preset_s_grid_steps_give_way_to_flags_given(capsys):
+    seen = {}
+
+    @functools.wraps(train_mnist)
+    def keep(run, **settings):
+        seen.update(settings, **dataclasses.asdict(run))
+
+    laptop = {"laptop": ("a small UNet", LAPTOP)}
+    # the preset's 20 DDIM steps no longer fit 10 diffusion steps: they become 10
+    cli.main(keep, "", ["--laptop", "--n-T", "10"], presets=laptop)
+    assert (seen["n_T"], seen["grid_sampler"], seen["grid_steps"]) == (10, "ddim", 10)
+    # DDPM's grids take no step count: the preset's is dropped
+    cli.main(keep, "", ["--laptop", "--grid-sampler", "ddpm"], presets=laptop)
+    assert (seen["grid_sampler"], seen["grid_steps"]) == ("ddpm", None)
+    # a --grid-steps the user typed is still refused where it does not fit
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(keep, "", ["--laptop", "--n-T", "10", "--grid-steps", "20"],
+                 presets=laptop)
+    assert exit_info.value.code == 2
+    assert "--grid-steps 20 is more than --n-T 10" in capsys.readouterr().err
+
+
 def test_grid_every_keeps_its_rhythm_across_resume(tmp_path, monkeypatch):
     cheap_ddpm(monkeypatch)
     run = dict(RUN, eps_model="unet", n_feat=8, grid_every=2)

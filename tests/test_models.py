@@ -5,7 +5,8 @@ import torch
 
 from mindiffusion.unet import NaiveUnet
 import notes_code
-from train_mnist import DummyEpsModel
+from mindiffusion.training.run import run_training
+from train_mnist import DummyEpsModel, train_mnist
 
 
 @pytest.mark.parametrize("size, batch", [(32, 2), (128, 1)])
@@ -59,3 +60,34 @@ def test_a_state_dict_of_the_notes_dummy_eps_model_loads_and_agrees():
     with torch.no_grad():
         # the timestep is ignored: any t gives the notes' output
         assert torch.equal(ours(x, torch.rand(2)), theirs(x, None))
+
+
+def test_a_conditional_unet_hears_both_the_timestep_and_the_class():
+    torch.manual_seed(0)
+    model = NaiveUnet(1, 1, n_feat=8, n_classes=10).eval()
+    x, threes = torch.randn(2, 1, 32, 32), torch.tensor([3, 3])
+    with torch.no_grad():
+        early, late = (model(x, torch.full((2, 1), t), threes) for t in (0.1, 0.9))
+        sevens = model(x, torch.full((2, 1), 0.1), torch.tensor([7, 7]))
+    # the class embedding adds to the time embedding, and replaces neither
+    assert not torch.allclose(early, late)
+    assert not torch.allclose(early, sevens)
+
+
+def test_train_mnist_draws_its_grid_with_batchnorm_in_eval_mode(tmp_path, monkeypatch):
+    # the notes' ddpm.eval() before sampling: BatchNorm then uses, and leaves as they
+    # are, its running statistics; a stand-in forward records the mode of each call
+    modes = []
+
+    def recording_forward(self, x, t, c=None):
+        sampling = torch.is_inference_mode_enabled()
+        modes.append((sampling, self.training, self.conv[1][1].training))
+        return x * self.conv[-1].weight.sum()
+
+    monkeypatch.setattr(DummyEpsModel, "forward", recording_forward)
+    run_training(
+        train_mnist, n_epoch=1, device="cpu", batch_size=2, n_T=2, fake_data=4,
+        num_workers=0, out=str(tmp_path),
+    )
+    assert {mode for mode in modes if not mode[0]} == {(False, True, True)}
+    assert {mode for mode in modes if mode[0]} == {(True, False, False)}

@@ -2,9 +2,10 @@
 wrote past its checkpoint."""
 
 import csv
-import time
+from types import SimpleNamespace
 
 from conftest import cheap_ddpm, narrow_unets
+from mindiffusion.training import record as record_module
 from mindiffusion.training.record import FIELDS, Record
 from mindiffusion.training.run import run_training
 from train_cifar10 import train_cifar10
@@ -51,14 +52,23 @@ def test_resume_drops_the_rows_past_the_checkpoint(tmp_path):
 
 
 def test_an_epoch_s_time_leaves_out_the_grid_before_it(tmp_path, monkeypatch):
-    grid_seconds = 0.5
+    # the record's clock, which only a grid moves, by an hour: the test asserts which
+    # spans the clock measures, whatever the machine's speed or load
+    clock = SimpleNamespace(now=0.0)
+    fake_time = SimpleNamespace(perf_counter=lambda: clock.now)
+    monkeypatch.setattr(record_module, "time", fake_time)
+
+    def an_hour_long_grid(ddpm, size):
+        clock.now += 3600.0
+
     narrow_unets(monkeypatch)
-    cheap_ddpm(monkeypatch, on_sample=lambda ddpm, size: time.sleep(grid_seconds))
+    cheap_ddpm(monkeypatch, on_sample=an_hour_long_grid)
     run_training(
         train_cifar10, device="cpu", batch_size=2, n_T=2, fake_data=4, n_epoch=2,
         num_workers=0, out=str(tmp_path),
     )
     written = rows(tmp_path / "ddpm_cifar_log.csv")
-    # two steps of a stand-in loss take milliseconds; epoch 0's grid came before
-    # epoch 1's first batch
-    assert float(written[1]["seconds"]) < grid_seconds / 2
+    # epoch 0's grid came before epoch 1's first batch, and each epoch's grid after
+    # its row was written
+    assert clock.now == 2 * 3600.0
+    assert [float(row["seconds"]) for row in written] == [0.0, 0.0]

@@ -1,6 +1,7 @@
-"""Stops that keep what was saved and say what is true: a second Ctrl-C, a signal as
-the last epoch ends, a reader of the output that went away, and files left by a
-kill -9."""
+"""Stops and saves that keep what was saved and say what is true: a second Ctrl-C, a
+signal as the last epoch ends, a reader of the output that went away, files left by
+a kill -9, the umask, a dataset that changed under a resume, and a full disk."""
+import errno
 import os
 import signal
 import subprocess
@@ -10,11 +11,21 @@ import pytest
 import torch
 
 from conftest import REPO
+from mindiffusion import export
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import signals
+from mindiffusion.training.checkpoints import GRIDS
 from test_long_runs import FLAGS, SCRIPTS, SMALL_MNIST, train
+from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist
+
+# the checkpoint each script writes
+CHECKPOINTS = {
+    train_mnist: "ddpm_mnist.pth",
+    train_cifar10: "ddpm_cifar.pth",
+    train_celeba: "ddpm_celeba.pth",
+}
 
 
 def flags_of(script, *more):
@@ -126,3 +137,116 @@ def test_a_stream_whose_reader_went_away_is_forgiven_only_once_a_stop_began(
     stream.write("and later\n")
     stream.flush()
     stream.close()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_a_checkpoint_and_an_export_are_written_as_the_umask_allows(
+    umask, stand_in, tmp_path, capsys
+):
+    previous = os.umask(umask)
+    try:
+        argv = flags_of(train_cifar10, "--epochs", "1", "--out", str(tmp_path))
+        assert train(train_cifar10, argv, capsys)[0] == 0
+        export.main([str(tmp_path / "ddpm_cifar.pth"), str(tmp_path / "small.pth")])
+    finally:
+        os.umask(previous)
+    for name in "ddpm_cifar.pth", "small.pth", "ddpm_cifar_log.csv":
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_kill_between_write_and_rename_leaves_no_temporary_file_for_long(
+    script, stand_in, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    # what a kill -9 mid-save leaves: the full temporary file, never renamed
+    stale = out / f"{CHECKPOINTS[script]}.k3x_9a1b.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    # another checkpoint's temporary file is not this run's to remove
+    other = out / "other.pth.abcd1234.tmp"
+    other.write_bytes(b"another run's")
+    argv = flags_of(script, "--epochs", "1", "--out", str(out))
+    code, _, said = train(script, argv, capsys)
+    assert code == 0
+    assert not stale.exists() and other.exists()
+    assert f"removed {stale}, the temporary file of a save that a kill interrupted" \
+        in said
+
+
+@pytest.mark.parametrize("images", [6, 12])
+def test_a_resume_mid_epoch_on_another_dataset_size_is_refused(
+    images, stand_in, tmp_path, capsys
+):
+    stand_in["signal"] = (2, signal.SIGTERM)
+    argv = flags_of(train_cifar10, "--epochs", "1", "--out", str(tmp_path))
+    assert train(train_cifar10, argv, capsys)[0] == 128 + signal.SIGTERM
+    resumed = [*argv, "--resume", "--fake-data", str(images)]
+    code, line, _ = train(train_cifar10, resumed, capsys)
+    assert code == 2
+    assert line == (
+        f"--resume: {tmp_path / 'ddpm_cifar.pth'} stopped in the middle of an epoch "
+        f"of 8 images, and the dataset now holds {images}: resume on the same "
+        f"images, or from a save at an epoch's end"
+    )
+
+
+def test_a_resume_at_an_epoch_s_end_says_the_dataset_changed(
+    stand_in, tmp_path, capsys
+):
+    argv = flags_of(train_cifar10, "--out", str(tmp_path))
+    assert train(train_cifar10, [*argv, "--epochs", "1"], capsys)[0] == 0
+    resumed = [*argv, "--epochs", "2", "--resume", "--fake-data", "12"]
+    code, _, said = train(train_cifar10, resumed, capsys)
+    assert code == 0
+    assert "the dataset: the checkpoint trained on 8 images; this run trains on 12" \
+        in said
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_full_disk_while_a_grid_is_written_is_one_sentence_and_no_partial_png(
+    script, stand_in, tmp_path, monkeypatch, capsys
+):
+    def half_a_png(tensor, path, **kwargs):
+        with open(path, "wb") as file:
+            file.write(b"\x89PNG")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sys.modules[script.__module__], "save_image", half_a_png)
+    argv = flags_of(script, "--epochs", "2", "--out", str(tmp_path))
+    code, line, _ = train(script, argv, capsys)
+    assert code == 2
+    path = tmp_path / CHECKPOINTS[script]
+    grid = tmp_path / GRIDS[path.name].format(0)
+    assert line == (
+        f"the grid {grid} could not be written (No space left on device); its epoch "
+        f"is saved in {path}: make room or give another --out, then --resume"
+    )
+    assert not list(tmp_path.glob("*.png"))
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+
+
+def test_a_full_disk_while_the_record_is_written_keeps_its_rows(
+    stand_in, tmp_path, monkeypatch, capsys
+):
+    argv = flags_of(train_cifar10, "--out", str(tmp_path))
+    assert train(train_cifar10, [*argv, "--epochs", "1"], capsys)[0] == 0
+    record = tmp_path / "ddpm_cifar_log.csv"
+    before = record.read_bytes()
+    real_replace = os.replace
+
+    def full_disk(source, target):
+        if str(target) == str(record):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    code, line, _ = train(train_cifar10, [*argv, "--epochs", "2", "--resume"], capsys)
+    assert code == 2
+    assert line.startswith(
+        f"the record {record} could not be written (No space left on device): its "
+        f"rows so far and the previous checkpoint are kept"
+    )
+    assert record.read_bytes() == before
+    assert not list(tmp_path.glob("*.tmp"))
+    assert torch.load(tmp_path / "ddpm_cifar.pth", weights_only=True)["epoch"] == 1

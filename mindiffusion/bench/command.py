@@ -39,6 +39,7 @@ def row_names(text: str) -> frozenset[str]:
 def parser() -> argparse.ArgumentParser:
     """The command line, each default in its help."""
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="python -m mindiffusion.bench",
         description=bench.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -25,6 +25,11 @@ from mindiffusion.training.distributed import (
 from mindiffusion.training.errors import UserError
 from mindiffusion.training.files import write_atomically
 from mindiffusion.training.record import Record
+from mindiffusion.training.resume_checks import (
+    check_recipe,
+    refuse_an_export,
+    say_changed_settings,
+)
 
 # the names of the grids each script writes beside its checkpoint, by epoch, which
 # a new run must not overwrite
@@ -33,15 +38,14 @@ GRIDS = {
     "ddpm_cifar.pth": "ddpm_sample_cifar{}.png",
     "ddpm_celeba.pth": "ddpm_sample_celeba{:03d}.png",
 }
-# the recipe's entries that a flag sets, for the sentence that refuses a resume
-RECIPE_FLAGS = {
-    "n_T": "--n-T",
-    "betas": "the betas",
-    "eps_model": "the model",
-    "eps_model_args": "the model's arguments",
-    "n_classes": "--cond's class count",
-    "classes": "the classes",
-    "p_uncond": "--p-uncond",
+
+
+# the checkpoint each training script writes into --out, for a --resume to find
+# before the script loads its dataset
+CHECKPOINTS = {
+    "train_mnist": "ddpm_mnist.pth",
+    "train_cifar10": "ddpm_cifar.pth",
+    "train_celeba": "ddpm_celeba.pth",
 }
 
 
@@ -149,6 +153,7 @@ class Checkpoint:
             state = load_checkpoint(path)
         except UserError as err:
             raise UserError(f"--resume: {err}") from None
+        refuse_an_export(path, state)
         check_recipe(path, state.get("recipe") or {}, self.recipe)
         if ema is None and state.get("ema") is not None:
             raise UserError(
@@ -177,7 +182,7 @@ class Checkpoint:
                 f"ask for more with --epochs"
             )
         set_lr(self.optim, lr)
-        self.say_changed_settings(state.get("settings") or {}, batches)
+        say_changed_settings(path, state.get("settings") or {}, self.settings, batches)
         if process_rank() == 0:
             self.record.resume(state.get("record"), epoch)
         restore_rng(state["rng_cpu"], state["rng_cuda"], self.ddpm)
@@ -210,37 +215,6 @@ class Checkpoint:
                 f"another --out"
             )
 
-    def say_changed_settings(self, saved: dict, batches: int) -> None:
-        """Refuse a --batch-size that would change the middle of an epoch, and say
-        in one line each which other flags this run changes or overrides."""
-        now = self.settings
-        for key in ("batch_size", "ema", "ema_warmup", "amp", "seed"):
-            if key not in saved or saved[key] == now.get(key):
-                continue
-            flag = "--" + key.replace("_", "-")
-            if key == "batch_size" and batches:
-                raise UserError(
-                    f"--resume: {self.path} stopped in the middle of an epoch at "
-                    f"{flag} {saved[key]} (this run: {now[key]}): resume with "
-                    f"{flag} {saved[key]}, or change it at an epoch's end"
-                )
-            if key == "seed":
-                if now.get(key) is not None:
-                    say(f"--seed: a resume goes on from the checkpoint's random "
-                        f"state (--seed {saved[key]}); this run's {now[key]} is "
-                        f"not used")
-            elif key == "ema" and now.get(key) is not None:
-                say(f"--ema: the checkpoint averaged with decay {saved[key]}; this "
-                    f"run goes on with {now[key]}")
-            elif key == "ema_warmup" and now.get("ema") is not None:
-                were, are = ("with" if saved[key] else "without",
-                             "with" if now[key] else "without")
-                say(f"--ema: the checkpoint averaged {were} the warm-up; this run goes "
-                    f"on {are} it")
-            elif key not in ("ema", "ema_warmup"):
-                say(f"{flag}: the checkpoint trained with {saved[key]}; this run "
-                    f"goes on with {now[key]}")
-
 
 def load_checkpoint(path: str) -> dict:
     """The checkpoint at `path`, on the CPU, as tensors and plain values only."""
@@ -257,41 +231,12 @@ def load_checkpoint(path: str) -> dict:
                 f"and plain values, and loading them could run code"
             ) from None
         raise UserError(unreadable) from None
-    except (RuntimeError, EOFError, OSError):
+    except Exception:
+        # another kind of file fails in many ways: an IndexError for a CSV, ...
         raise UserError(unreadable) from None
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(unreadable)
     return state
-
-
-def as_lists(value):
-    """`value` with every tuple in it made a list, so that (1, 2) equals [1, 2]."""
-    if isinstance(value, (list, tuple)):
-        return [as_lists(item) for item in value]
-    return value
-
-
-def check_recipe(path: str, saved: dict, recipe: dict) -> None:
-    """Refuse, in one sentence that names them, settings that differ from the run
-    the checkpoint at `path` comes from: they cannot change halfway."""
-    # a model with classes and one without differ in their very weights
-    with_cond = saved.get("n_classes") is not None
-    if with_cond != (recipe.get("n_classes") is not None):
-        trained = "with --cond" if with_cond else "without --cond"
-        raise UserError(
-            f"--resume: {path} was trained {trained}: resume {trained}, or choose "
-            f"another --out"
-        )
-    differences = [
-        f"{RECIPE_FLAGS.get(key, key)} {saved[key]} (this run: {recipe[key]})"
-        for key in recipe
-        if key in saved and as_lists(saved[key]) != as_lists(recipe[key])
-    ]
-    if differences:
-        raise UserError(
-            f"--resume: {path} was trained with {', '.join(differences)}: resume "
-            f"with the checkpoint's settings, or choose another --out"
-        )
 
 
 def restore_rng(

@@ -20,7 +20,9 @@ from mindiffusion.training.signals import Stopped
 def parser_for(defaults: dict, description: str, presets: dict, given_only=False):
     """The parser of a script whose settings and defaults are `defaults`; with
     `given_only`, one that returns only the flags given."""
+    # a typo such as --lap is an error that names it, never another flag
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS if given_only else None,
@@ -72,11 +74,17 @@ def main(
         parser.error("--p-uncond and --guide-w are --cond's: add --cond, or drop them")
     if "ema_warmup" in given and settings["ema"] is None:
         parser.error("--no-ema-warmup is --ema's: add --ema DECAY, or drop it")
+    # a preset's --grid-steps that a flag given as well no longer fits gives way
+    steps_given = "grid_steps" in given
     if settings["grid_sampler"] == "ddpm" and settings["grid_steps"] is not None:
-        parser.error("--grid-steps is DDIM's: add --grid-sampler ddim, or drop it")
+        if steps_given:
+            parser.error("--grid-steps is DDIM's: add --grid-sampler ddim, or drop it")
+        settings["grid_steps"] = None
     if (settings["grid_steps"] or 0) > settings["n_T"]:
         steps, n_T = settings["grid_steps"], settings["n_T"]
-        parser.error(f"--grid-steps {steps} is more than --n-T {n_T}")
+        if steps_given:
+            parser.error(f"--grid-steps {steps} is more than --n-T {n_T}")
+        settings["grid_steps"] = n_T
     if "n_feat" in given and settings.get("eps_model") != "unet":
         parser.error("--n-feat is NaiveUnet's width: add --eps-model unet")
     if settings.get("eps_model") == "unet" and settings["n_feat"] % 8:
@@ -91,8 +99,8 @@ def main(
         parser.exit(128 + stop.signum, f"{stop}\n" if process_rank() == 0 else None)
     except KeyboardInterrupt:
         # a Ctrl-C while the run trains is a stop signal that saves; this one came
-        # before training began, or after it ended
+        # before training began, or after it ended, and each save is whole or absent
         out = settings["out"]
-        parser.exit(130, f"\ninterrupted outside training: nothing was being saved, "
-                    f"and {out} holds what earlier saves wrote\n")
+        parser.exit(130, f"\ninterrupted: {out} holds what the saves before it wrote, "
+                    f"each file whole\n")
 

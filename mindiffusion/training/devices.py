@@ -1,4 +1,7 @@
-"""The device a run trains on, and the number format --amp gives its forward pass."""
+"""The device a run trains on, the number format --amp gives its forward pass, and
+the CPU cores its DataLoader workers may take."""
+import os
+
 import torch
 
 from mindiffusion.training.distributed import say
@@ -33,6 +36,14 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise UserError(f"unsupported device {name!r}: {DEVICES}")
     return device
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on, which a SLURM job or a container may
+    hold to fewer than the machine has; the machine's where the system cannot say."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def has_native_bf16(device: torch.device) -> bool:

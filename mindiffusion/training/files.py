@@ -1,5 +1,6 @@
 """Writing a file whole or not at all, so that a crash, a full disk or a power cut
 never leaves half a checkpoint under its name."""
+import glob
 import os
 import tempfile
 
@@ -15,6 +16,9 @@ def write_atomically(path: str, data) -> None:
         fd, tmp_path = tempfile.mkstemp(
             dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp"
         )
+        # mkstemp's 0600 would keep the file from a group or a container's host
+        # user; a plain open gives what the umask allows
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()
@@ -24,6 +28,24 @@ def write_atomically(path: str, data) -> None:
     finally:
         if tmp_path is not None and os.path.exists(tmp_path):
             os.remove(tmp_path)
+
+
+def current_umask() -> int:
+    """The process's umask, which can only be read by setting it."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_temporaries(path: str) -> list[str]:
+    """Remove the temporary files that a write_atomically of `path` left when its
+    process was killed between the write and the rename; only while no other process
+    writes `path`, as the lock on a checkpoint ensures. Returns their names."""
+    # ddpm_cifar.pth -> ddpm_cifar.pth.*.tmp
+    stale = glob.glob(glob.escape(path) + ".*.tmp")
+    for tmp_path in stale:
+        os.remove(tmp_path)
+    return stale
 
 
 def sync_folder(folder: str) -> None:

@@ -29,6 +29,15 @@ def bounded_float(test: Callable[[float], bool], wanted: str) -> Callable[[str],
     return number
 
 
+def seed(text: str) -> int:
+    """An argparse type: a seed that torch.manual_seed takes, with room for the
+    torchrun ranks that each add theirs."""
+    value = int(text)
+    if not 0 <= value < 2**63 - 1024:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**63 - 1025, got {value}")
+    return value
+
+
 fraction = bounded_float(lambda v: 0 < v < 1, "between 0 and 1")
 guidance_weight = bounded_float(
     lambda v: v >= 0, "at least 0, plain conditional sampling"
@@ -60,7 +69,7 @@ FLAGS = {
                   "padded to 32x32 (default: %(default)s)"),
     "n_feat": ("--n-feat", dict(type=at_least(8), metavar="N"),
                "NaiveUnet's width, a multiple of 8 (default: %(default)s)"),
-    "seed": ("--seed", dict(type=int, metavar="N"),
+    "seed": ("--seed", dict(type=seed, metavar="N"),
              "seed for torch's random numbers (default: unseeded)"),
     "num_workers": ("--num-workers", dict(type=at_least(0), metavar="N"),
                     "DataLoader worker processes (default: %(default)s)"),

@@ -2,6 +2,7 @@
 started on the same folder, by a requeued job or a command given twice, is refused
 instead of overwriting the first. The operating system releases it when the
 process ends, however it ends; a run that ends normally removes its lock file."""
+import errno
 import os
 
 from mindiffusion.training.errors import UserError
@@ -23,20 +24,37 @@ def lock(file) -> None:
         msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
 
 
-def hold_lock(path: str, folder: str):
-    """Take the lock file at `path`, or say which process holds it; the open file
-    returned holds it until `release` or the end of the process."""
+# what a lock held by another process raises: flock's EWOULDBLOCK, msvcrt's EACCES
+HELD = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, errno.EDEADLK}
+
+
+def hold_lock(checkpoint: str):
+    """Take the lock file of `checkpoint`, beside it, or say in one sentence which
+    process holds it, or why it cannot be taken; the open file returned holds it
+    until `release` or the end of the process."""
+    path = checkpoint + ".lock"
     while True:
-        file = open(path, "a+")
+        try:
+            file = open(path, "a+")
+        except OSError as err:
+            raise UserError(
+                f"{path} cannot be written ({err.strerror}): choose an --out where "
+                f"this user can write"
+            ) from None
         try:
             lock(file)
-        except OSError:
-            file.seek(0)
-            holder = file.read().strip() or "unknown"
+        except OSError as err:
             file.close()
+            if err.errno not in HELD:
+                # Lustre or NFS mounted without locks: ENOLCK
+                raise UserError(
+                    f"the file system of {path} cannot lock files ({err.strerror}), "
+                    f"which keeps a second run off this checkpoint: choose an --out "
+                    f"on a local disk"
+                ) from None
             raise UserError(
-                f"{folder} is in use by another run (process {holder}): wait for it "
-                f"to end, or choose another --out"
+                f"{checkpoint} is in use by another run (process {holder(path)}): "
+                f"wait for it to end, or choose another --out"
             ) from None
         # a run that ended meanwhile may have removed the file this one locked
         if os.path.exists(path) and os.path.samefile(path, file.name):
@@ -44,9 +62,20 @@ def hold_lock(path: str, folder: str):
         file.close()
     file.seek(0)
     file.truncate()
-    file.write(f"{os.getpid()}\n")
+    # the process id after the first byte, which msvcrt keeps locked from others
+    file.write(f"\n{os.getpid()}\n")
     file.flush()
     return file
+
+
+def holder(path: str) -> str:
+    """The process id written in the lock file at `path`, or "unknown"."""
+    try:
+        with open(path) as file:
+            file.seek(1)
+            return file.read().strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def release(file) -> None:

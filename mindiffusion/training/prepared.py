@@ -75,6 +75,14 @@ class PreparedDDPM(nn.Module):
 
         return self.draw(ddpm, sample_args, stopped)
 
+    def grid_being_written(self) -> str | None:
+        """The path of the epoch's grid while the script writes it: drawn from the
+        weights saved at the epoch's end, with no step since."""
+        epoch, batches = self.checkpoint.saved_at or (0, 0)
+        if self.grid_at != self.steps or batches or epoch == 0:
+            return None
+        return grid_path(self.checkpoint.path, epoch - 1)
+
     def grid_walk(self, n_sample: int, size, device) -> tuple[DDPM, tuple]:
         """The grids' sampler and its arguments: n_sample images of shape `size`,
         or under --cond a row of 4 for each of the first ten classes, guided with

@@ -7,11 +7,16 @@
 from its first batch to its last step, so without the grid and the save between two
 epochs. The sums of an unfinished epoch travel in the checkpoint, so a run
 stopped in the middle of an epoch and resumed writes the same row as one that never
-stopped, timings aside.
+stopped, timings aside. The file is rewritten whole at each row, so that a full
+disk leaves the rows before it as they were.
 """
 import csv
+import io
 import os
 import time
+
+from mindiffusion.training.errors import UserError
+from mindiffusion.training.files import write_atomically
 
 FIELDS = ("epoch", "step", "loss", "lr", "images_per_s", "seconds")
 
@@ -51,12 +56,7 @@ class Record:
             images_per_s=round(self.images / seconds, 2) if seconds else 0.0,
             seconds=round(seconds, 2),
         )
-        new_file = not os.path.exists(self.path)
-        with open(self.path, "a", newline="") as file:
-            writer = csv.DictWriter(file, FIELDS)
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
+        self.write([*self.rows(), row])
         self.loss_sum, self.batches, self.images, self.seconds = 0.0, 0, 0, 0.0
         self.start_epoch()
 
@@ -79,11 +79,27 @@ class Record:
             self.batches, self.images = state["batches"], state["images"]
             self.seconds = state["seconds"]
         self.start_epoch()
+        if os.path.exists(self.path):
+            self.write([row for row in self.rows() if int(row["epoch"]) < epoch])
+
+    def rows(self) -> list[dict]:
+        """The rows written so far."""
         if not os.path.exists(self.path):
-            return
+            return []
         with open(self.path, newline="") as file:
-            rows = [row for row in csv.DictReader(file) if int(row["epoch"]) < epoch]
-        with open(self.path, "w", newline="") as file:
-            writer = csv.DictWriter(file, FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+            return list(csv.DictReader(file))
+
+    def write(self, rows: list[dict]) -> None:
+        """Write the record with these rows, whole or not at all."""
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        try:
+            write_atomically(self.path, text.getvalue().encode())
+        except OSError as err:
+            raise UserError(
+                f"the record {self.path} could not be written ({err.strerror}): "
+                f"its rows so far and the previous checkpoint are kept; make room "
+                f"or give another --out, then --resume"
+            ) from None

@@ -17,7 +17,7 @@ from torchvision import transforms
 
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import conditioning, signals
-from mindiffusion.training.checkpoints import Checkpoint
+from mindiffusion.training.checkpoints import CHECKPOINTS, Checkpoint
 from mindiffusion.training.data import PreparedLoader
 from mindiffusion.training.devices import autocast_dtype, resolve_device
 from mindiffusion.training.distributed import (
@@ -32,6 +32,7 @@ from mindiffusion.training.duties import StepDuties
 from mindiffusion.training.ema import averaged_copy
 from mindiffusion.training.errors import UserError
 from mindiffusion.training.fastpath import fast_settings
+from mindiffusion.training.files import remove_temporaries
 from mindiffusion.training.locks import hold_lock, release
 from mindiffusion.training.prepared import PreparedDDPM
 from mindiffusion.training.readings import StepReadings
@@ -122,7 +123,7 @@ class Run:
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         settings = dict(
             batch_size=dataloader.batch_size, ema=self.ema, ema_warmup=self.ema_warmup,
-            amp=self.amp, seed=self.seed,
+            amp=self.amp, seed=self.seed, dataset_size=len(dataloader.dataset),
         )
         if self.lock is not None:
             # a Run prepared again, such as a script's default one, starts afresh
@@ -130,7 +131,10 @@ class Run:
             self.lock = None
         if process_rank() == 0:
             # while this run lasts, no other run can take the same checkpoint
-            self.lock = hold_lock(path + ".lock", os.path.dirname(path) or ".")
+            self.lock = hold_lock(path)
+            for stale in remove_temporaries(path):
+                say(f"removed {stale}, the temporary file of a save that a kill "
+                    f"interrupted")
         recipe = recipe_of(ddpm, dataloader.dataset)
         checkpoint = Checkpoint(path, ddpm, optim, recipe, ema, scaler, settings)
         start = checkpoint.resume_or_start(self.resume, n_epoch, self.seed)
@@ -212,6 +216,11 @@ def run_training(train: Callable, **settings) -> DDPM:
     device, out = (own.get(k, params[k].default) for k in ("device", "out"))
     try:
         own["device"] = run.setup(device, out)
+        if run.resume and train.__name__ in CHECKPOINTS:
+            # before the dataset, which may be missing too
+            checkpoint = f"{out}/{CHECKPOINTS[train.__name__]}"
+            if not os.path.exists(checkpoint):
+                raise UserError(f"--resume: there is no checkpoint at {checkpoint}")
         with signals.stop_on_signals():
             try:
                 train(**own, run=run)
@@ -224,6 +233,18 @@ def run_training(train: Callable, **settings) -> DDPM:
                 if run.model is not None:
                     run.model.final_grid()
                 raise
+            except OSError as err:
+                grid = run.model and run.model.grid_being_written()
+                if grid is None:
+                    raise
+                # the script's save_image failed: no part of the grid is kept
+                if os.path.exists(grid):
+                    os.remove(grid)
+                raise UserError(
+                    f"the grid {grid} could not be written ({err.strerror}); its "
+                    f"epoch is saved in {run.model.checkpoint.path}: make room or "
+                    f"give another --out, then --resume"
+                ) from None
         return run.model and run.model.ddpm
     finally:
         if run.model is not None:
