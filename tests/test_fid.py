@@ -350,3 +350,17 @@ def test_mnist_at_28_and_at_32_pixels_do_not_share_statistics(tmp_path):
     assert not torch.equal(means[28][0], means[32][0])
     for side in (28, 32):
         assert torch.equal(means[side][0], means[side][1])
+
+
+def test_each_step_count_is_seeded_alone(checkpoint, stand_in, tmp_path, capsys):
+    # --steps 1,3 draws its 3-step samples as --steps 3 alone does, with the same
+    # --seed: each entry starts from the seed, not from where the last one ended
+    def fid_of_3_steps(steps):
+        fid_command(
+            checkpoint, tmp_path, "--fake-data", "4", "--seed", "7", "--steps", steps,
+            "--json", str(tmp_path / f"fid_{steps}.json"), capsys=capsys,
+        )
+        results = json.loads((tmp_path / f"fid_{steps}.json").read_text())["results"]
+        return next(r["fid"] for r in results if r["steps"] == 3)
+
+    assert fid_of_3_steps("1,3") == fid_of_3_steps("3")

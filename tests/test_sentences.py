@@ -3,6 +3,7 @@ written or locked, a seed too large, a file that is no checkpoint, an abbreviate
 flag, the settings a resume changes, and the cores a job may use."""
 import errno
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -190,3 +191,47 @@ def test_resume_without_a_checkpoint_says_so_before_the_dataset(
     assert code == 2
     out, name = tmp_path / "out", CHECKPOINTS[script]
     assert line == f"--resume: there is no checkpoint at {out}/{name}"
+
+
+def test_on_windows_another_run_s_lock_is_one_sentence_with_its_holder(
+    tmp_path, monkeypatch
+):
+    """msvcrt's lock, simulated: the holder keeps byte 0 locked, so reading it would
+    raise PermissionError; the holder's process id comes after it."""
+    checkpoint = str(tmp_path / "ddpm_mnist.pth")
+    (tmp_path / "ddpm_mnist.pth.lock").write_text("\n4242\n")
+    real_open = open
+
+    class LockedFirstByte:
+        def __init__(self, file):
+            self.file = file
+
+        def read(self, *args):
+            if self.file.tell() == 0:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return self.file.read(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            self.file.close()
+
+    def locking(fd, mode, size):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(locks, "fcntl", None)
+    monkeypatch.setattr(locks, "msvcrt", SimpleNamespace(LK_NBLCK=2, locking=locking),
+                        raising=False)
+    monkeypatch.setattr(
+        "builtins.open", lambda *args, **kw: LockedFirstByte(real_open(*args, **kw))
+    )
+    with pytest.raises(locks.UserError) as error:
+        locks.hold_lock(checkpoint)
+    assert str(error.value) == (
+        f"{checkpoint} is in use by another run (process 4242): wait for it to end, "
+        f"or choose another --out"
+    )

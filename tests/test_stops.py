@@ -250,3 +250,28 @@ def test_a_full_disk_while_the_record_is_written_keeps_its_rows(
     assert record.read_bytes() == before
     assert not list(tmp_path.glob("*.tmp"))
     assert torch.load(tmp_path / "ddpm_cifar.pth", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("seed", [["--seed", "5"], []])
+def test_a_resume_mid_epoch_sees_the_rest_of_the_epoch_s_order(
+    seed, stand_in, tmp_path, monkeypatch, capsys
+):
+    # with a seed other than the default and with none, the order of the epoch's
+    # images comes back from the checkpoint: after the resume, the images not yet
+    # seen, each once
+    forward, seen = DDPM.forward, []
+
+    def seeing(self, x, c=None):
+        seen.extend(tuple(image.flatten()[:4].tolist()) for image in x)
+        return forward(self, x, c)
+
+    monkeypatch.setattr(DDPM, "forward", seeing)
+    argv = FLAGS.replace(" --seed 0", "").split()
+    argv += [*seed, "--epochs", "1", "--out", str(tmp_path)]
+    stand_in["signal"] = (2, signal.SIGTERM)
+    assert train(train_cifar10, argv, capsys)[0] == 128 + signal.SIGTERM
+    before = list(seen)
+    seen.clear()
+    assert train(train_cifar10, [*argv, "--resume"], capsys)[0] == 0
+    assert len(before) == len(seen) == 4
+    assert len(set(before + seen)) == 8

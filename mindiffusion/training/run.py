@@ -216,9 +216,11 @@ def run_training(train: Callable, **settings) -> DDPM:
     device, out = (own.get(k, params[k].default) for k in ("device", "out"))
     try:
         own["device"] = run.setup(device, out)
-        if run.resume and train.__name__ in CHECKPOINTS:
+        # a script's own function, not a wrapper such as a functools.partial of it
+        name = CHECKPOINTS.get(getattr(train, "__name__", None))
+        if run.resume and name:
             # before the dataset, which may be missing too
-            checkpoint = f"{out}/{CHECKPOINTS[train.__name__]}"
+            checkpoint = f"{out}/{name}"
             if not os.path.exists(checkpoint):
                 raise UserError(f"--resume: there is no checkpoint at {checkpoint}")
         with signals.stop_on_signals():
