@@ -8,6 +8,7 @@ and data.py (the loader). The rest, a module per idea:
 
     cli.py, flags.py        the command line: its parser, and each flag with help
     checkpoints.py          the checkpoint and --resume; files.py writes it whole
+    resume_checks.py        what a --resume refuses, and the changes it names
     record.py, readings.py  the CSV record; the step's loss and gradient norm
     signals.py, locks.py    stopping on a signal; the lock on a checkpoint
     distributed.py          torchrun and DDP
