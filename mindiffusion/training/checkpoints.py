@@ -38,8 +38,6 @@ GRIDS = {
     "ddpm_cifar.pth": "ddpm_sample_cifar{}.png",
     "ddpm_celeba.pth": "ddpm_sample_celeba{:03d}.png",
 }
-
-
 # the checkpoint each training script writes into --out, for a --resume to find
 # before the script loads its dataset
 CHECKPOINTS = {

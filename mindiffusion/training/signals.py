@@ -102,14 +102,16 @@ def stop_on_signals():
     global received, count
     received = count = 0
     previous = {signum: signal.signal(signum, remember) for signum in STOP_SIGNALS}
+    # None where there is no console, as under Windows' pythonw
     streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = (StopSafeStream(stream) for stream in streams)
+    sys.stdout, sys.stderr = (stream and StopSafeStream(stream) for stream in streams)
     try:
         yield
     finally:
         # what is still buffered, while a reader that went away is forgiven
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
         sys.stdout, sys.stderr = streams
         received = count = 0
         for signum, handler in previous.items():
