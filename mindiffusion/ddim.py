@@ -54,10 +54,7 @@ class DDIM(DDPM):
     ) -> torch.Tensor:
         """DDIM sampling (eq. 12): n_sample images of shape `size`, from x_T to x_0;
         with classes, of classes c guided with weight guide_w, as DDPM.sample."""
-        if c is None:
-            # unconditional: guidance of the null class by itself is eps(x, null)
-            guide_w = 0.0
-        c = self.classes(n_sample, c, device)
+        c, guide_w = self.conditioning(n_sample, c, guide_w, device)
         # tau: n_steps + 1 timesteps evenly spaced from n_T down to 0, the data
         tau = torch.linspace(self.n_T, 0, self.n_steps + 1).round().long().tolist()
         # x_T ~ N(0, I)

@@ -125,15 +125,19 @@ class DDPM(nn.Module):
         # s \epsilon(x_t, c) + (1 - s) \epsilon(x_t, \varnothing), is s = 1 + w
         return (1 + guide_w) * eps_c - guide_w * eps_null
 
-    def classes(self, n_sample: int, c: torch.Tensor | None, device) -> torch.Tensor:
-        """The classes to sample: c, or with none given, the null class for all."""
+    def conditioning(
+        self, n_sample: int, c: torch.Tensor | None, guide_w: float, device
+    ) -> tuple[torch.Tensor | None, float]:
+        """The classes to sample and their guidance weight: c and guide_w, or with no
+        c given, the null class for all, unguided, since guiding the null class by
+        itself, (1 + w) eps(x, null) - w eps(x, null), is eps(x, null) again."""
         if self.n_classes is None:
             if c is not None:
                 raise ValueError("c is for a DDPM with n_classes; this one has none")
-            return None
+            return None, guide_w
         if c is None:
-            return torch.full((n_sample,), self.n_classes, device=device)
-        return c.to(device)
+            return torch.full((n_sample,), self.n_classes, device=device), 0.0
+        return c.to(device), guide_w
 
     # inference mode: no autograd bookkeeping at all, less even than no_grad keeps
     @torch.inference_mode()
@@ -150,10 +154,7 @@ class DDPM(nn.Module):
 
         Every tensor is made on `device`: nothing is copied over from the CPU per step.
         """
-        if c is None:
-            # unconditional: guidance of the null class by itself is eps(x, null)
-            guide_w = 0.0
-        c = self.classes(n_sample, c, device)
+        c, guide_w = self.conditioning(n_sample, c, guide_w, device)
         # x_T ~ N(0, I)
         x_i = torch.randn(n_sample, *size, device=device)
         for i in range(self.n_T, 0, -1):
