@@ -74,8 +74,9 @@ class Checkpoint:
         self.path, self.ddpm, self.optim, self.recipe, self.ema = (
             path, ddpm, optim, recipe, ema
         )
-        # the flags a resume may change, each said when it does: --batch-size,
-        # --ema, --no-ema-warmup, --amp, --seed
+        # what a resume may change, each said when it does: --batch-size, the
+        # dataset's size (both only at an epoch's end), --ema, --no-ema-warmup,
+        # --amp, --seed
         self.settings = settings or {}
         # a disabled scaler when --amp is not fp16: its state is empty
         self.scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
