@@ -3,6 +3,7 @@
     python -m mindiffusion.fid contents/ddpm_cifar.pth                  # DDIM, 50 steps
     python -m mindiffusion.fid contents/ddpm_cifar.pth --steps 10,20,50,100
     python -m mindiffusion.fid contents/ddpm_cifar.pth --sampler ddpm --n 10000
+    python -m mindiffusion.fid contents/ddpm_mnist.pth --features digits  # offline
 
 Features are the 2048 pool3 activations of the TensorFlow Inception of 2015-12-05,
 through torch-fidelity, which reproduces it and its resizing. The training set's
@@ -10,6 +11,8 @@ mean and covariance are cached, so a second FID of the same data costs only the
 samples. Fewer than 50,000 samples bias FID upward: such figures are not comparable
 to the papers'. This module holds the command, the training set, the Inception and
 the cache; the arithmetic of pixels, moments and distance is in mindiffusion.frechet.
+For MNIST, `--features digits` takes the 128 features of the digit judge
+(mindiffusion.judge) instead: no download, and features made for digits.
 """
 import argparse
 import hashlib
@@ -27,6 +30,7 @@ from torchvision.datasets import CIFAR10, MNIST, ImageFolder
 from tqdm import tqdm
 
 from mindiffusion.frechet import Moments, frechet_distance, to_uint8
+from mindiffusion.judge.model import JudgeFeatures
 from mindiffusion.sample import GUIDE_W, load_ddpm
 from mindiffusion.training import flags, progress
 from mindiffusion.training.data import (
@@ -37,14 +41,14 @@ from mindiffusion.training.data import (
 )
 from mindiffusion.training.devices import resolve_device
 from mindiffusion.training.errors import UserError
-from mindiffusion.training.files import write_atomically
+from mindiffusion.training.files import write_or_explain
 
 # where torch-fidelity's download of the Inception weights comes from
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
     "weights-inception-2015-12-05-6726825d.pth"
 )
-# the extractor, for the cache key: a change of it recomputes the statistics
+# the Inception's name, for the cache key and the --json figures
 EXTRACTOR = "torch-fidelity inception-v3-compat 2015-12-05 pool3 2048"
 # the papers' sample count
 PAPERS_N = 50_000
@@ -88,11 +92,14 @@ def inception(weights: str | None, device: torch.device) -> nn.Module:
             f"({getattr(err, 'reason', err)}): fetch {INCEPTION_URL} on a machine "
             f"with a network and give it with --inception-weights PATH"
         ) from None
+    # for the cache key: a change of the extractor recomputes the statistics
+    extractor.name = EXTRACTOR
     return extractor.to(device)
 
 
 def features_of(extractor: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The extractor's features of images in [0, 1], (B, C, H, W) -> (B, 2048)."""
+    """The extractor's features of images in [0, 1], (B, C, H, W) -> (B, 2048), or
+    (B, 128) for the digit judge's."""
     (features,) = extractor(to_uint8(images))
     return features
 
@@ -137,18 +144,6 @@ def reference_dataset(recipe: dict, data_root: str | None, fake_data: int | None
     return dataset, f"{name} train at {os.path.abspath(root)}, {tf}"
 
 
-def write_file(path: str, data: bytes, what: str) -> None:
-    """Write data to path whole or not at all, as checkpoints are written; `what`
-    names the data in the sentence that a failure becomes."""
-    try:
-        write_atomically(path, data)
-    except OSError as err:
-        folder = os.path.dirname(path) or "."
-        raise UserError(
-            f"{what} could not be written in {folder} ({err.strerror})"
-        ) from None
-
-
 def cached_statistics(path: str, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The mean and covariance cached at path for this key, or None: no file, a
     file of another key, or one that cannot be read, which is said in one line."""
@@ -169,8 +164,10 @@ def cached_statistics(path: str, key: str) -> tuple[torch.Tensor, torch.Tensor] 
 def reference_statistics(dataset, name, extractor, batch_size, device, cache_dir):
     """The mean and covariance of the dataset's features, from the cache in the
     folder cache_dir when the dataset, its split, the transform, the image count and
-    the extractor are the ones it was computed for."""
-    key = json.dumps(dict(dataset=name, images=len(dataset), extractor=EXTRACTOR))
+    the extractor, by its `name`, are the ones it was computed for."""
+    key = json.dumps(
+        dict(dataset=name, images=len(dataset), extractor=extractor.name)
+    )
     path = os.path.join(
         cache_dir, hashlib.sha256(key.encode()).hexdigest()[:16] + ".pt"
     )
@@ -185,7 +182,7 @@ def reference_statistics(dataset, name, extractor, batch_size, device, cache_dir
     mu, sigma = moments.statistics()
     buffer = io.BytesIO()
     torch.save(dict(key=key, mu=mu, sigma=sigma), buffer)
-    write_file(path, buffer.getvalue(), "the reference statistics' cache")
+    write_or_explain(path, buffer.getvalue(), "the reference statistics' cache")
     return mu, sigma
 
 
@@ -208,17 +205,6 @@ def sample_statistics(
     return moments.statistics()
 
 
-def step_counts(text: str) -> list[int]:
-    """An argparse type: one step count, or several separated by commas."""
-    try:
-        counts = [int(word) for word in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of step counts: {text}")
-    if min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"step counts must be at least 1: {text}")
-    return counts
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         allow_abbrev=False,
@@ -232,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         help="samples per FID, as many as the papers by default (default: %(default)s)")
     add("--sampler", choices=("ddpm", "ddim"), default="ddim",
         help="the sampler (default: %(default)s)")
-    add("--steps", type=step_counts, metavar="S[,S...]",
+    add("--steps", type=flags.step_counts, metavar="S[,S...]",
         help="DDIM's steps; a list gives one FID per entry, like Table 1 of the DDIM "
         "paper (default: 50, or n_T if less)")
     add("--guide-w", type=flags.guidance_weight, metavar="W",
@@ -254,6 +240,10 @@ def main(argv: list[str] | None = None) -> None:
     add("--seed", type=flags.seed, metavar="N",
         help="seed for the samples: the same seed gives the same FID "
         "(default: unseeded)")
+    add("--features", choices=("inception", "digits"), default="inception",
+        help="inception: the papers' 2048 Inception features; digits, for MNIST: "
+        "the 128 of the digit judge (mindiffusion.judge), offline (default: "
+        "%(default)s)")
     add("--inception-weights", metavar="PATH",
         help="the Inception weights as a local file, for machines without a network "
         "(default: torch-fidelity's download into torch's hub cache)")
@@ -264,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.sampler == "ddpm" and args.steps is not None:
         parser.error("--steps is DDIM's: add --sampler ddim, or drop it")
+    if args.features == "digits" and args.inception_weights:
+        parser.error("--inception-weights: --features digits reads no Inception")
     if args.json and not os.path.isdir(os.path.dirname(args.json) or "."):
         parser.error(f"--json {args.json}: its folder does not exist")
     if args.json and os.path.exists(args.json):
@@ -294,7 +286,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"--steps {max(steps)} is more than the model's n_T = {ddpm.n_T}"
             )
         dataset, name = reference_dataset(recipe, args.data_root, args.fake_data)
-        extractor = inception(args.inception_weights, device)
+        if args.features == "digits":
+            extractor = JudgeFeatures().to(device)
+        else:
+            extractor = inception(args.inception_weights, device)
         if args.n < PAPERS_N:
             print(
                 f"warning: --n {args.n} is below the papers' {PAPERS_N:,}: this FID "
@@ -332,12 +327,12 @@ def main(argv: list[str] | None = None) -> None:
         figures = dict(
             checkpoint=args.checkpoint, n=args.n, sampler=args.sampler,
             ema=args.use_ema, guide_w=guide_w if conditional else None,
-            reference=name, reference_images=len(dataset), extractor=EXTRACTOR,
+            reference=name, reference_images=len(dataset), extractor=extractor.name,
             results=results,
         )
         text = json.dumps(figures, indent=2)
         try:
-            write_file(args.json, text.encode(), f"--json {args.json}")
+            write_or_explain(args.json, text.encode(), f"--json {args.json}")
         except UserError as err:
             parser.exit(2, f"{parser.prog}: error: {err}\n")
     guidance = f", guide_w={guide_w}" if conditional else ""

@@ -4,6 +4,20 @@ import glob
 import os
 import tempfile
 
+from mindiffusion.training.errors import UserError
+
+
+def write_or_explain(path: str, data: bytes, what: str) -> None:
+    """Write data to path whole or not at all; `what` names the data in the one
+    sentence that a failure becomes."""
+    try:
+        write_atomically(path, data)
+    except OSError as err:
+        folder = os.path.dirname(path) or "."
+        raise UserError(
+            f"{what} could not be written in {folder} ({err.strerror})"
+        ) from None
+
 
 def write_atomically(path: str, data) -> None:
     """Write the bytes `data` to `path` whole or not at all: into a file of this

@@ -1,0 +1,79 @@
+"""The judge's figures: the share of samples read as digits, the distinct digits, the
+digit score (an Inception Score), the share drawn as asked; and the images of a grid
+PNG, read back cell by cell."""
+import math
+
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from mindiffusion.judge.model import JUNK, SURE
+from mindiffusion.training.errors import UserError
+
+# torchvision's make_grid puts 2 pixels between images and around them
+PAD = 2
+
+
+def digit_score(probs: torch.Tensor) -> float:
+    """The Inception Score exp(E_x KL(p(y|x) || p(y))) over the ten digits, (B, 11)
+    probabilities -> a number from 1 to 10. A sample's junk probability counts as no
+    digit in particular: it is spread evenly over the ten."""
+    p = probs[:, :JUNK] + probs[:, JUNK:] / JUNK
+    marginal = p.mean(0, keepdim=True)
+    kl = (p * (p.clamp_min(1e-12).log() - marginal.clamp_min(1e-12).log())).sum(1)
+    return math.exp(kl.mean().item())
+
+
+def figures(probs: torch.Tensor, asked: torch.Tensor | None) -> dict:
+    """The judge's figures of (B, 11) probabilities; with the (B,) digits asked
+    for, the share drawn as asked, surely."""
+    confidence, label = probs.max(1)
+    sure = (label != JUNK) & (confidence >= SURE)
+    result = dict(
+        samples=len(probs),
+        digits=int(sure.sum()),
+        distinct=len(label[sure].unique()),
+        score=digit_score(probs),
+    )
+    if asked is not None:
+        result["as_asked"] = int((sure & (label == asked)).sum())
+    return result
+
+
+def grid_images(path: str) -> tuple[torch.Tensor, int]:
+    """The images of a grid PNG that make_grid wrote, row by row: (N, 1, S, S) in
+    [0, 1] for S of 32 or 28, leaving out the empty cells that end a short row; and
+    the grid's number of rows."""
+    try:
+        grid = transforms.functional.pil_to_tensor(Image.open(path).convert("L"))
+    except OSError:
+        raise UserError(f"{path} is not an image that can be read") from None
+    grid = grid.float() / 255
+    height, width = grid.shape[1:]
+    # a side S fits when both sides are PAD + k (S + PAD) pixels
+    sides = [
+        side for side in (32, 28)
+        if (width - PAD) % (side + PAD) == 0 and (height - PAD) % (side + PAD) == 0
+    ]
+    if not sides:
+        raise UserError(
+            f"{path} is {width}x{height}, not a grid of 28x28 or 32x32 images"
+        )
+    size = sides[0]
+    step = size + PAD
+    # (1, H, W) -> (1, rows, columns, S, S): each cell, the padding between dropped
+    cells = grid[:, PAD:, PAD:].unfold(1, size, step).unfold(2, size, step)
+    # -> (rows * columns, 1, S, S), row by row
+    images = cells.permute(1, 2, 0, 3, 4).reshape(-1, 1, size, size)
+    while len(images) > 1 and images[-1].max() == 0:
+        images = images[:-1]
+    return images, cells.shape[1]
+
+
+def rows_as_digits(images: torch.Tensor, rows: int, path: str) -> torch.Tensor:
+    """The digit each image of a grid of ten rows was asked for: its row's."""
+    if rows != 10 or len(images) % 10:
+        raise UserError(f"--rows-are-classes: {path} has {rows} rows of images, "
+                        f"not ten full ones")
+    # (10,) -> (N,): each row's digit for every image in it
+    return torch.arange(10).repeat_interleave(len(images) // 10)
