@@ -205,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
         x0, source = (pixels - mean) / std, "images of the dataset"
     else:
         print("no --data-root: noising samples of the checkpoint, drawn with DDIM")
-        ddim = DDIM.of(ddpm, min(50, ddpm.n_T))
+        # eta 1, DDPM's posterior noise: a young model's deterministic (eta 0)
+        # samples can stay static, and static would show no forward process
+        ddim = DDIM.of(ddpm, min(50, ddpm.n_T), eta=1.0)
         with progress.timesteps(ddim, "samples to noise"):
             x0 = ddim.sample(N_IMAGES, size, device, c, GUIDE_W)
         source = "samples of the model"

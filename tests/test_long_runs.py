@@ -35,6 +35,10 @@ FOUR_BATCHES = SimpleNamespace(epoch=0, batch_size=2, batches_per_epoch=4)
 FLAGS = "--device cpu --batch-size 2 --n-T 2 --fake-data 8 --num-workers 0 --seed 0"
 
 
+def no_grid(epoch: int, batches: int) -> None:
+    """StepDuties' grid_within_epoch, for duties tested without a prepared model."""
+
+
 def train(script, argv, capsys):
     """Run `script`'s command line; return its exit code, stderr's last line without
     the program's name, and stdout."""
@@ -222,7 +226,7 @@ def test_grad_clip_bounds_the_norm_and_without_it_nothing_changes(monkeypatch):
     for clip in (None, 0.01):
         readings = StepReadings(ddpm)
         step_duties = duties.StepDuties(
-            checkpoint, FOUR_BATCHES, readings, 0, None, clip, None
+            checkpoint, FOUR_BATCHES, readings, 0, None, clip, None, no_grid
         )
         ddpm.zero_grad()
         loss = ddpm.eps_model.weight.sum() * 100
@@ -396,7 +400,8 @@ def test_fp16_backward_starts_from_the_scaled_loss_and_the_step_sees_it_unscaled
     readings = StepReadings(ddpm)
     prepared = PreparedDDPM(Run(), checkpoint, ddpm, FOUR_BATCHES, None, readings)
     step_duties = duties.StepDuties(
-        checkpoint, FOUR_BATCHES, readings, 0, None, None, None
+        checkpoint, FOUR_BATCHES, readings, 0, None, None, None,
+        prepared.grid_within_epoch,
     )
     x = torch.randn(2, 1, 8, 8)
     reference = DDPM(TinyEps(), (1e-4, 0.02), 2)

@@ -31,6 +31,10 @@ import train_mnist
 MNIST = [*FLAGS.split(), *SMALL_MNIST]
 
 
+def no_grid(epoch: int, batches: int) -> None:
+    """StepDuties' grid_within_epoch, for duties tested without a prepared model."""
+
+
 def test_a_signal_on_an_epoch_s_last_step_draws_its_grid_and_resumes_exactly(
     stand_in, tmp_path, capsys
 ):
@@ -200,7 +204,7 @@ def test_the_guard_stops_on_a_finite_loss_with_an_infinite_gradient():
     checkpoint = checkpoints.Checkpoint("unused", ddpm, optim, {})
     loader = SimpleNamespace(epoch=0, batch_size=2, batches_per_epoch=4)
     readings = StepReadings(ddpm)
-    duties.StepDuties(checkpoint, loader, readings, 0, None, None, None)
+    duties.StepDuties(checkpoint, loader, readings, 0, None, None, None, no_grid)
     weight = ddpm.eps_model.weight
     # sqrt(w - w) is 0, and its derivative 1 / (2 sqrt(0)) infinite
     loss = (weight - weight.detach()).sqrt().sum()

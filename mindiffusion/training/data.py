@@ -1,5 +1,6 @@
 """The training data: a dataset that is missing explained in one sentence, and the
 loader that a prepared run trains from, rebuilt from the notes' DataLoader."""
+import collections
 import contextlib
 import io
 import itertools
@@ -10,11 +11,16 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from mindiffusion.training.distributed import process_rank, split_batch, world_size
+from mindiffusion.training.distributed import (
+    process_rank,
+    say,
+    split_batch,
+    world_size,
+)
 from mindiffusion.training.errors import UserError
 from mindiffusion.training.signals import ignore_stop_signals
 
@@ -131,6 +137,21 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return super().__len__() - self.skip
+
+
+def first_of_each_class(dataset: Dataset, n: int) -> Subset:
+    """The first n images of each class (label) of the dataset, in its order, for
+    --per-class: MNIST's first 400 of each digit are the 4,000 digits of the
+    README's lesson figures."""
+    counts, kept = collections.Counter(), []
+    for index, label in enumerate(dataset.targets):
+        label = int(label)
+        if counts[label] < n:
+            counts[label] += 1
+            kept.append(index)
+    if len(kept) == len(dataset):
+        say(f"--per-class {n} takes all {len(kept):,} images: no class has more")
+    return Subset(dataset, kept)
 
 
 class PreparedLoader:

@@ -4,7 +4,8 @@ the notes' `optim.step()` stands alone in the loop.
 Before the step: refuse a loss or gradient that is not finite, so that divergence
 never reaches the weights or the disk, and clip the gradients under --grad-clip;
 under --amp fp16, unscale them, as torch's GradScaler does. After it: the --ema
-update, a save every --save-every steps, and a clean stop when a signal came.
+update, a save every --save-every steps, a clean stop when a signal came, and the
+--grid-minutes grids within an epoch.
 
 None of it stops a GPU more than the notes' own `loss.item()` does: the guard reads
 values already on the host (readings.py), only --grad-clip passes over
@@ -12,6 +13,7 @@ the gradients, and under torchrun the ranks meet about signals only every
 SIGNAL_EVERY steps.
 """
 import math
+from collections.abc import Callable
 
 import torch
 from torch.optim.swa_utils import AveragedModel
@@ -34,7 +36,8 @@ SIGNAL_EVERY = 10
 
 class StepDuties:
     """The pre- and post-step hooks of `checkpoint.optim`, for a run that trains from
-    `loader`; `readings` holds the loss and gradient norm of the step under way."""
+    `loader`; `readings` holds the loss and gradient norm of the step under way, and
+    grid_within_epoch(epoch, batches) draws a --grid-minutes grid when it is due."""
 
     def __init__(
         self,
@@ -45,8 +48,10 @@ class StepDuties:
         save_every: int | None,
         grad_clip: float | None,
         ema: AveragedModel | None,
+        grid_within_epoch: Callable[[int, int], None],
     ) -> None:
         self.checkpoint, self.loader, self.readings = checkpoint, loader, readings
+        self.grid_within_epoch = grid_within_epoch
         self.save_every, self.grad_clip, self.ema = save_every, grad_clip, ema
         self.global_batch = loader.batch_size * world_size()
         self.epoch, self.batches, self.steps = loader.epoch, batches, 0
@@ -91,8 +96,9 @@ class StepDuties:
             torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip)
 
     def after_step(self, optim, args, kwargs) -> None:
-        """Update the --ema average, save every --save-every steps, and stop here if
-        a signal came, unless this step ended its epoch: the epoch's end saves."""
+        """Update the --ema average, save every --save-every steps, stop here if a
+        signal came and draw a --grid-minutes grid when due, unless this step ended
+        its epoch: the epoch's end saves and draws."""
         if self.ema is not None:
             self.ema.update_parameters(self.checkpoint.ddpm)
         if self.checkpoint.scaler.is_enabled():
@@ -103,9 +109,14 @@ class StepDuties:
             return
         if self.save_every and self.steps % self.save_every == 0:
             self.checkpoint.save(self.epoch, self.batches)
-        if world_size() > 1 and self.steps % SIGNAL_EVERY:
-            return
-        # under torchrun, every rank stops after the same step
+        # under torchrun, the ranks meet only every SIGNAL_EVERY steps
+        if world_size() == 1 or self.steps % SIGNAL_EVERY == 0:
+            self.stop_if_signalled()
+        self.grid_within_epoch(self.epoch, self.batches)
+
+    def stop_if_signalled(self) -> None:
+        """Save and stop if a stop signal came; under torchrun, every rank stops
+        after the same step."""
         signum = largest(signals.received)
         if signum:
             self.checkpoint.save(self.epoch, self.batches)

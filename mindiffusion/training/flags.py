@@ -38,6 +38,17 @@ def seed(text: str) -> int:
     return value
 
 
+def step_counts(text: str) -> list[int]:
+    """An argparse type: one step count, or several separated by commas."""
+    try:
+        counts = [int(word) for word in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of step counts: {text}")
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"step counts must be at least 1: {text}")
+    return counts
+
+
 fraction = bounded_float(lambda v: 0 < v < 1, "between 0 and 1")
 guidance_weight = bounded_float(
     lambda v: v >= 0, "at least 0, plain conditional sampling"
@@ -78,6 +89,10 @@ FLAGS = {
     "fake_data": ("--fake-data", dict(type=at_least(1), metavar="N"),
                   "train on N random images of the dataset's shape, with no download; "
                   "they are held in memory, N x C x H x W bytes (default: off)"),
+    "per_class": ("--per-class", dict(type=at_least(1), metavar="N"),
+                  "train on the first N images of each class only (of each digit, "
+                  "for MNIST; of all, for an unlabelled folder), such as the part "
+                  "of MNIST a figure of the README was measured on (default: all)"),
     "fast": ("--fast", dict(action="store_true"),
              "turn on the speed flags that pay on the device: --amp auto and "
              "--compile on CUDA and on a CPU (where --amp auto takes bfloat16 only "
@@ -114,6 +129,10 @@ FLAGS = {
     "grid_every": ("--grid-every", dict(type=at_least(1), metavar="N"),
                    "draw the grid after epochs N, 2N, ... and after the last one; "
                    "the checkpoint is still saved every epoch (default: %(default)s)"),
+    "grid_minutes": ("--grid-minutes", dict(type=positive_float, metavar="M"),
+                     "also draw a grid within an epoch once M minutes have passed "
+                     "since the last one, as OUT/ddpm_sample_{epoch}_step{n}.png, "
+                     "for epochs that last longer (default: off)"),
     "grid_sampler": ("--grid-sampler", dict(choices=("ddpm", "ddim")),
                      "ddpm draws each grid in the model's n_T steps; ddim in "
                      "--grid-steps, with eta 1 (DDPM's posterior noise), seconds on "

@@ -4,6 +4,7 @@ notes' plain calls.
 """
 import contextlib
 import os
+import time
 
 import torch
 import torch.nn as nn
@@ -43,6 +44,8 @@ class PreparedDDPM(nn.Module):
         self.saved = None
         # the training steps this run has taken, and how many its last grid came after
         self.steps, self.grid_at = 0, None
+        # when the last grid was drawn, or the run began, for --grid-minutes
+        self.grid_clock = time.monotonic()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the labels, with --cond; the notes' unconditional DDPM takes none
@@ -100,7 +103,7 @@ class PreparedDDPM(nn.Module):
         with signals.grid_in_progress(stopped), progress.timesteps(ddpm, "grid"):
             with torch.no_grad():
                 xh = ddpm.sample(*sample_args)
-        self.grid_at = self.steps
+        self.grid_at, self.grid_clock = self.steps, time.monotonic()
         return xh
 
     def grid_sampler(self) -> DDPM:
@@ -121,17 +124,11 @@ class PreparedDDPM(nn.Module):
             return
         epoch, batches = self.checkpoint.saved_at
         # the script's name for the grid of the epoch saved, or of the step
-        path = grid_path(self.checkpoint.path, epoch - 1 if batches == 0 else epoch)
-        if path is not None and batches:
-            # ddpm_sample_3.png -> ddpm_sample_3_step40.png
-            path = f"{os.path.splitext(path)[0]}_step{batches}.png"
+        path = step_grid_path(
+            self.checkpoint.path, epoch - 1 if batches == 0 else epoch, batches
+        )
         if path is None or os.path.exists(path):
             return
-        device = next(self.ddpm.parameters()).device
-        # the loop was training: BatchNorm draws with its running statistics
-        self.eval()
-        recipe = self.checkpoint.recipe
-        ddpm, sample_args = self.grid_walk(16, recipe["image_size"], device)
 
         def stopped(signum: int) -> str:
             return (
@@ -141,6 +138,43 @@ class PreparedDDPM(nn.Module):
             )
 
         print("drawing the grid of the weights saved (a second signal skips it)")
+        self.write_grid(path, stopped)
+
+    def grid_within_epoch(self, epoch: int, batches: int) -> None:
+        """--grid-minutes: once the minutes have passed since the last grid, save
+        and draw the grid of this step's weights, leaving training's random numbers
+        as they were, so that the run trains the same whenever its grids come."""
+        minutes = self.run.grid_minutes
+        if minutes is None or process_rank() > 0:
+            return
+        if time.monotonic() - self.grid_clock < 60 * minutes:
+            return
+        path = step_grid_path(self.checkpoint.path, epoch, batches)
+        if path is None:
+            return
+        self.checkpoint.save(epoch, batches)
+
+        def stopped(signum: int) -> str:
+            return (
+                f"stopped by {signals.name(signum)} during the grid of epoch {epoch}, "
+                f"step {batches}: saved in {self.checkpoint.path}; run the same "
+                f"command with --resume to go on"
+            )
+
+        device = next(self.ddpm.parameters()).device
+        cuda = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            self.write_grid(path, stopped)
+        self.train()
+
+    def write_grid(self, path: str, stopped) -> None:
+        """Draw the grid of the weights as they are, in eval mode, and write it to
+        path; a second signal raises Stopped with the message stopped(signum)."""
+        device = next(self.ddpm.parameters()).device
+        # the loop was training: BatchNorm draws with its running statistics
+        self.eval()
+        recipe = self.checkpoint.recipe
+        ddpm, sample_args = self.grid_walk(16, recipe["image_size"], device)
         xh = self.draw(ddpm, sample_args, stopped)
         save_image(make_grid(denormalize(xh, recipe["normalize"]), nrow=4), path)
         print(f"wrote {path}")
@@ -181,6 +215,16 @@ def zeros_for(ddpm: DDPM):
         yield
     finally:
         ddpm.eps_model = eps_model
+
+
+def step_grid_path(checkpoint_path: str, epoch: int, batches: int) -> str | None:
+    """The grid's path after `batches` steps of epoch: the script's own name for
+    the epoch's grid at its end (batches 0), else with the step added."""
+    path = grid_path(checkpoint_path, epoch)
+    if path is None or batches == 0:
+        return path
+    # ddpm_sample_3.png -> ddpm_sample_3_step40.png
+    return f"{os.path.splitext(path)[0]}_step{batches}.png"
 
 
 def grid_path(checkpoint_path: str, epoch: int) -> str | None:

@@ -18,7 +18,7 @@ from torchvision import transforms
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import conditioning, signals
 from mindiffusion.training.checkpoints import CHECKPOINTS, Checkpoint
-from mindiffusion.training.data import PreparedLoader
+from mindiffusion.training.data import PreparedLoader, first_of_each_class
 from mindiffusion.training.devices import autocast_dtype, resolve_device
 from mindiffusion.training.distributed import (
     distribute,
@@ -44,14 +44,16 @@ class Run:
 
     seed: torch's seed (each torchrun rank adds its rank); num_workers: DataLoader
     worker processes; resume: go on from the checkpoint; fake_data: train on N
-    random images of the dataset's shape; fast: turn on the speed flags that pay
+    random images of the dataset's shape; per_class: train on the first N images
+    of each class; fast: turn on the speed flags that pay
     on the device (fastpath.py); amp: autocast the forward pass (auto,
     bf16 or fp16); channels_last: the weights, and so the activations, in
     channels_last; compile: torch.compile the noise model; ema: the decay of an
     averaged copy of the weights, which draws the grids; ema_warmup: a young average
     decays less (ema.py); save_every: also save every N steps;
     grad_clip: clip the gradients' norm; grid_every: draw the grid every N epochs and
-    after the last; grid_sampler, grid_steps: draw it with DDPM's n_T steps, or with
+    after the last; grid_minutes: and within an epoch, every M minutes;
+    grid_sampler, grid_steps: draw it with DDPM's n_T steps, or with
     DDIM's grid_steps; cond: train on the labels, with classifier-free
     guidance; p_uncond: how often a label is hidden; guide_w: the grids' guidance.
     """
@@ -60,6 +62,7 @@ class Run:
     num_workers: int = 0
     resume: bool = False
     fake_data: int | None = None
+    per_class: int | None = None
     fast: bool = False
     amp: str | None = None
     channels_last: bool = False
@@ -69,6 +72,7 @@ class Run:
     save_every: int | None = 1000
     grad_clip: float | None = None
     grid_every: int = 1
+    grid_minutes: float | None = None
     grid_sampler: str = "ddpm"
     grid_steps: int | None = None
     cond: bool = False
@@ -101,6 +105,11 @@ class Run:
         the checkpoint at `path` and --resume taken up; see `PreparedDDPM`,
         `StepDuties` and `PreparedLoader` for what each one does besides."""
         device = next(ddpm.parameters()).device
+        # the recipe names the whole dataset, of which --per-class takes a part
+        dataset = dataloader.dataset
+        if self.per_class is not None:
+            part = first_of_each_class(dataset, self.per_class)
+            dataloader = DataLoader(part, batch_size=dataloader.batch_size)
         if self.fast:
             self.take_fast_path(device)
         if self.channels_last:
@@ -135,7 +144,7 @@ class Run:
             for stale in remove_temporaries(path):
                 say(f"removed {stale}, the temporary file of a save that a kill "
                     f"interrupted")
-        recipe = recipe_of(ddpm, dataloader.dataset)
+        recipe = recipe_of(ddpm, dataset)
         checkpoint = Checkpoint(path, ddpm, optim, recipe, ema, scaler, settings)
         start = checkpoint.resume_or_start(self.resume, n_epoch, self.seed)
         # the record times each epoch from its first batch, after the last one's grid
@@ -148,7 +157,7 @@ class Run:
         model = PreparedDDPM(self, checkpoint, parallel, loader, dtype, readings)
         StepDuties(
             checkpoint, loader, readings, start.batches, self.save_every,
-            self.grad_clip, ema,
+            self.grad_clip, ema, model.grid_within_epoch,
         )
         self.n_epoch, self.start_epoch, self.model = n_epoch, start.epoch, model
         return model, optim, loader

@@ -1,0 +1,114 @@
+"""The lesson's flags: --per-class takes the first images of each class, --grid-minutes
+draws grids within long epochs without changing what the run trains, and --laptop
+reaches the run from train_mnist.py's command line; each wired in all three scripts."""
+import runpy
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, cheap_ddpm, narrow_unets
+from mindiffusion.training import data, prepared
+from test_long_runs import FLAGS, SMALL_MNIST, train
+from test_prepared_run import SCRIPTS
+
+
+def test_per_class_keeps_the_first_images_of_each_label_in_order(capsys):
+    dataset = type("Labelled", (), {
+        "targets": [3, 1, 3, 3, 1, 2, 1], "__len__": lambda self: 7,
+    })()
+    assert data.first_of_each_class(dataset, 2).indices == [0, 1, 2, 4, 5]
+    assert data.first_of_each_class(dataset, 1).indices == [0, 1, 5]
+    assert "takes all" not in capsys.readouterr().out
+    # a part as large as the whole is said, not refused: the README's command
+    # names the part, and a folder may hold just that part
+    assert len(data.first_of_each_class(dataset, 3)) == 7
+    assert "--per-class 3 takes all 7 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script, flags, grid", SCRIPTS)
+def test_each_script_trains_on_the_first_images_of_each_class(
+    script, flags, grid, tmp_path, capsys, monkeypatch
+):
+    seen = []
+    cheap_ddpm(monkeypatch, on_forward=lambda ddpm, x: seen.append(len(x)))
+    narrow_unets(monkeypatch)
+    argv = [*FLAGS.split(), *flags, "--fake-data", "16", "--epochs", "1"]
+    assert train(script, [*argv, "--per-class", "1", "--out", str(tmp_path)],
+                 capsys)[0] == 0
+    # the labels FakeImages draws, the first image of each
+    labels = data.FakeImages(16, (1, 28, 28)).targets
+    assert sum(seen) == len(set(labels)) < 16
+
+
+class FakeClock:
+    """time.monotonic for prepared.py, a minute later at each reading."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        self.now += 60
+        return self.now
+
+
+def run_with_clock(script, flags, out, capsys, monkeypatch, *more):
+    """The script's run of one epoch of 4 steps under the fake clock."""
+    monkeypatch.setattr(prepared, "time", FakeClock())
+    argv = [*FLAGS.split(), *flags, "--epochs", "1", "--out", str(out), *more]
+    assert train(script, argv, capsys)[0] == 0
+    return sorted(path.name for path in out.glob("*.png"))
+
+
+def test_grid_minutes_draws_within_the_epoch_and_trains_the_same(
+    stand_in, tmp_path, capsys, monkeypatch
+):
+    from train_mnist import train_mnist
+
+    plain, timed = tmp_path / "plain", tmp_path / "timed"
+    assert run_with_clock(train_mnist, SMALL_MNIST, plain, capsys, monkeypatch) == [
+        "ddpm_sample_0.png"
+    ]
+    # readings: a minute at the start, then one at each step's check; the check
+    # after step 2 finds 2 minutes passed, and the grid's draw restarts the clock
+    drawn = run_with_clock(
+        train_mnist, SMALL_MNIST, timed, capsys, monkeypatch, "--grid-minutes", "2"
+    )
+    assert drawn == ["ddpm_sample_0.png", "ddpm_sample_0_step2.png"]
+    # the grid's random numbers are its own: the run trains and ends the same
+    a = torch.load(plain / "ddpm_mnist.pth", weights_only=True)
+    b = torch.load(timed / "ddpm_mnist.pth", weights_only=True)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert all(map(torch.equal, a["rng_cpu"], b["rng_cpu"]))
+    assert (plain / "ddpm_sample_0.png").read_bytes() == (
+        timed / "ddpm_sample_0.png"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize("script, flags, grid", SCRIPTS)
+def test_each_script_draws_its_grid_within_the_epoch(
+    script, flags, grid, tmp_path, capsys, monkeypatch
+):
+    cheap_ddpm(monkeypatch)
+    narrow_unets(monkeypatch)
+    drawn = run_with_clock(
+        script, flags, tmp_path, capsys, monkeypatch, "--grid-minutes", "2"
+    )
+    step_grid = grid.format(0).replace(".png", "_step2.png")
+    assert drawn == sorted([grid.format(0), step_grid])
+
+
+def test_train_mnist_hands_its_laptop_preset_to_the_run(monkeypatch):
+    seen = {}
+    from mindiffusion.training import cli
+
+    monkeypatch.setattr(cli, "run_training", lambda train, **kw: seen.update(kw))
+    monkeypatch.setattr(sys, "argv", ["train_mnist.py", "--laptop"])
+    runpy.run_path(str(REPO / "train_mnist.py"), run_name="__main__")
+    expected = dict(
+        eps_model="unet", n_feat=16, batch_size=16, lr=3e-3, ema=0.995,
+        channels_last=True, grid_sampler="ddim", grid_steps=20, guide_w=2.0,
+        grid_minutes=2.0, num_workers=0,
+    )
+    assert {k: seen[k] for k in expected} == expected
