@@ -19,7 +19,7 @@ from mindiffusion.unet import NaiveUnet  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "gpu(reason): needs a CUDA GPU; skipped for `reason` without one"
+        "markers", "cuda(reason): needs a CUDA GPU; skipped for `reason` without one"
     )
 
 
@@ -31,12 +31,12 @@ def gpu_first(items: list, cuda: bool) -> None:
     """Where there is a CUDA GPU (`cuda`), put the tests marked gpu first, so that
     a run under a time limit reaches them before the suite's slow compiles; where
     there is none, skip them, each with its reason."""
-    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    gpu = [item for item in items if item.get_closest_marker("cuda")]
     if cuda:
         items[:] = gpu + [item for item in items if item not in gpu]
         return
     for item in gpu:
-        reason = item.get_closest_marker("gpu").kwargs["reason"]
+        reason = item.get_closest_marker("cuda").kwargs["reason"]
         item.add_marker(pytest.mark.skip(reason=reason))
 
 

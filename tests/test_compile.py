@@ -111,7 +111,7 @@ def test_compiled_sampling_draws_the_eager_samples():
     torch.testing.assert_close(compiled, eager, **TOLERANCE)
 
 
-@pytest.mark.gpu(reason=NO_GPU)
+@pytest.mark.cuda(reason=NO_GPU)
 def test_sampling_in_cuda_graphs_draws_the_eager_samples():
     eager, graphed = sample_before_and_after_compiling(torch.device("cuda"))
     torch.testing.assert_close(graphed, eager, **TOLERANCE)

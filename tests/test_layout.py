@@ -1,7 +1,10 @@
 """The package's layout: the DDPM at the top imports nothing else of the package, the
 run's machinery in training/ imports no command, no import circle anywhere (imports
-inside functions included), and no module too long to read."""
+inside functions included), no module too long to read, and no tracked file that
+names what a clone of the repository lacks."""
 import ast
+import re
+import subprocess
 from pathlib import Path
 
 from conftest import REPO
@@ -161,3 +164,50 @@ def test_long_modules_and_a_crowded_top_are_found(tmp_path):
     problems = layout_problems(package)
     assert problems[0].startswith(f"{MAX_TOP_MODULES + 1} modules at the top")
     assert problems[1:] == ["pkg/training/cli.py: 201 lines"]
+
+
+# what a clone lacks: the folder beside the repository that development used, and a
+# development machine's own folder; written in pieces, so that this file is clean
+SIBLING = (".." + "/shared").encode()
+MACHINE = re.compile(rb"(?<![\w.])" + re.escape(("." + "gpu").encode()) + rb"\b")
+
+
+def tracked_files(repo: Path) -> list[Path]:
+    """The files git tracks in repo, or where it is no git checkout, every file but
+    git's, Python's caches and the datasets."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z"], cwd=repo, capture_output=True, check=True
+        ).stdout.decode().split("\0")
+        return [repo / name for name in listed if name]
+    except (OSError, subprocess.CalledProcessError):
+        skipped = {".git", "__pycache__", "data", ".pytest_cache"}
+        return [
+            path for path in repo.rglob("*")
+            if path.is_file() and not skipped & set(path.relative_to(repo).parts)
+        ]
+
+
+def names_outside(repo: Path) -> list[str]:
+    """FILE:LINE of each line of a tracked file that names what a clone lacks."""
+    found = []
+    for path in tracked_files(repo):
+        if not path.is_file():
+            continue
+        for n, line in enumerate(path.read_bytes().splitlines(), 1):
+            if SIBLING in line or MACHINE.search(line):
+                found.append(f"{path.relative_to(repo)}:{n}")
+    return found
+
+
+def test_no_tracked_file_names_what_a_clone_lacks():
+    assert names_outside(REPO) == []
+
+
+def test_the_check_finds_both_names_and_spares_lookalikes(tmp_path):
+    (tmp_path / "README.md").write_text(
+        "python judge.py " + ".." + "/shared/tools\n"
+        "pytest.mark.cuda, GPU, my.gpus, cache.gpu_x\n"
+        "--data-root " + "." + "gpu/mnist\n"
+    )
+    assert names_outside(tmp_path) == ["README.md:1", "README.md:3"]

@@ -107,11 +107,11 @@ class CollectedTest:
     """A collected test as gpu_first sees it: its gpu marker, and the markers added."""
 
     def __init__(self, reason=None):
-        self.gpu = None if reason is None else pytest.mark.gpu(reason=reason).mark
+        self.gpu = None if reason is None else pytest.mark.cuda(reason=reason).mark
         self.added = []
 
     def get_closest_marker(self, name):
-        return self.gpu if name == "gpu" else None
+        return self.gpu if name == "cuda" else None
 
     def add_marker(self, marker):
         self.added.append(marker.mark)

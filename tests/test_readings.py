@@ -84,7 +84,7 @@ def never_waits(method):
     return strict
 
 
-@pytest.mark.gpu(reason=NO_GPU)
+@pytest.mark.cuda(reason=NO_GPU)
 @pytest.mark.parametrize("flags", [{}, dict(ema=0.999), dict(amp="fp16")])
 def test_on_cuda_the_duties_of_a_step_never_wait_for_the_gpu(
     flags, tmp_path, monkeypatch

@@ -44,7 +44,7 @@ def checkpoints(tmp_path_factory):
         for name, (train, _, _) in SCRIPTS.items():
             out = tmp_path_factory.mktemp(name)
             seen["batches"], seen["sizes"] = [], []
-            ddpm = run_training(train, 
+            ddpm = run_training(train,
                 n_epoch=1,
                 device="cpu",
                 batch_size=2,
