@@ -7,8 +7,9 @@ The DDPM itself is three files:
     ddim.py    DDIM, a sampler of fewer steps for the same trained model
 
 The commands, each `python -m mindiffusion.<name>`: sample (draw from a checkpoint),
-fid (the Frechet Inception Distance, with frechet.py), figures (a lesson's figures),
-export (the weights alone) and bench (training and sampling speed).
+judge (how many MNIST samples read as digits, and which), fid (the Frechet Inception
+Distance, with frechet.py), figures (a lesson's figures), export (the weights alone)
+and bench (training and sampling speed).
 
 training/ is the run's machinery that the three training scripts share: flags,
 checkpoints and --resume, stop signals, torchrun, --ema, --amp and the rest. The

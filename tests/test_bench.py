@@ -501,7 +501,7 @@ def test_loop_settings_keep_the_scripts_own_workers_and_the_laptop_preset():
     assert settings["num_workers"] == min(20, len(os.sched_getaffinity(0)))
     assert "eps_model" not in settings
     settings = speeds.loop_settings(laptop, dict(compile=True), cpu, 64, 10)
-    assert (settings["eps_model"], settings["n_feat"]) == ("unet", 24)
+    assert (settings["eps_model"], settings["n_feat"]) == ("unet", 16)
     assert settings["num_workers"] == 0 and settings["lr"] == train_mnist.LAPTOP["lr"]
     assert settings["device"] == "cpu" and settings["compile"] is True
     # each row's own precision and average, not the preset's

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from mindiffusion import figures
+from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
 from mindiffusion.unet import NaiveUnet
 
@@ -138,3 +139,24 @@ def test_a_read_only_out_is_refused_before_any_sampling(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.endswith(f"error: --out {out} is not writable: choose another --out\n")
+
+
+def test_without_data_the_images_noised_are_ddim_samples_with_posterior_noise(
+    checkpoint, tmp_path, monkeypatch
+):
+    noised = []
+    noising = figures.forward_noising
+
+    def keep(x0, *args):
+        noised.append(x0)
+        return noising(x0, *args)
+
+    monkeypatch.setattr(figures, "forward_noising", keep)
+    figures.main([str(checkpoint), "--out", str(tmp_path), "--device", "cpu",
+                  "--seed", "3"])
+    # eta 1: a young model's deterministic walk can end in static
+    ddpm = tiny_ddpm()
+    ddim = DDIM(ddpm.eps_model, RECIPE["betas"], N_T, eta=1.0, n_steps=N_T).eval()
+    torch.manual_seed(3)
+    expected = ddim.sample(figures.N_IMAGES, RECIPE["image_size"], "cpu")
+    assert torch.allclose(noised[0], expected, atol=1e-6)

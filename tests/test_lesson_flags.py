@@ -112,3 +112,27 @@ def test_train_mnist_hands_its_laptop_preset_to_the_run(monkeypatch):
         grid_minutes=2.0, num_workers=0,
     )
     assert {k: seen[k] for k in expected} == expected
+
+
+def test_under_torchrun_each_rank_saves_and_rank_0_alone_draws(
+    stand_in, tmp_path, capsys, monkeypatch
+):
+    from mindiffusion.training import checkpoints
+    from train_mnist import train_mnist
+
+    saves = []
+    save = checkpoints.Checkpoint.save
+
+    def counted(self, epoch, batches=0):
+        saves.append((epoch, batches))
+        save(self, epoch, batches)
+
+    monkeypatch.setattr(checkpoints.Checkpoint, "save", counted)
+    # a rank other than 0, whose rank 0 finds a grid due after every step
+    monkeypatch.setattr(prepared, "process_rank", lambda: 1)
+    monkeypatch.setattr(prepared, "largest", lambda value: 1)
+    drawn = run_with_clock(
+        train_mnist, SMALL_MNIST, tmp_path, capsys, monkeypatch, "--grid-minutes", "2"
+    )
+    assert [s for s in saves if s[1]] == [(0, 1), (0, 2), (0, 3)]
+    assert not [name for name in drawn if "_step" in name]

@@ -275,7 +275,7 @@ def test_the_laptop_preset_applies_and_no_abbreviation_does(monkeypatch, capsys)
     monkeypatch.setattr(train_mnist.cli, "run_training", run.run_training)
     laptop = {"laptop": ("", train_mnist.LAPTOP)}
     train_mnist.cli.main(train_mnist.train_mnist, "", ["--laptop"], presets=laptop)
-    assert (seen["eps_model"], seen["n_feat"], seen["ema"]) == ("unet", 24, 0.995)
+    assert (seen["eps_model"], seen["n_feat"], seen["ema"]) == ("unet", 16, 0.995)
     # a typo is an error that names it, never another flag
     with pytest.raises(SystemExit) as exit_info:
         train_mnist.cli.main(train_mnist.train_mnist, "", ["--lap"], presets=laptop)
@@ -294,7 +294,7 @@ def test_the_laptop_preset_takes_the_notes_model_when_asked(monkeypatch):
         ["--laptop", "--eps-model", "dummy"],
         presets={"laptop": ("", train_mnist.LAPTOP)},
     )
-    assert (seen["eps_model"], seen["batch_size"], seen["lr"]) == ("dummy", 64, 1e-3)
+    assert (seen["eps_model"], seen["batch_size"], seen["lr"]) == ("dummy", 16, 3e-3)
 
 
 def test_the_loader_s_workers_end_with_the_run(stand_in, tmp_path, monkeypatch):

@@ -112,7 +112,7 @@ class StepDuties:
         # under torchrun, the ranks meet only every SIGNAL_EVERY steps
         if world_size() == 1 or self.steps % SIGNAL_EVERY == 0:
             self.stop_if_signalled()
-        self.grid_within_epoch(self.epoch, self.batches)
+            self.grid_within_epoch(self.epoch, self.batches)
 
     def stop_if_signalled(self) -> None:
         """Save and stop if a stop signal came; under torchrun, every rank stops

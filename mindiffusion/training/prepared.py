@@ -15,7 +15,7 @@ from mindiffusion.ddpm import DDPM
 from mindiffusion.training import conditioning, progress, signals
 from mindiffusion.training.checkpoints import GRIDS, Checkpoint
 from mindiffusion.training.data import PreparedLoader, denormalize
-from mindiffusion.training.distributed import process_rank
+from mindiffusion.training.distributed import largest, process_rank
 from mindiffusion.training.readings import StepReadings
 
 
@@ -143,16 +143,19 @@ class PreparedDDPM(nn.Module):
     def grid_within_epoch(self, epoch: int, batches: int) -> None:
         """--grid-minutes: once the minutes have passed since the last grid, save
         and draw the grid of this step's weights, leaving training's random numbers
-        as they were, so that the run trains the same whenever its grids come."""
+        as they were, so that the run trains the same whenever its grids come.
+        Under torchrun every rank calls it after the same steps and takes part in
+        the save; rank 0, which draws every grid, keeps the clock."""
         minutes = self.run.grid_minutes
-        if minutes is None or process_rank() > 0:
-            return
-        if time.monotonic() - self.grid_clock < 60 * minutes:
-            return
         path = step_grid_path(self.checkpoint.path, epoch, batches)
-        if path is None:
+        if minutes is None or path is None:
+            return
+        due = process_rank() == 0 and time.monotonic() - self.grid_clock >= 60 * minutes
+        if not largest(int(due)):
             return
         self.checkpoint.save(epoch, batches)
+        if process_rank() > 0:
+            return
 
         def stopped(signum: int) -> str:
             return (
