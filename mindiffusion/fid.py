@@ -104,10 +104,13 @@ def features_of(extractor: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return features
 
 
-def reference_dataset(recipe: dict, data_root: str | None, fake_data: int | None):
+def reference_dataset(
+    recipe: dict, data_root: str | None, fake_data: int | None,
+    instead: str = "give fid --fake-data N",
+):
     """The checkpoint's training set as pixels in [0, 1], read as its script read
     it (without the Normalize, which the samples have undone too), and a name for
-    it in the cache key."""
+    it in the cache key; `instead` says what the command can do without it."""
     size = tuple(recipe["image_size"])
     if fake_data:
         dataset = FakeImages(fake_data, size, transform=transforms.ToTensor())
@@ -125,7 +128,7 @@ def reference_dataset(recipe: dict, data_root: str | None, fake_data: int | None
         tf = transforms.Compose(
             [transforms.CenterCrop(size[1:]), transforms.ToTensor()]
         )
-        with explain_missing_dataset(name, root):
+        with explain_missing_dataset(name, root, instead):
             dataset = {"MNIST": MNIST, "CIFAR10": CIFAR10}[name](
                 root, train=True, download=True, transform=tf
             )

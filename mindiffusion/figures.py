@@ -87,8 +87,10 @@ def loss_curve(path: str) -> tuple[list[int], list[float]]:
     try:
         with open(path, newline="") as file:
             rows = list(csv.DictReader(file))
+        if not rows:
+            raise ValueError("no rows")
         return [int(r["epoch"]) for r in rows], [float(r["loss"]) for r in rows]
-    except (OSError, KeyError, ValueError, TypeError):
+    except (OSError, KeyError, ValueError, TypeError, csv.Error):
         raise UserError(
             f"--record {path} is not a run's record: give the _log.csv that a "
             f"training script wrote beside its checkpoint"
@@ -174,7 +176,10 @@ def main(argv: list[str] | None = None) -> None:
         losses = loss_curve(record) if os.path.exists(record) else None
         dataset = None
         if args.data_root:
-            dataset, _ = reference_dataset(recipe, args.data_root, None)
+            dataset, _ = reference_dataset(
+                recipe, args.data_root, None,
+                instead="leave --data-root out to noise the model's own samples",
+            )
         os.makedirs(args.out, exist_ok=True)
         # before the sampling, which takes minutes on a CPU
         if not os.access(args.out, os.W_OK):

@@ -114,13 +114,32 @@ def test_the_command_writes_four_figures_of_their_sizes(checkpoint, tmp_path, ca
     assert "wrote" in capsys.readouterr().out
 
 
-def test_a_record_that_is_not_one_is_one_sentence(checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("text", [
+    "a,b\n1,2\n",
+    # a record's header with no epoch under it: an empty plot, were it taken
+    "epoch,step,loss,lr,images_per_s,seconds\n",
+    "\x00\x89PNG garbage, not a CSV\n",
+])
+def test_a_record_that_is_not_one_is_one_sentence(checkpoint, tmp_path, capsys, text):
     bad = tmp_path / "bad.csv"
-    bad.write_text("a,b\n1,2\n")
+    bad.write_text(text)
     with pytest.raises(SystemExit) as exit_info:
         figures.main([str(checkpoint), "--record", str(bad), "--device", "cpu"])
     assert exit_info.value.code == 2
-    assert "is not a run's record" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert "is not a run's record" in err and "\n" not in err
+
+
+def test_offline_data_root_says_what_figures_can_do_instead(
+    checkpoint, tmp_path, capsys, no_network
+):
+    with pytest.raises(SystemExit):
+        figures.main([str(checkpoint), "--data-root", str(tmp_path / "none"),
+                      "--device", "cpu", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "leave --data-root out to noise the model's own samples" in err
+    # figures has no such flag
+    assert "--fake-data" not in err
 
 
 def test_a_read_only_out_is_refused_before_any_sampling(

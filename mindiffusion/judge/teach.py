@@ -46,7 +46,7 @@ def train(data_root: str, per_class: int | None, epochs: int, out: str) -> None:
         transforms.RandomAffine(8, translate=(0.08, 0.08)),
         transforms.ToTensor(),
     ])
-    with explain_missing_dataset("MNIST", data_root):
+    with explain_missing_dataset("MNIST", data_root, instead=None):
         digits = MNIST(data_root, train=True, download=True, transform=shifted)
         test = MNIST(data_root, train=False, transform=transforms.ToTensor())
     if per_class is not None:

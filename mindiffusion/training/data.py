@@ -26,8 +26,11 @@ from mindiffusion.training.signals import ignore_stop_signals
 
 
 @contextlib.contextmanager
-def explain_missing_dataset(name: str, root: str):
-    """Turn a failed torchvision download into one sentence that says what to do.
+def explain_missing_dataset(
+    name: str, root: str, instead: str | None = "run with --fake-data N"
+):
+    """Turn a failed torchvision download into one sentence that says what to do:
+    put the files in place, or else `instead`, what the command can do without them.
 
     torchvision prints each mirror it tries; that chatter is held back, and shown
     only if the dataset loads after all. Under torchrun, the first process on each
@@ -42,9 +45,10 @@ def explain_missing_dataset(name: str, root: str):
             yield
     except (OSError, RuntimeError) as err:
         reason = str(err).splitlines()[0].rstrip(":")
+        otherwise = f", or {instead}" if instead else ""
         raise UserError(
             f"{name} is not in {root} and could not be downloaded ({reason}): put its "
-            f"files there or point --data-root at them, or run with --fake-data N"
+            f"files there or point --data-root at them{otherwise}"
         ) from None
     if dist.is_initialized() and first_on_machine:
         dist.barrier()
