@@ -4,9 +4,10 @@ Algorithm 2's walk from x_T to x_0, and the record's losses."""
 import csv
 import os
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageSequence
 
 from mindiffusion import figures
 from mindiffusion.ddim import DDIM
@@ -91,7 +92,7 @@ def test_the_loss_curve_reads_the_record(checkpoint):
     assert (epochs, losses) == ([0, 1], [0.2, 0.05])
 
 
-def test_the_command_writes_four_figures_of_their_sizes(checkpoint, tmp_path, capsys):
+def test_the_command_writes_six_figures_of_their_sizes(checkpoint, tmp_path, capsys):
     out = tmp_path / "figures"
     argv = [str(checkpoint), "--out", str(out), "--device", "cpu", "--seed", "1"]
     figures.main(argv)
@@ -101,15 +102,18 @@ def test_the_command_writes_four_figures_of_their_sizes(checkpoint, tmp_path, ca
         "forward_noising.png": (980, 900),
         "reverse_walk.png": (980, 900),
         "schedules.png": (1000, 400),
+        "loss_per_t.png": (1000, 400),
         "loss_curve.png": (600, 400),
+        # a 4x4 grid of 32x32 images, 2 pixels apart, under the label of t
+        "reverse_walk.gif": (138, 138 + figures.LABEL),
     }
     for name, size in sizes.items():
         assert Image.open(out / name).size == size, name
     # the same seed draws the same figures; no file is replaced
     figures.main(argv)
     for name in sizes:
-        stem = name.removesuffix(".png")
-        again = out / f"{stem}_2.png"
+        stem, extension = os.path.splitext(name)
+        again = out / f"{stem}_2{extension}"
         assert again.read_bytes() == (out / name).read_bytes(), name
     assert "wrote" in capsys.readouterr().out
 
@@ -179,3 +183,70 @@ def test_without_data_the_images_noised_are_ddim_samples_with_posterior_noise(
     torch.manual_seed(3)
     expected = ddim.sample(figures.N_IMAGES, RECIPE["image_size"], "cpu")
     assert torch.allclose(noised[0], expected, atol=1e-6)
+
+
+def gif_frames(path) -> list:
+    """The frames of a GIF, as 8-bit grey arrays, and their durations in ms."""
+    with Image.open(path) as gif:
+        frames = []
+        for frame in ImageSequence.Iterator(gif):
+            frames.append((np.array(frame.convert("L")), frame.info["duration"]))
+    return frames
+
+
+def test_the_gif_walks_from_x_T_to_the_sampler_s_output(tmp_path):
+    ddpm = tiny_ddpm()
+    ts = figures.walk_steps(N_T, figures.GIF_FRAMES)[::-1]
+    torch.manual_seed(5)
+    with torch.no_grad():
+        walk = figures.reverse_walk(ddpm, 16, (1, 32, 32), "cpu", ts, None)
+    path = tmp_path / "walk.gif"
+    figures.write_gif(figures.denormalize(walk, RECIPE["normalize"]), ts, path)
+    # x_T and the samples of the same seed, made apart from the walk
+    torch.manual_seed(5)
+    x_T = torch.randn(16, 1, 32, 32)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        x_0 = ddpm.sample(16, (1, 32, 32), "cpu")
+    frames = gif_frames(path)
+    # a frame at every step of this short walk, from t = N_T down to 0
+    assert len(frames) == N_T + 1 == len(ts)
+    for (pixels, _), x, t in ((frames[0], x_T, N_T), (frames[-1], x_0, 0)):
+        expected = figures.gif_frame(figures.denormalize(x, RECIPE["normalize"]), t)
+        assert np.array_equal(pixels, np.array(expected))
+    # the last frame is held
+    durations = [duration for _, duration in frames]
+    assert durations[-1] == figures.HOLD_MS > durations[0] == figures.FRAME_MS
+
+
+def test_a_gif_of_static_fits_in_two_megabytes(tmp_path):
+    # static compresses worst: each frame of the walk's full length all noise
+    g = torch.Generator().manual_seed(0)
+    states = torch.rand(figures.GIF_FRAMES + 1, figures.GIF_IMAGES, 3, 32, 32,
+                        generator=g)
+    path = tmp_path / "static.gif"
+    figures.write_gif(states, figures.walk_steps(1000, figures.GIF_FRAMES)[::-1], path)
+    assert path.stat().st_size <= 2_000_000
+    assert len(gif_frames(path)) == figures.GIF_FRAMES + 1
+
+
+class Identity(torch.nn.Module):
+    """A noise model that returns its input x_t as the noise."""
+
+    def forward(self, x, t, c=None):
+        return x
+
+
+def test_the_loss_per_timestep_is_the_training_loss_at_each_t():
+    ddpm = DDPM(Identity(), RECIPE["betas"], 1000)
+    a = 0.5
+    x0 = torch.full((6, 1, 32, 32), a)
+    ts = [1, 100, 500, 1000]
+    losses = figures.loss_per_timestep(ddpm, x0, None, ts, seed=0)
+    # eps_theta = x_t = sqrtab a + sqrtmab eps, so eps - eps_theta is
+    # (1 - sqrtmab) eps - sqrtab a, of mean square (1 - sqrtmab)^2 + alphabar a^2
+    for t, loss in zip(ts, losses):
+        sqrtab, sqrtmab = ddpm.sqrtab[t].item(), ddpm.sqrtmab[t].item()
+        expected = (1 - sqrtmab) ** 2 + sqrtab**2 * a**2
+        # 6 images x 16 draws x 1024 pixels of noise: within a few parts in 1000
+        assert loss.item() == pytest.approx(expected, rel=0.02, abs=1e-3), t
