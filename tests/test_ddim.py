@@ -146,7 +146,7 @@ def test_the_oracles_walk_reaches_the_data_as_the_steps_grow(mu, sd, eta):
 def test_eta_1_is_the_posterior_variance_which_the_words_say(capsys):
     """At eta 1, DDIM's sigma^2 is the DDPM paper's posterior variance
     beta-tilde_t = (1 - alphabar_{t-1}) / (1 - alphabar_t) beta_t, below the beta_t
-    that DDPM.sample adds: the help and the README must not call them equal."""
+    that DDPM.sample adds: the help and the sampling page must not call them equal."""
     # the schedule in float64, from its definition: beta_t linear over t = 0..1000
     beta = [BETAS[0] + (BETAS[1] - BETAS[0]) * t / 1000 for t in range(1001)]
     alphabar = list(itertools.accumulate((1 - b for b in beta), operator.mul))
@@ -158,10 +158,10 @@ def test_eta_1_is_the_posterior_variance_which_the_words_say(capsys):
     with pytest.raises(SystemExit):
         sample.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    readme = " ".join((REPO / "README.md").read_text().split())
-    for text in (help_text, readme):
+    page = " ".join((REPO / "docs" / "sampling.md").read_text().split())
+    for text in (help_text, page):
         assert "as much as DDPM" not in text and "posterior variance" in text
-    assert "0.61 at t = 2, 0.98 at t = 100" in readme
+    assert "0.61 at t = 2, 0.98 at t = 100" in page
 
 
 def test_steps_that_do_not_divide_n_t_round_to_the_nearest_timestep():

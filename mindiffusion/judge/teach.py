@@ -25,9 +25,12 @@ def junk(digits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return torch.rand(*size, generator=generator)
 
     noise = torch.randn(shape, generator=generator)
+    # static averaged over 7x7 windows, its deviation of 1/7 brought back to 3/7
     blobs = F.avg_pool2d(noise, 7, 1, 3) * 3 + 0.5
     grey = rand(n, 1, 1, 1).expand(shape)
+    # at most 0.3 of a digit, under noise of deviation 0.5
     drowned = rand(n, 1, 1, 1) * 0.3 * digits + noise * 0.5 + 0.5
+    # each digit with the next one of the batch, mirrored, drawn over it
     both = torch.maximum(digits, digits.roll(1, 0).flip(3))
     # (B, 1, 28, 28) -> (B, 16, 49): 16 tiles of 7x7, in a shuffled order
     tiles = F.unfold(digits, 7, stride=7)[:, :, torch.randperm(16, generator=generator)]
