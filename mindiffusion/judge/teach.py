@@ -9,7 +9,8 @@ from torchvision import transforms
 from torchvision.datasets import MNIST
 from tqdm import tqdm
 
-from mindiffusion.judge.model import JUNK, SURE, DigitJudge, read
+from mindiffusion.judge.model import JUNK, DigitJudge, read
+from mindiffusion.judge.scores import figures
 from mindiffusion.training.data import explain_missing_dataset, first_of_each_class
 from mindiffusion.training.files import write_or_explain
 
@@ -76,7 +77,8 @@ def train(data_root: str, per_class: int | None, epochs: int, out: str) -> None:
     for x, y in DataLoader(test, 500):
         probs = read(judge, x)[0]
         right += int((probs.argmax(1) == y).sum())
-        sure += int(((probs.argmax(1) == y) & (probs.max(1).values >= SURE)).sum())
+        # read as their own digit, surely: the command's "drawn as asked"
+        sure += figures(probs, y)["as_asked"]
     print(f"on MNIST's {len(test):,} test digits: {right / len(test):.3f} right, "
           f"{sure / len(test):.3f} read as their digit with at least 90% confidence")
     buffer = io.BytesIO()
