@@ -182,3 +182,38 @@ def test_a_few_steps_with_eta_between_0_and_1_follow_the_oracle_s_walk(eta):
     walk_mean, walk_sd = ddim_walk_of_the_oracle(mu, sd, n_T, 3, eta)
     assert abs(x.mean().item() - walk_mean) < 0.01 * walk_sd
     assert abs(x.std().item() - walk_sd) < 0.01 * walk_sd
+
+
+class ScaleBlindOracle(GaussianOracle):
+    """The Gaussian oracle, told each sample rescaled to the deviation that x_t has
+    at its t: like NaiveUnet, whose first GroupNorm divides out the input's scale,
+    it cannot see when a sample has grown too large or too small."""
+
+    def forward(self, x_t, t):
+        steps = torch.round(t.double() * self.n_T).long().view(-1, 1, 1, 1)
+        ab = self.alphabar[steps]
+        expected = (ab * self.sd**2 + 1 - ab).sqrt()
+        seen = x_t.double().std(dim=(1, 2, 3), keepdim=True)
+        return super().forward(x_t * (expected / seen).float(), t)
+
+
+def spread_of_sample_deviations(eps_model, eta: float) -> torch.Tensor:
+    """The deviation of each of 64 samples of 20 DDIM steps at eta."""
+    ddim = DDIM(eps_model, BETAS, n_T=1000, eta=eta, n_steps=20)
+    torch.manual_seed(0)
+    x = ddim.sample(64, (1, 16, 16), torch.device("cpu"))
+    return x.flatten(1).std(1)
+
+
+def test_a_noise_model_blind_to_scale_loses_the_deterministic_walk():
+    # what the sampling page shows of NaiveUnet at eta 0: each sample's deviation
+    # runs away from the data's 0.3, up into static or down into flat grey; the
+    # oracle, which sees the scale, keeps every sample near 0.3, and eta 1's fresh
+    # noise holds the blind model's samples far closer
+    sd = 0.3
+    seeing = spread_of_sample_deviations(GaussianOracle(0.0, sd, 1000), eta=0.0)
+    blind = spread_of_sample_deviations(ScaleBlindOracle(0.0, sd, 1000), eta=0.0)
+    blind_noisy = spread_of_sample_deviations(ScaleBlindOracle(0.0, sd, 1000), 1.0)
+    assert seeing.min() > 0.6 * sd and seeing.max() < 1.1 * sd
+    assert blind.max() > 10 * sd and blind.min() < 0.1 * sd
+    assert blind_noisy.std() < blind.std() / 5

@@ -91,3 +91,17 @@ def test_train_mnist_draws_its_grid_with_batchnorm_in_eval_mode(tmp_path, monkey
     )
     assert {mode for mode in modes if not mode[0]} == {(False, True, True)}
     assert {mode for mode in modes if mode[0]} == {(True, False, False)}
+
+
+def test_naive_unet_cannot_see_the_scale_of_its_input():
+    # the reason the sampling page gives for eta 0's static: the first layer's
+    # GroupNorm divides out the input's scale, which only the first convolution's
+    # biases could carry past it, where they differ within a group of channels
+    model = NaiveUnet(1, 1, n_feat=16).eval()
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 1, 32, 32), torch.rand(2, 1)
+    with torch.no_grad():
+        model.init_conv.main[0].bias.zero_()
+        assert torch.allclose(model(3 * x, t), model(x, t), atol=1e-4)
+        model.init_conv.main[0].bias.copy_(torch.linspace(-1, 1, 16))
+        assert not torch.allclose(model(3 * x, t), model(x, t), atol=1e-4)

@@ -42,6 +42,24 @@ def junk(digits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return kinds[pick, torch.arange(n)].clamp(0, 1)
 
 
+def roughen(digits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(B, 1, 28, 28) digits in [0, 1], half of them as a sampler leaves them: on a
+    background lifted by up to 0.15, under static of deviation up to 0.1, a third
+    of those with strokes thickened by a pixel. Digits still, so that a judge which
+    has only seen MNIST's black backgrounds does not read such samples as junk."""
+    n = len(digits)
+
+    def rand(*size):
+        return torch.rand(*size, generator=generator)
+
+    # a 3x3 maximum: every stroke a pixel wider on each side
+    thick = torch.where(rand(n, 1, 1, 1) < 1 / 3, F.max_pool2d(digits, 3, 1, 1), digits)
+    lift = rand(n, 1, 1, 1) * 0.15
+    static = torch.randn(digits.shape, generator=generator) * rand(n, 1, 1, 1) * 0.1
+    rough = (thick * (1 - lift) + lift + static).clamp(0, 1)
+    return torch.where(rand(n, 1, 1, 1) < 0.5, rough, digits)
+
+
 def train(data_root: str, per_class: int | None, epochs: int, out: str) -> None:
     """Train the judge on MNIST's training digits (the first per_class of each
     digit, where given) and as much junk, then say its accuracy on the test
@@ -65,7 +83,7 @@ def train(data_root: str, per_class: int | None, epochs: int, out: str) -> None:
     for epoch in range(epochs):
         judge.train()
         for x, y in tqdm(loader, f"epoch {epoch}"):
-            x = torch.cat([x, junk(x, generator)])
+            x = torch.cat([roughen(x, generator), junk(x, generator)])
             y = torch.cat([y, torch.full_like(y, JUNK)])
             loss = F.cross_entropy(judge(x), y)
             optim.zero_grad()
