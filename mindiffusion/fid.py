@@ -224,6 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     add("--steps", type=flags.step_counts, metavar="S[,S...]",
         help="DDIM's steps; a list gives one FID per entry, like Table 1 of the DDIM "
         "paper (default: 50, or n_T if less)")
+    add("--eta", type=flags.bounded_float(lambda v: 0 <= v <= 1, "from 0 to 1"),
+        help="DDIM's noise, 0 to 1: 0, the paper's Table 1, is the deterministic "
+        "walk, in which NaiveUnet's samples drift into static; give it 1 "
+        "(default: 0)")
     add("--guide-w", type=flags.guidance_weight, metavar="W",
         help="for a checkpoint trained with --cond: the guidance weight; the paper "
         "found the best FIDs at small weights, the best Inception scores at large "
@@ -255,8 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         help="where the training set's statistics are kept (default: %(default)s)")
     add("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     args = parser.parse_args(argv)
-    if args.sampler == "ddpm" and args.steps is not None:
-        parser.error("--steps is DDIM's: add --sampler ddim, or drop it")
+    if args.sampler == "ddpm" and (args.steps is not None or args.eta is not None):
+        parser.error("--steps and --eta are DDIM's: add --sampler ddim, or drop them")
     if args.features == "digits" and args.inception_weights:
         parser.error("--inception-weights: --features digits reads no Inception")
     if args.json and not os.path.isdir(os.path.dirname(args.json) or "."):
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         device = resolve_device(args.device)
         ddpm, recipe = load_ddpm(
-            args.checkpoint, args.sampler, None, 0.0, args.use_ema
+            args.checkpoint, args.sampler, None, args.eta or 0.0, args.use_ema
         )
         steps = args.steps or [progress.model_calls(ddpm)]
         conditional = recipe.get("n_classes") is not None
@@ -326,9 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     for result in results:
         print(f"{result['steps']:>6}  {result['fid']:.2f}")
     last = results[-1]
+    eta = ddpm.eta if args.sampler == "ddim" else None
     if args.json:
         figures = dict(
-            checkpoint=args.checkpoint, n=args.n, sampler=args.sampler,
+            checkpoint=args.checkpoint, n=args.n, sampler=args.sampler, eta=eta,
             ema=args.use_ema, guide_w=guide_w if conditional else None,
             reference=name, reference_images=len(dataset), extractor=extractor.name,
             results=results,
@@ -338,9 +343,10 @@ def main(argv: list[str] | None = None) -> None:
             write_or_explain(args.json, text.encode(), f"--json {args.json}")
         except UserError as err:
             parser.exit(2, f"{parser.prog}: error: {err}\n")
+    walk = "" if eta is None else f", eta={eta}"
     guidance = f", guide_w={guide_w}" if conditional else ""
     print(f"FID: {last['fid']:.4f} (n={args.n}, sampler={args.sampler}, "
-          f"steps={last['steps']}{guidance})")
+          f"steps={last['steps']}{walk}{guidance})")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Draw images from a checkpoint of the training scripts, with DDPM or DDIM.
 
     python -m mindiffusion.sample contents/ddpm_cifar.pth                 # n_T steps
-    python -m mindiffusion.sample contents/ddpm_cifar.pth --sampler ddim  # 50 steps
+    python -m mindiffusion.sample contents/ddpm_cifar.pth --sampler ddim --eta 1
     python -m mindiffusion.sample contents/ddpm_mnist.pth --progress 8    # watch it
     python -m mindiffusion.sample contents/ddpm_mnist.pth --class 3 --class 7
 
@@ -10,7 +10,9 @@ its averaged weights are used when it was trained with --ema. The grid is writte
 beside the checkpoint, under a name no earlier file has, unless --out says where.
 From a checkpoint trained with --cond, --class draws the classes it names, a row of
 --n images each, with classifier-free guidance; without --class it draws from the
-null class, unconditionally.
+null class, unconditionally. DDIM walks 50 steps unless --steps says otherwise; at
+its default eta 0, the deterministic walk, NaiveUnet's samples drift into static,
+since the network cannot see its input's scale (docs/sampling.md): give --eta 1.
 """
 import argparse
 import itertools
@@ -148,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         help="DDIM's steps, at most the model's n_T (default: 50, or n_T if less)")
     add("--eta", type=float,
         help="DDIM's noise, from 0 (none) to 1 (the posterior variance of the DDPM "
-        "paper, a little below the beta_t that --sampler ddpm adds) (default: 0)")
+        "paper, a little below the beta_t that --sampler ddpm adds); NaiveUnet's "
+        "samples need 1 (default: 0)")
     add("--device", default="cuda", metavar="NAME",
         help="cpu, cuda, cuda:N or mps; falls back as the training scripts do "
         "(default: %(default)s)")

@@ -115,7 +115,7 @@ def fid_command(checkpoint, tmp_path, *flags, capsys):
 def test_the_command_end_to_end(checkpoint, stand_in, tmp_path, capsys):
     printed = fid_command(
         checkpoint, tmp_path, "--fake-data", "4", "--seed", "0", "--steps", "1,3",
-        "--json", str(tmp_path / "fid.json"), capsys=capsys,
+        "--eta", "1", "--json", str(tmp_path / "fid.json"), capsys=capsys,
     )
     lines = printed.out.strip().splitlines()
     # the training set in 2 batches, then 5 samples in batches of 2, 2 and 1 for
@@ -132,8 +132,10 @@ def test_the_command_end_to_end(checkpoint, stand_in, tmp_path, capsys):
     ]
     figures = json.loads((tmp_path / "fid.json").read_text())
     assert [r["steps"] for r in figures["results"]] == [1, 3]
+    assert figures["eta"] == 1.0
     assert lines[-1] == (
-        f"FID: {figures['results'][-1]['fid']:.4f} (n=5, sampler=ddim, steps=3)"
+        f"FID: {figures['results'][-1]['fid']:.4f} (n=5, sampler=ddim, steps=3, "
+        f"eta=1.0)"
     )
     assert "warning: --n 5 is below the papers' 50,000" in printed.err
 
@@ -142,7 +144,7 @@ def test_the_command_end_to_end(checkpoint, stand_in, tmp_path, capsys):
     stand_in.seen.clear()
     again = fid_command(
         checkpoint, tmp_path, "--fake-data", "4", "--seed", "0", "--steps", "1,3",
-        capsys=capsys,
+        "--eta", "1", capsys=capsys,
     )
     assert "reference statistics from the cache" in again.out
     assert [shape[0] for _, shape in stand_in.seen] == [2, 2, 1] * 2
@@ -194,7 +196,7 @@ def test_a_conditional_checkpoint_draws_its_classes_in_equal_numbers(
     assert sorted(labels) == sorted(list(range(10)) * 2)
     assert {w for _, w in drawn} == {1.5}
     assert printed.out.strip().splitlines()[-1].endswith(
-        "(n=20, sampler=ddim, steps=2, guide_w=1.5)"
+        "(n=20, sampler=ddim, steps=2, eta=0.0, guide_w=1.5)"
     )
 
 
@@ -367,3 +369,13 @@ def test_each_step_count_is_seeded_alone(checkpoint, stand_in, tmp_path, capsys)
         return next(r["fid"] for r in results if r["steps"] == 3)
 
     assert fid_of_3_steps("1,3") == fid_of_3_steps("3")
+
+
+@pytest.mark.parametrize("flag", [["--steps", "5"], ["--eta", "1"]])
+def test_ddim_s_flags_with_the_ddpm_sampler_are_refused_before_any_work(
+    flag, tmp_path, no_work, capsys
+):
+    argv = ["run.pth", "--sampler", "ddpm", *flag, "--cache-dir", str(tmp_path)]
+    code, line = refused(argv, capsys)
+    assert code == 2
+    assert line.endswith("--steps and --eta are DDIM's: add --sampler ddim, or drop them")
