@@ -225,9 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         help="DDIM's steps; a list gives one FID per entry, like Table 1 of the DDIM "
         "paper (default: 50, or n_T if less)")
     add("--eta", type=flags.bounded_float(lambda v: 0 <= v <= 1, "from 0 to 1"),
-        help="DDIM's noise, 0 to 1: 0, the paper's Table 1, is the deterministic "
-        "walk, in which NaiveUnet's samples drift into static; give it 1 "
-        "(default: 0)")
+        help="DDIM's noise, 0 to 1; NaiveUnet's samples need 1 (default: 0)")
     add("--guide-w", type=flags.guidance_weight, metavar="W",
         help="for a checkpoint trained with --cond: the guidance weight; the paper "
         "found the best FIDs at small weights, the best Inception scores at large "
@@ -245,8 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--device", default="cuda", metavar="NAME",
         help="cpu, cuda, cuda:N or mps (default: %(default)s)")
     add("--seed", type=flags.seed, metavar="N",
-        help="seed for the samples: the same seed gives the same FID "
-        "(default: unseeded)")
+        help="seed for the samples, the same FID each time (default: unseeded)")
     add("--features", choices=("inception", "digits"), default="inception",
         help="inception: the papers' 2048 Inception features; digits, for MNIST: "
         "the 128 of the digit judge (mindiffusion.judge), offline (default: "
@@ -330,10 +327,10 @@ def main(argv: list[str] | None = None) -> None:
     for result in results:
         print(f"{result['steps']:>6}  {result['fid']:.2f}")
     last = results[-1]
-    eta = ddpm.eta if args.sampler == "ddim" else None
     if args.json:
         figures = dict(
-            checkpoint=args.checkpoint, n=args.n, sampler=args.sampler, eta=eta,
+            checkpoint=args.checkpoint, n=args.n, sampler=args.sampler,
+            eta=getattr(ddpm, "eta", None),
             ema=args.use_ema, guide_w=guide_w if conditional else None,
             reference=name, reference_images=len(dataset), extractor=extractor.name,
             results=results,
@@ -343,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
             write_or_explain(args.json, text.encode(), f"--json {args.json}")
         except UserError as err:
             parser.exit(2, f"{parser.prog}: error: {err}\n")
-    walk = "" if eta is None else f", eta={eta}"
+    walk = f", eta={ddpm.eta}" if args.sampler == "ddim" else ""
     guidance = f", guide_w={guide_w}" if conditional else ""
     print(f"FID: {last['fid']:.4f} (n={args.n}, sampler={args.sampler}, "
           f"steps={last['steps']}{walk}{guidance})")

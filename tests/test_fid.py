@@ -378,4 +378,6 @@ def test_ddim_s_flags_with_the_ddpm_sampler_are_refused_before_any_work(
     argv = ["run.pth", "--sampler", "ddpm", *flag, "--cache-dir", str(tmp_path)]
     code, line = refused(argv, capsys)
     assert code == 2
-    assert line.endswith("--steps and --eta are DDIM's: add --sampler ddim, or drop them")
+    assert line.endswith(
+        "--steps and --eta are DDIM's: add --sampler ddim, or drop them"
+    )
