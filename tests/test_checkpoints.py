@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import cheap_ddpm, run_script
+from conftest import cheap_ddpm, narrow_unets, run_script
 from mindiffusion.training import checkpoints, data, distributed, resume_checks
 from mindiffusion.training.run import run_training
 from train_cifar10 import train_cifar10
@@ -17,8 +17,16 @@ RUN = dict(device="cpu", batch_size=2, n_T=2, fake_data=4, seed=0)
 FLAGS = "--device cpu --batch-size 2 --n-T 2 --fake-data 4 --num-workers 0".split()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def narrow():
+    """CIFAR-10's NaiveUnet at width 8 in every test here, for small checkpoints."""
+    with pytest.MonkeyPatch.context() as patch:
+        narrow_unets(patch)
+        yield
+
+
 @pytest.fixture(scope="module")
-def ema_run(tmp_path_factory):
+def ema_run(narrow, tmp_path_factory):
     """The folder of a 1-epoch CIFAR-10 run with --ema 0.9."""
     out = tmp_path_factory.mktemp("ema_run")
     run_training(train_cifar10, n_epoch=1, out=str(out), ema=0.9, num_workers=0, **RUN)
@@ -71,7 +79,7 @@ def test_a_different_model_is_named_too(ema_run):
         resume_checks.check_recipe("ckpt", saved, recipe)
     assert str(error.value) == (
         "--resume: ckpt was trained with the model NaiveUnet (this run: "
-        "DummyEpsModel), the model's arguments (3, 3, 128) (this run: (1,)): resume "
+        "DummyEpsModel), the model's arguments (3, 3, 8) (this run: (1,)): resume "
         "with the checkpoint's settings, or choose another --out"
     )
 

@@ -198,7 +198,8 @@ def test_ddim_defaults_to_50_steps_or_n_T_when_the_model_has_fewer(checkpoints):
     assert small.n_T == small.n_steps == 3
     state = torch.load(path, weights_only=True)
     state["recipe"]["n_T"] = 200
-    state["model"].update(DDPM(NaiveUnet(3, 3, 128), (1e-4, 0.02), 200).state_dict())
+    eps_model = NaiveUnet(*state["recipe"]["eps_model_args"])
+    state["model"].update(DDPM(eps_model, (1e-4, 0.02), 200).state_dict())
     path_200 = path.replace(".pth", "_200.pth")
     torch.save(state, path_200)
     large, _ = sample.load_ddpm(path_200, "ddim", None, 0.0, use_ema=False)
