@@ -4,9 +4,10 @@
     python -m mindiffusion.judge RUN/ddpm_sample_12.png --rows-are-classes
     python -m mindiffusion.judge --train --out my_judge.pth       # trains a judge
 
-A small classifier, trained on MNIST and on junk (static, smooth blobs, blanks, two
-digits at once, digits cut up and shuffled), reads each sample, which is a grid PNG
-of the training scripts or of mindiffusion.sample, or a checkpoint it samples. It
+A small classifier, trained on MNIST (half of it on grey, speckled grounds, as young
+models draw digits) and on junk (static, smooth blobs, blanks, two digits at once,
+digits cut up and shuffled), reads each sample, which is a grid PNG of the training
+scripts or of mindiffusion.sample, or a checkpoint it samples (DDIM, eta 1). It
 prints the share of samples read as a digit with at least 90% confidence; how many
 distinct digits those are; the digit score, the Inception Score with this classifier,
 from 1 (all alike, or all junk) to 10 (sure digits, evenly spread); for a conditional
