@@ -154,8 +154,8 @@ def train_mnist(
 
 # --laptop: a small NaiveUnet that draws digits in minutes on two CPU cores, or on
 # a Mac's GPU: many small steps at a high learning rate, grids of 20 DDIM steps,
-# and within epochs of the full MNIST a grid every 2 minutes (README, "A lesson on
-# a CPU", for what each setting was measured to give)
+# and within epochs of the full MNIST a grid every 2 minutes (docs/performance.md
+# says what each setting was measured to give)
 LAPTOP = dict(eps_model="unet", n_feat=16, batch_size=16, lr=3e-3, ema=0.995,
               amp="auto", channels_last=True, grid_sampler="ddim", grid_steps=20,
               grid_minutes=2.0, num_workers=0,

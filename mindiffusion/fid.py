@@ -1,6 +1,6 @@
 """FID of a checkpoint's samples against its own training set, as the papers measure.
 
-    python -m mindiffusion.fid contents/ddpm_cifar.pth                  # DDIM, 50 steps
+    python -m mindiffusion.fid contents/ddpm_cifar.pth --eta 1          # DDIM, 50 steps
     python -m mindiffusion.fid contents/ddpm_cifar.pth --steps 10,20,50,100
     python -m mindiffusion.fid contents/ddpm_cifar.pth --sampler ddpm --n 10000
     python -m mindiffusion.fid contents/ddpm_mnist.pth --features digits  # offline
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--steps", type=flags.step_counts, metavar="S[,S...]",
         help="DDIM's steps; a list gives one FID per entry, like Table 1 of the DDIM "
         "paper (default: 50, or n_T if less)")
-    add("--eta", type=flags.bounded_float(lambda v: 0 <= v <= 1, "from 0 to 1"),
+    add("--eta", type=flags.eta,
         help="DDIM's noise, 0 to 1; NaiveUnet's samples need 1 (default: 0)")
     add("--guide-w", type=flags.guidance_weight, metavar="W",
         help="for a checkpoint trained with --cond: the guidance weight; the paper "

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--sampler", choices=("ddpm", "ddim"),
         help="how a checkpoint is sampled (default: ddim)")
     add("--steps", type=flags.at_least(1), help="DDIM's steps (default: 20)")
-    add("--eta", type=flags.bounded_float(lambda v: 0 <= v <= 1, "from 0 to 1"),
+    add("--eta", type=flags.eta,
         help="DDIM's noise, 0 to 1 (default: 1; eta 0 leaves NaiveUnet's samples "
         "as static, see docs/sampling.md)")
     add("--guide-w", type=flags.guidance_weight, metavar="W",

@@ -50,6 +50,8 @@ def step_counts(text: str) -> list[int]:
 
 
 fraction = bounded_float(lambda v: 0 < v < 1, "between 0 and 1")
+# DDIM's noise: 0, the deterministic walk, to 1, DDPM's posterior variance
+eta = bounded_float(lambda v: 0 <= v <= 1, "from 0 to 1")
 guidance_weight = bounded_float(
     lambda v: v >= 0, "at least 0, plain conditional sampling"
 )
