@@ -22,9 +22,13 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from mindiffusion.ddpm import DDPM
-from mindiffusion.training import cli, conditioning
-from mindiffusion.training.data import FakeImages, explain_image_folder, real_images
-from mindiffusion.training.devices import usable_cpus
+from mindiffusion.training import cli
+from mindiffusion.training.data import (
+    FakeImages,
+    explain_image_folder,
+    folder_classes,
+    real_images,
+)
 from mindiffusion.training.run import Run
 from mindiffusion.unet import NaiveUnet
 
@@ -40,13 +44,15 @@ def train_celeba(
     n_T: int = 1000,
     data_root: str | None = CELEBA_PATH,
     out: str = "contents",
-    run: Run = Run(num_workers=min(16, usable_cpus())),
+    run: Run | None = None,
 ) -> None:
+    # the run's feature flags (mindiffusion/training/run.py), each off by default
+    run = run or Run()
     # the notes' name for the image folder: --data-root, or else $CELEBA_PATH
     CELEBA_PATH = data_root
     if run.cond:
         # --cond: a class for each subfolder, and the null class
-        n_classes = conditioning.folder_classes(CELEBA_PATH, run.fake_data)
+        n_classes = folder_classes(CELEBA_PATH, run.fake_data)
         eps_model = NaiveUnet(3, 3, n_feat=128, n_classes=n_classes)
         ddpm = DDPM(
             eps_model, (1e-4, 0.02), n_T, n_classes=n_classes, p_uncond=run.p_uncond
@@ -71,10 +77,8 @@ def train_celeba(
             dataset = ImageFolder(root=CELEBA_PATH, transform=tf)
     dataloader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
     optim = torch.optim.Adam(ddpm.parameters(), lr=lr)
-    # prepared (mindiffusion/training/run.py): ddpm(x) also takes the labels under
-    # --cond; ddpm.sample(...) saves the epoch first, then draws from the --ema
-    # average, with --grid-sampler; optim.step() also runs the duties that check,
-    # guard and save (duties.py)
+    # ready for the run's flags, as Accelerate's prepare: the device, torchrun, the
+    # precision, the data order and --resume change how the calls compute, not what
     ddpm, optim, dataloader = run.prepare(
         ddpm, optim, dataloader, n_epoch, f"{out}/ddpm_celeba.pth"
     )
@@ -87,10 +91,11 @@ def train_celeba(
 
         pbar = tqdm(dataloader)
         loss_ema = None
-        for x, _ in pbar:
+        # c: the subfolders, which only a --cond model reads
+        for x, c in pbar:
             optim.zero_grad()
             x = x.to(device)
-            loss = ddpm(x)
+            loss = ddpm(x, c)
             loss.backward()
             # a running average, only to make the progress bar's loss readable
             if loss_ema is None:
@@ -98,21 +103,32 @@ def train_celeba(
             else:
                 loss_ema = 0.9 * loss_ema + 0.1 * loss.item()
             pbar.set_description(f"loss: {loss_ema:.4f}")
+            # stop if the loss or a gradient is not finite; --grad-clip clips them
+            run.check_gradients()
             optim.step()
+            # --ema averages; --save-every saves; a stop signal saves and stops;
+            # --grid-minutes draws a grid
+            run.after_step()
 
+        # the notes' torch.save(ddpm.state_dict(), ...), with all that --resume
+        # needs, before the grid: a stop while it is drawn loses no training
+        run.save(i + 1)
         # after every --grid-every epochs and the last; rank 0 alone under torchrun
         if run.grid_due(i):
             ddpm.eval()
+            # the sampler: ddpm, or the --ema average, as DDIM under --grid-sampler
+            # ddim; 8 samples, or under --cond a row of 4 of each subfolder
+            sampler, n_sample, c = run.sampler_for_grid(ddpm, 8)
             with torch.no_grad():
-                xh = ddpm.sample(8, (3, 128, 128), device)
-                # CelebA's 202,599 faces leave a last batch of 7: real_images tops it up
-                xset = torch.cat([xh, real_images(x, dataset, 8)], dim=0)
+                xh = sampler.sample(n_sample, (3, 128, 128), device, c, run.guide_w)
+                # the last batch, topped up from the dataset where it is short of 8
+                x = real_images(x, dataset, 8)
+                xset = torch.cat([xh, x[:8]], dim=0)
                 # value_range undoes the Normalize above: [-1, 1] -> [0, 1]
                 grid = make_grid(xset, normalize=True, value_range=(-1, 1), nrow=4)
                 save_image(grid, f"{out}/ddpm_sample_celeba{i:03d}.png")
-
-        # the notes' torch.save(ddpm.state_dict(), ...), with all that --resume needs
-        run.save(i + 1)
+        # under torchrun, the ranks wait for the grid; a stop signal stops the run
+        run.end_epoch(i)
 
 
 if __name__ == "__main__":

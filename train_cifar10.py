@@ -19,7 +19,6 @@ from tqdm import tqdm
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import cli
 from mindiffusion.training.data import FakeImages, explain_missing_dataset, real_images
-from mindiffusion.training.devices import usable_cpus
 from mindiffusion.training.run import Run
 from mindiffusion.unet import NaiveUnet
 
@@ -32,8 +31,10 @@ def train_cifar10(
     n_T: int = 1000,
     data_root: str = "./data",
     out: str = "contents",
-    run: Run = Run(num_workers=min(16, usable_cpus())),
+    run: Run | None = None,
 ) -> None:
+    # the run's feature flags (mindiffusion/training/run.py), each off by default
+    run = run or Run()
     if run.cond:
         # --cond: the ten classes, airplane to truck, and the null class
         eps_model = NaiveUnet(3, 3, n_feat=128, n_classes=10)
@@ -53,10 +54,8 @@ def train_cifar10(
             dataset = CIFAR10(data_root, train=True, download=True, transform=tf)
     dataloader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
     optim = torch.optim.Adam(ddpm.parameters(), lr=lr)
-    # prepared (mindiffusion/training/run.py): ddpm(x) also takes the labels under
-    # --cond; ddpm.sample(...) saves the epoch first, then draws from the --ema
-    # average, with --grid-sampler; optim.step() also runs the duties that check,
-    # guard and save (duties.py)
+    # ready for the run's flags, as Accelerate's prepare: the device, torchrun, the
+    # precision, the data order and --resume change how the calls compute, not what
     ddpm, optim, dataloader = run.prepare(
         ddpm, optim, dataloader, n_epoch, f"{out}/ddpm_cifar.pth"
     )
@@ -69,10 +68,11 @@ def train_cifar10(
 
         pbar = tqdm(dataloader)
         loss_ema = None
-        for x, _ in pbar:
+        # c: the classes, which only a --cond model reads
+        for x, c in pbar:
             optim.zero_grad()
             x = x.to(device)
-            loss = ddpm(x)
+            loss = ddpm(x, c)
             loss.backward()
             # a running average, only to make the progress bar's loss readable
             if loss_ema is None:
@@ -80,20 +80,32 @@ def train_cifar10(
             else:
                 loss_ema = 0.9 * loss_ema + 0.1 * loss.item()
             pbar.set_description(f"loss: {loss_ema:.4f}")
+            # stop if the loss or a gradient is not finite; --grad-clip clips them
+            run.check_gradients()
             optim.step()
+            # --ema averages; --save-every saves; a stop signal saves and stops;
+            # --grid-minutes draws a grid
+            run.after_step()
 
+        # the notes' torch.save(ddpm.state_dict(), ...), with all that --resume
+        # needs, before the grid: a stop while it is drawn loses no training
+        run.save(i + 1)
         # after every --grid-every epochs and the last; rank 0 alone under torchrun
         if run.grid_due(i):
             ddpm.eval()
+            # the sampler: ddpm, or the --ema average, as DDIM under --grid-sampler
+            # ddim; 8 samples, or under --cond a row of 4 of each class
+            sampler, n_sample, c = run.sampler_for_grid(ddpm, 8)
             with torch.no_grad():
-                xh = ddpm.sample(8, (3, 32, 32), device)
-                xset = torch.cat([xh, real_images(x, dataset, 8)], dim=0)
+                xh = sampler.sample(n_sample, (3, 32, 32), device, c, run.guide_w)
+                # the last batch, topped up from the dataset where it is short of 8
+                x = real_images(x, dataset, 8)
+                xset = torch.cat([xh, x[:8]], dim=0)
                 # value_range undoes the Normalize above: [-1, 1] -> [0, 1]
                 grid = make_grid(xset, normalize=True, value_range=(-1, 1), nrow=4)
                 save_image(grid, f"{out}/ddpm_sample_cifar{i}.png")
-
-        # the notes' torch.save(ddpm.state_dict(), ...), with all that --resume needs
-        run.save(i + 1)
+        # under torchrun, the ranks wait for the grid; a stop signal stops the run
+        run.end_epoch(i)
 
 
 if __name__ == "__main__":

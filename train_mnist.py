@@ -21,7 +21,6 @@ from tqdm import tqdm
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import cli
 from mindiffusion.training.data import FakeImages, explain_missing_dataset
-from mindiffusion.training.devices import usable_cpus
 from mindiffusion.training.run import Run
 from mindiffusion.unet import NaiveUnet
 
@@ -85,8 +84,10 @@ def train_mnist(
     out: str = "contents",
     eps_model: str = "dummy",
     n_feat: int = 128,
-    run: Run = Run(num_workers=min(20, usable_cpus())),
+    run: Run | None = None,
 ) -> None:
+    # the run's feature flags (mindiffusion/training/run.py), each off by default
+    run = run or Run()
     if eps_model == "dummy" and not run.cond:
         ddpm = DDPM(eps_model=DummyEpsModel(1), betas=(1e-4, 0.02), n_T=n_T)
     else:
@@ -107,10 +108,8 @@ def train_mnist(
             dataset = MNIST(data_root, train=True, download=True, transform=tf)
     dataloader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
     optim = torch.optim.Adam(ddpm.parameters(), lr=lr)
-    # prepared (mindiffusion/training/run.py): ddpm(x) also takes the labels under
-    # --cond; ddpm.sample(...) saves the epoch first, then draws from the --ema
-    # average, with --grid-sampler; optim.step() also runs the duties that check,
-    # guard and save (duties.py)
+    # ready for the run's flags, as Accelerate's prepare: the device, torchrun, the
+    # precision, the data order and --resume change how the calls compute, not what
     ddpm, optim, dataloader = run.prepare(
         ddpm, optim, dataloader, n_epoch, f"{out}/ddpm_mnist.pth"
     )
@@ -123,10 +122,11 @@ def train_mnist(
 
         pbar = tqdm(dataloader)
         loss_ema = None
-        for x, _ in pbar:
+        # c: the digits, which only a --cond model reads
+        for x, c in pbar:
             optim.zero_grad()
             x = x.to(device)
-            loss = ddpm(x)
+            loss = ddpm(x, c)
             loss.backward()
             # a running average, only to make the progress bar's loss readable
             if loss_ema is None:
@@ -134,22 +134,31 @@ def train_mnist(
             else:
                 loss_ema = 0.9 * loss_ema + 0.1 * loss.item()
             pbar.set_description(f"loss: {loss_ema:.4f}")
+            # stop if the loss or a gradient is not finite; --grad-clip clips them
+            run.check_gradients()
             optim.step()
+            # --ema averages; --save-every saves; a stop signal saves and stops;
+            # --grid-minutes draws a grid
+            run.after_step()
 
+        # the notes' torch.save(ddpm.state_dict(), ...), with all that --resume
+        # needs, before the grid: a stop while it is drawn loses no training
+        run.save(i + 1)
         # after every --grid-every epochs and the last; rank 0 alone under torchrun
         if run.grid_due(i):
             ddpm.eval()
+            # the sampler: ddpm, or the --ema average, as DDIM under --grid-sampler
+            # ddim; 16 samples, or under --cond a row of 4 of each digit
+            sampler, n_sample, c = run.sampler_for_grid(ddpm, 16)
+            size = (1, 32, 32) if eps_model == "unet" else (1, 28, 28)
             with torch.no_grad():
-                if eps_model == "unet":
-                    xh = ddpm.sample(16, (1, 32, 32), device)
-                else:
-                    xh = ddpm.sample(16, (1, 28, 28), device)
+                xh = sampler.sample(n_sample, size, device, c, run.guide_w)
                 # undo the Normalize above: [-0.5, 0.5] -> [0, 1]
-                grid = make_grid(xh, normalize=True, value_range=(-0.5, 0.5), nrow=4)
+                xh = xh + 0.5
+                grid = make_grid(xh, nrow=4)
                 save_image(grid, f"{out}/ddpm_sample_{i}.png")
-
-        # the notes' torch.save(ddpm.state_dict(), ...), with all that --resume needs
-        run.save(i + 1)
+        # under torchrun, the ranks wait for the grid; a stop signal stops the run
+        run.end_epoch(i)
 
 
 # --laptop: a small NaiveUnet that draws digits in minutes on two CPU cores, or on

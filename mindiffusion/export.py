@@ -15,9 +15,8 @@ import os
 
 import torch
 
-from mindiffusion.training.checkpoints import load_checkpoint
-from mindiffusion.training.errors import UserError
-from mindiffusion.training.files import write_atomically
+from mindiffusion.training.files import load_checkpoint, write_atomically
+from mindiffusion.training.flags import UserError
 
 # the prefix of the averaged model's names in an AveragedModel's state_dict
 AVERAGED = "module."

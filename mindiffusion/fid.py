@@ -40,7 +40,7 @@ from mindiffusion.training.data import (
     explain_missing_dataset,
 )
 from mindiffusion.training.devices import resolve_device
-from mindiffusion.training.errors import UserError
+from mindiffusion.training.flags import UserError
 from mindiffusion.training.files import write_or_explain
 
 # where torch-fidelity's download of the Inception weights comes from

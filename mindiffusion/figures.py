@@ -34,7 +34,7 @@ from mindiffusion.sample import GUIDE_W, free_path, load_ddpm
 from mindiffusion.training import flags, progress
 from mindiffusion.training.data import denormalize
 from mindiffusion.training.devices import resolve_device
-from mindiffusion.training.errors import UserError
+from mindiffusion.training.flags import UserError
 
 # the timesteps of the two walks, as fractions of n_T: 0, 50, 100, ... at n_T 1000
 WALK = (0, 0.05, 0.1, 0.25, 0.5, 0.75, 1)

@@ -26,12 +26,11 @@ from torchvision.utils import make_grid, save_image
 
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
-from mindiffusion.training import conditioning, flags, progress
-from mindiffusion.training.checkpoints import load_checkpoint
-from mindiffusion.training.data import denormalize
-from mindiffusion.training.devices import resolve_device
-from mindiffusion.training.errors import UserError
-from mindiffusion.training.fastpath import compile_for_sampling
+from mindiffusion.training import flags, progress
+from mindiffusion.training.data import denormalize, parse_classes
+from mindiffusion.training.devices import compile_for_sampling, resolve_device
+from mindiffusion.training.files import load_checkpoint
+from mindiffusion.training.flags import UserError
 from mindiffusion.unet import NaiveUnet
 from train_mnist import DummyEpsModel
 
@@ -97,7 +96,7 @@ def classes_wanted(args: argparse.Namespace, recipe: dict) -> list[int] | None:
             f"--class: {args.checkpoint} was trained without --cond, so it has no "
             f"classes to choose from"
         )
-    return conditioning.parse_classes(args.classes, recipe["classes"])
+    return parse_classes(args.classes, recipe["classes"])
 
 
 def free_path(path: str) -> str:

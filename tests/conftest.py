@@ -13,7 +13,7 @@ sys.path.insert(0, str(REPO))
 
 from mindiffusion.ddpm import DDPM  # noqa: E402
 from mindiffusion.training import cli  # noqa: E402
-from mindiffusion.training.prepared import ZeroEps  # noqa: E402
+from mindiffusion.training.grids import ZeroEps  # noqa: E402
 from mindiffusion.unet import NaiveUnet  # noqa: E402
 
 

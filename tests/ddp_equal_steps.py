@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mindiffusion.unet import NaiveUnet  # noqa: E402
 from train_mnist import DummyEpsModel  # noqa: E402
-from mindiffusion.training import distributed  # noqa: E402
+from mindiffusion.training import devices  # noqa: E402
 
 
 class NoiseLoss(torch.nn.Module):
@@ -35,8 +35,8 @@ def gradients(model):
 
 
 def main() -> None:
-    device = distributed.init_processes(torch.device("cpu"))
-    rank = distributed.process_rank()
+    device = devices.init_processes(torch.device("cpu"))
+    rank = devices.process_rank()
     half = slice(2 * rank, 2 * rank + 2)
     results = {}
     # NaiveUnet normalises with GroupNorm, DummyEpsModel with BatchNorm
@@ -48,7 +48,7 @@ def main() -> None:
         x_t, eps = torch.randn(2, 4, 1, side, side)
         t = torch.rand(4, 1)
         loss = NoiseLoss(make_model())
-        wrapped = distributed.distribute(loss, device)
+        wrapped = devices.distribute(loss, device)
         wrapped(x_t[half], t[half], eps[half]).backward()
         # one process with the same weights, those DDP gave every rank
         alone = NoiseLoss(make_model())

@@ -25,13 +25,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mindiffusion.ddpm import DDPM  # noqa: E402
 from mindiffusion.training import cli  # noqa: E402
-from mindiffusion.training import distributed  # noqa: E402
+from mindiffusion.training import devices  # noqa: E402
 
 
 def main() -> None:
     script, *flags = sys.argv[1:]
     train = getattr(importlib.import_module(script), script)
-    rank = distributed.process_rank()
+    rank = devices.process_rank()
     batch_sizes, first_rng = [], []
     forward = DDPM.forward
     sigterm_at = os.environ.get("SIGTERM_AT")

@@ -16,7 +16,7 @@ from mindiffusion.bench import report as bench_report
 from mindiffusion.bench import rows as bench_rows
 from mindiffusion.bench import setups as bench_setups
 from mindiffusion.ddpm import DDPM
-from mindiffusion.training.record import Record
+from mindiffusion.training.files import Record
 from mindiffusion.unet import NaiveUnet
 import train_cifar10
 import train_mnist

@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import cheap_ddpm, narrow_unets, run_script
-from mindiffusion.training import checkpoints, data, distributed, resume_checks
-from mindiffusion.training.run import run_training
+from mindiffusion.training import checkpoints, data, devices
+from mindiffusion.training.cli import run_training
 from train_cifar10 import train_cifar10
 
 # two steps of 2 fake CIFAR-10 images per epoch, on the CPU
@@ -75,8 +75,8 @@ def test_a_resume_names_the_setting_that_cannot_change(ema_run, flags, named, ca
 def test_a_different_model_is_named_too(ema_run):
     saved = torch.load(ema_run / "ddpm_cifar.pth", weights_only=True)["recipe"]
     recipe = dict(saved, eps_model="DummyEpsModel", eps_model_args=(1,))
-    with pytest.raises(resume_checks.UserError) as error:
-        resume_checks.check_recipe("ckpt", saved, recipe)
+    with pytest.raises(checkpoints.UserError) as error:
+        checkpoints.check_recipe("ckpt", saved, recipe)
     assert str(error.value) == (
         "--resume: ckpt was trained with the model NaiveUnet (this run: "
         "DummyEpsModel), the model's arguments (3, 3, 8) (this run: (1,)): resume "
@@ -137,7 +137,7 @@ def test_the_data_order_follows_the_seed_and_splits_across_ranks(tmp_path, monke
         for rank in (0, 1):
             seen.clear()
             monkeypatch.setenv("RANK", str(rank))
-            monkeypatch.setattr(distributed, "world_size", lambda: 2)
+            monkeypatch.setattr(devices, "world_size", lambda: 2)
             monkeypatch.setattr(data, "world_size", lambda: 2)
             run = dict(RUN, seed=seed, fake_data=8, batch_size=4, num_workers=0)
             run_training(

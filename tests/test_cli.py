@@ -13,7 +13,7 @@ import torch.nn as nn
 from conftest import narrow_unets, run_script
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import checkpoints, cli, data, devices
-from mindiffusion.training.run import run_training
+from mindiffusion.training.cli import run_training
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import DummyEpsModel, train_mnist

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from mindiffusion.ddpm import DDPM
-from mindiffusion.training.fastpath import compile_for_sampling
+from mindiffusion.training.devices import compile_for_sampling
 from mindiffusion.unet import Conv3, NaiveUnet
 from train_mnist import DummyEpsModel, blk
 

@@ -12,10 +12,10 @@ from mindiffusion import sample
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import cli
-from mindiffusion.training import ema as ema_module
+from mindiffusion.training import steps
 from mindiffusion.training.data import FakeImages
-from mindiffusion.training.prepared import ZeroEps
-from mindiffusion.training.run import run_training
+from mindiffusion.training.grids import ZeroEps
+from mindiffusion.training.cli import run_training
 import train_celeba
 import train_cifar10
 from train_mnist import train_mnist
@@ -180,7 +180,7 @@ def conditional(tmp_path_factory):
             averages.append(self)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ema_module, "AveragedModel", KeptAverage)
+        patch.setattr(steps, "AveragedModel", KeptAverage)
         for cond in (True, False):
             out = tmp_path_factory.mktemp(f"cond{cond}")
             # two steps: the average starts as a copy of the first step's weights

@@ -12,12 +12,13 @@ import torch.nn as nn
 
 from conftest import OFFLINE, REPO
 from mindiffusion.ddpm import DDPM
-from mindiffusion.training import distributed, duties, errors
+from mindiffusion.training import devices, run
+from mindiffusion.training.flags import UserError
 from train_mnist import DummyEpsModel
 
 # global batches of 4, 2 images per rank each, with more steps to an epoch than the
 # steps between the ranks' checks for a stop signal
-STEPS_PER_EPOCH = duties.SIGNAL_EVERY + 2
+STEPS_PER_EPOCH = run.SIGNAL_EVERY + 2
 FLAGS = (f"--device cpu --fake-data {4 * STEPS_PER_EPOCH} --batch-size 4 --n-T 2 "
          "--num-workers 0 --seed 0")
 # MNIST with a narrow UNet: most of each launch is then Python and torch starting up
@@ -110,7 +111,7 @@ def test_torchrun_trains_in_step_stops_together_and_resumes_exactly(no_network):
         assert torch.equal(ranks[1]["model"][name], value), name
 
     stdout = finish(STARTED["halves"], returncode=1)
-    at = duties.SIGNAL_EVERY
+    at = run.SIGNAL_EVERY
     assert stdout.count(f"stopped by SIGTERM after epoch 0, step {at}:") == 1
     state = torch.load(halves / "ddpm_mnist.pth", weights_only=True)
     assert (state["epoch"], state["batches"]) == (0, at)
@@ -129,11 +130,11 @@ def test_torchrun_trains_in_step_stops_together_and_resumes_exactly(no_network):
 
 
 def test_a_batch_that_does_not_split_evenly_is_one_sentence(monkeypatch):
-    monkeypatch.setattr(distributed, "world_size", lambda: 4)
-    assert distributed.split_batch(512) == 128
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    with pytest.raises(errors.UserError, match=r"^--batch-size 5 does not split"):
-        distributed.split_batch(5)
+    monkeypatch.setattr(devices, "world_size", lambda: 4)
+    assert devices.split_batch(512) == 128
+    monkeypatch.setattr(devices, "world_size", lambda: 2)
+    with pytest.raises(UserError, match=r"^--batch-size 5 does not split"):
+        devices.split_batch(5)
 
 
 def torchrun_environment(monkeypatch, local_rank):
@@ -147,17 +148,17 @@ def test_more_processes_than_gpus_is_one_sentence(monkeypatch):
     torchrun_environment(monkeypatch, local_rank=1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(errors.UserError, match=r"use --nproc_per_node=1$"):
-        distributed.init_processes(torch.device("cuda"))
+    with pytest.raises(UserError, match=r"use --nproc_per_node=1$"):
+        devices.init_processes(torch.device("cuda"))
 
 
 def test_torchrun_on_mps_is_one_sentence(monkeypatch):
     torchrun_environment(monkeypatch, local_rank=0)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     with pytest.raises(
-        errors.UserError, match=r"^torchrun runs on CUDA GPUs or on the CPU"
+        UserError, match=r"^torchrun runs on CUDA GPUs or on the CPU"
     ):
-        distributed.init_processes(torch.device("mps"))
+        devices.init_processes(torch.device("mps"))
 
 
 def test_two_ranks_take_the_step_of_one_with_groupnorm():
@@ -172,13 +173,13 @@ def test_two_ranks_take_the_step_of_one_with_groupnorm():
     "device, norm", [("cuda", nn.SyncBatchNorm), ("cpu", nn.BatchNorm2d)]
 )
 def test_under_ddp_batchnorm_is_synchronised_on_gpus_only(device, norm, monkeypatch):
-    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(devices.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(
-        distributed, "DistributedDataParallel", lambda module, device_ids: module
+        devices, "DistributedDataParallel", lambda module, device_ids: module
     )
     ddpm = DDPM(DummyEpsModel(1), betas=(1e-4, 0.02), n_T=2)
     parameters = list(ddpm.parameters())
-    wrapped = distributed.distribute(ddpm, torch.device(device))
+    wrapped = devices.distribute(ddpm, torch.device(device))
     norms = [m for m in wrapped.modules() if "Norm" in type(m).__name__]
     assert len(norms) == 7 and {type(m) for m in norms} == {norm}
     # the optimizer, made before, still holds the model's parameters

@@ -11,8 +11,8 @@ import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from conftest import cheap_ddpm, narrow_unets
-from mindiffusion.training.ema import averaged_copy, warmup_decay
-from mindiffusion.training.run import run_training
+from mindiffusion.training.steps import averaged_copy, warmup_decay
+from mindiffusion.training.cli import run_training
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist

@@ -6,7 +6,7 @@ import torch
 
 from conftest import REPO, grid_tiles, narrow_unets
 from mindiffusion import export, sample
-from mindiffusion.training.run import run_training
+from mindiffusion.training.cli import run_training
 from train_mnist import train_mnist
 
 SHIPPED = REPO / "contents" / "mnist_laptop_cond.pth"

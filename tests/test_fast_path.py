@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 from conftest import cheap_ddpm
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import data, devices
-from mindiffusion.training.run import Run, run_training
+from mindiffusion.training.cli import run_training
+from mindiffusion.training.run import Run
 from mindiffusion.unet import NaiveUnet
 import train_celeba
 import train_cifar10

@@ -15,8 +15,8 @@ from torchvision.utils import save_image
 
 from mindiffusion import fid, frechet
 from mindiffusion.ddim import DDIM
-from mindiffusion.training.errors import UserError
-from mindiffusion.training.run import run_training
+from mindiffusion.training.flags import UserError
+from mindiffusion.training.cli import run_training
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, cheap_ddpm, narrow_unets
-from mindiffusion.training import data, prepared
+from mindiffusion.training import data, grids
 from test_long_runs import FLAGS, SMALL_MNIST, train
 from test_prepared_run import SCRIPTS
 
@@ -42,7 +42,7 @@ def test_each_script_trains_on_the_first_images_of_each_class(
 
 
 class FakeClock:
-    """time.monotonic for prepared.py, a minute later at each reading."""
+    """time.monotonic for grids.py, a minute later at each reading."""
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -54,7 +54,7 @@ class FakeClock:
 
 def run_with_clock(script, flags, out, capsys, monkeypatch, *more):
     """The script's run of one epoch of 4 steps under the fake clock."""
-    monkeypatch.setattr(prepared, "time", FakeClock())
+    monkeypatch.setattr(grids, "time", FakeClock())
     argv = [*FLAGS.split(), *flags, "--epochs", "1", "--out", str(out), *more]
     assert train(script, argv, capsys)[0] == 0
     return sorted(path.name for path in out.glob("*.png"))
@@ -129,8 +129,8 @@ def test_under_torchrun_each_rank_saves_and_rank_0_alone_draws(
 
     monkeypatch.setattr(checkpoints.Checkpoint, "save", counted)
     # a rank other than 0, whose rank 0 finds a grid due after every step
-    monkeypatch.setattr(prepared, "process_rank", lambda: 1)
-    monkeypatch.setattr(prepared, "largest", lambda value: 1)
+    monkeypatch.setattr(grids, "process_rank", lambda: 1)
+    monkeypatch.setattr(grids, "largest", lambda value: 1)
     drawn = run_with_clock(
         train_mnist, SMALL_MNIST, tmp_path, capsys, monkeypatch, "--grid-minutes", "2"
     )

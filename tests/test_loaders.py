@@ -13,7 +13,7 @@ from torchvision import transforms
 
 from conftest import cheap_ddpm, grid_tiles
 from mindiffusion.training.data import FakeImages
-from mindiffusion.training.run import run_training
+from mindiffusion.training.cli import run_training
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist

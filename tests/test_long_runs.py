@@ -9,18 +9,20 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import REPO
 from mindiffusion.ddpm import DDPM
-from mindiffusion.training import checkpoints, cli, devices, duties
-from mindiffusion.training.checkpoints import GRIDS
-from mindiffusion.training.readings import StepReadings
-from mindiffusion.training.prepared import PreparedDDPM
-from mindiffusion.training.run import Run
+from mindiffusion.training import checkpoints, cli, devices
+from mindiffusion.training.grids import GRIDS
+from mindiffusion.training.steps import (
+    MAX_OVERFLOWS,
+    Guard,
+    PreparedDDPM,
+    StepReadings,
+)
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10
 from train_mnist import train_mnist
@@ -29,14 +31,8 @@ SCRIPTS = [train_mnist, train_cifar10, train_celeba]
 # MNIST with a narrow UNet: the loop is the script's own, the checkpoint 30 times
 # smaller than DummyEpsModel's
 SMALL_MNIST = ["--eps-model", "unet", "--n-feat", "8"]
-# what the step's duties read of a prepared loader: 4 batches of 2 in epoch 0
-FOUR_BATCHES = SimpleNamespace(epoch=0, batch_size=2, batches_per_epoch=4)
 # 4 steps of 2 fake images per epoch, on the CPU
 FLAGS = "--device cpu --batch-size 2 --n-T 2 --fake-data 8 --num-workers 0 --seed 0"
-
-
-def no_grid(epoch: int, batches: int) -> None:
-    """StepDuties' grid_within_epoch, for duties tested without a prepared model."""
 
 
 def train(script, argv, capsys):
@@ -215,7 +211,7 @@ def test_a_save_that_fails_after_writing_is_one_sentence(tmp_path, monkeypatch, 
 def test_grad_clip_bounds_the_norm_and_without_it_nothing_changes(monkeypatch):
     ddpm = DDPM(torch.nn.Conv2d(1, 1, 3, padding=1), (1e-4, 0.02), 2)
     optim = torch.optim.Adam(ddpm.parameters())
-    checkpoint = checkpoints.Checkpoint("unused", ddpm, optim, {})
+    no_scaler = torch.amp.GradScaler("cpu", enabled=False)
     clip_grad_norm, clips = torch.nn.utils.clip_grad_norm_, []
 
     def counted_clip(*args):
@@ -225,15 +221,13 @@ def test_grad_clip_bounds_the_norm_and_without_it_nothing_changes(monkeypatch):
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counted_clip)
     for clip in (None, 0.01):
         readings = StepReadings(ddpm)
-        step_duties = duties.StepDuties(
-            checkpoint, FOUR_BATCHES, readings, 0, None, clip, None, no_grid
-        )
+        guard = Guard(optim, no_scaler, readings, clip)
         ddpm.zero_grad()
         loss = ddpm.eps_model.weight.sum() * 100
         readings.take_loss(loss)
         loss.backward()
         before = ddpm.eps_model.weight.grad.clone()
-        step_duties.before_step(optim, (), {})
+        guard.check(0, 1)
         after = ddpm.eps_model.weight.grad
         if clip is None:
             # not even a pass over the gradients
@@ -334,9 +328,9 @@ def test_fp16_overflowing_step_after_step_is_divergence(
     code, line, _ = train(train_cifar10, [*argv, "--fake-data", "80"], capsys)
     assert code == 2
     assert line.startswith(
-        f"training diverged at epoch 0, step {duties.MAX_OVERFLOWS}: the loss is "
+        f"training diverged at epoch 0, step {MAX_OVERFLOWS}: the loss is "
     )
-    assert f"for {duties.MAX_OVERFLOWS} float16 steps in a row, so" in line
+    assert f"for {MAX_OVERFLOWS} float16 steps in a row, so" in line
     assert not out.joinpath("ddpm_cifar.pth").exists()
 
 
@@ -354,7 +348,7 @@ def test_fp16_overflows_between_finite_steps_are_never_divergence(
 
     monkeypatch.setattr(DDPM, "forward", every_other)
     out = tmp_path / "out"
-    n = 2 * duties.MAX_OVERFLOWS + 4
+    n = 2 * MAX_OVERFLOWS + 4
     argv = [*FLAGS.split(), "--amp", "fp16", "--epochs", "1", "--out", str(out)]
     assert train(train_cifar10, [*argv, "--fake-data", str(2 * n)], capsys)[0] == 0
     assert len(steps) == n
@@ -395,14 +389,10 @@ def test_fp16_backward_starts_from_the_scaled_loss_and_the_step_sees_it_unscaled
     ddpm = DDPM(TinyEps(), (1e-4, 0.02), 2)
     optim = torch.optim.Adam(ddpm.parameters())
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    checkpoint = checkpoints.Checkpoint("unused", ddpm, optim, {}, scaler=scaler)
-    # the model the loop calls, and the duties of its optimizer
+    # the model the loop calls, and the guard before its optimizer's step
     readings = StepReadings(ddpm)
-    prepared = PreparedDDPM(Run(), checkpoint, ddpm, FOUR_BATCHES, None, readings)
-    step_duties = duties.StepDuties(
-        checkpoint, FOUR_BATCHES, readings, 0, None, None, None,
-        prepared.grid_within_epoch,
-    )
+    prepared = PreparedDDPM(ddpm, ddpm, None, scaler, readings)
+    guard = Guard(optim, scaler, readings, None)
     x = torch.randn(2, 1, 8, 8)
     reference = DDPM(TinyEps(), (1e-4, 0.02), 2)
     reference.load_state_dict(ddpm.state_dict())
@@ -416,7 +406,7 @@ def test_fp16_backward_starts_from_the_scaled_loss_and_the_step_sees_it_unscaled
     loss.backward()
     expected = reference.eps_model.conv.weight.grad
     torch.testing.assert_close(ddpm.eps_model.conv.weight.grad, 1024 * expected)
-    step_duties.before_step(optim, (), {})
+    guard.check(0, 1)
     torch.testing.assert_close(ddpm.eps_model.conv.weight.grad, expected)
 
 

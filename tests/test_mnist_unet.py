@@ -13,7 +13,7 @@ from conftest import cheap_ddpm, run_script
 from mindiffusion import sample
 from mindiffusion.training import cli
 from mindiffusion.training.data import FakeImages
-from mindiffusion.training.run import run_training
+from mindiffusion.training.cli import run_training
 from mindiffusion.unet import NaiveUnet
 from train_mnist import LAPTOP, DummyEpsModel, train_mnist
 

@@ -5,7 +5,7 @@ import torch
 
 from mindiffusion.unet import NaiveUnet
 import notes_code
-from mindiffusion.training.run import run_training
+from mindiffusion.training.cli import run_training
 from train_mnist import DummyEpsModel, train_mnist
 
 

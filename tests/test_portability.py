@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, gpu_first, narrow_unets
 from mindiffusion.frechet import Moments
 from mindiffusion.training import files, signals
-from mindiffusion.training.run import run_training
+from mindiffusion.training.cli import run_training
 from train_cifar10 import train_cifar10
 
 TINY = dict(device="cpu", batch_size=2, n_T=2, fake_data=4, num_workers=0, seed=0)

@@ -1,6 +1,6 @@
 """The guard's readings: the loss and the gradients' norm of each step, taken as
 backward ends, in a plain run and across the buckets that torchrun's DDP averages;
-on a GPU, the step's duties never wait for it."""
+on a GPU, the loop's lines around each step never wait for it."""
 
 import math
 
@@ -11,9 +11,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from conftest import narrow_unets
-from mindiffusion.training import duties
-from mindiffusion.training.readings import StepReadings
-from mindiffusion.training.run import run_training
+from mindiffusion.training import run as run_module
+from mindiffusion.training.steps import StepReadings
+from mindiffusion.training.cli import run_training
 from train_cifar10 import train_cifar10
 
 NO_GPU = "only a CUDA GPU can show whether the GPU waits, and this machine has none"
@@ -86,13 +86,13 @@ def never_waits(method):
 
 @pytest.mark.cuda(reason=NO_GPU)
 @pytest.mark.parametrize("flags", [{}, dict(ema=0.999), dict(amp="fp16")])
-def test_on_cuda_the_duties_of_a_step_never_wait_for_the_gpu(
+def test_on_cuda_the_lines_around_a_step_never_wait_for_the_gpu(
     flags, tmp_path, monkeypatch
 ):
     narrow_unets(monkeypatch)
     for cls, name in [
-        (duties.StepDuties, "before_step"),
-        (duties.StepDuties, "after_step"),
+        (run_module.Run, "check_gradients"),
+        (run_module.Run, "after_step"),
         (StepReadings, "take_loss"),
         (StepReadings, "gradients_done"),
     ]:

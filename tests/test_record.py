@@ -5,9 +5,9 @@ import csv
 from types import SimpleNamespace
 
 from conftest import cheap_ddpm, narrow_unets
-from mindiffusion.training import record as record_module
-from mindiffusion.training.record import FIELDS, Record
-from mindiffusion.training.run import run_training
+from mindiffusion.training import files
+from mindiffusion.training.files import FIELDS, Record
+from mindiffusion.training.cli import run_training
 from train_cifar10 import train_cifar10
 
 
@@ -56,7 +56,7 @@ def test_an_epoch_s_time_leaves_out_the_grid_before_it(tmp_path, monkeypatch):
     # spans the clock measures, whatever the machine's speed or load
     clock = SimpleNamespace(now=0.0)
     fake_time = SimpleNamespace(perf_counter=lambda: clock.now)
-    monkeypatch.setattr(record_module, "time", fake_time)
+    monkeypatch.setattr(files, "time", fake_time)
 
     def an_hour_long_grid(ddpm, size):
         clock.now += 3600.0

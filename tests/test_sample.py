@@ -11,7 +11,7 @@ from conftest import cheap_ddpm, grid_tiles
 from mindiffusion import sample
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training.data import FakeImages
-from mindiffusion.training.run import run_training
+from mindiffusion.training.cli import run_training
 from mindiffusion.unet import NaiveUnet
 from train_celeba import train_celeba
 from train_cifar10 import train_cifar10

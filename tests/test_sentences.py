@@ -3,14 +3,16 @@ written or locked, a seed too large, a file that is no checkpoint, an abbreviate
 flag, the settings a resume changes, and the cores a job may use."""
 import errno
 import os
-from types import SimpleNamespace
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import REPO
 from mindiffusion import export, fid, figures, sample
 from mindiffusion.bench import command
-from mindiffusion.training import devices, locks
+from mindiffusion.training import devices, files
 from test_long_runs import FLAGS, SCRIPTS, SMALL_MNIST, train
 from test_stops import CHECKPOINTS
 from train_mnist import train_mnist
@@ -71,18 +73,20 @@ def test_a_csv_given_as_a_checkpoint_is_one_sentence(tmp_path, capsys):
     assert err.endswith(f"error: {record} is not a readable checkpoint\n")
 
 
+def refuse_locks(monkeypatch, err: Exception) -> None:
+    """Every lock that filelock takes fails with `err` while monkeypatch lasts."""
+
+    def refused(self, *args, **kwargs):
+        raise err
+
+    monkeypatch.setattr(files.filelock.FileLock, "acquire", refused)
+
+
 def test_an_out_that_cannot_be_written_is_one_sentence(tmp_path, monkeypatch):
     checkpoint = str(tmp_path / "ddpm_mnist.pth")
-    real_open = open
-
-    def refused(path, *args, **kwargs):
-        if str(path).endswith(".lock"):
-            raise PermissionError(errno.EACCES, "Permission denied", path)
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr("builtins.open", refused)
-    with pytest.raises(locks.UserError) as error:
-        locks.hold_lock(checkpoint)
+    refuse_locks(monkeypatch, PermissionError(errno.EACCES, "Permission denied"))
+    with pytest.raises(files.UserError) as error:
+        files.hold_lock(checkpoint)
     assert str(error.value) == (
         f"{checkpoint}.lock cannot be written (Permission denied): choose an --out "
         f"where this user can write"
@@ -92,13 +96,10 @@ def test_an_out_that_cannot_be_written_is_one_sentence(tmp_path, monkeypatch):
 def test_a_file_system_without_locks_is_told_apart_from_another_run(
     tmp_path, monkeypatch
 ):
-    def no_locks(file):
-        raise OSError(errno.ENOLCK, "No locks available")
-
-    monkeypatch.setattr(locks, "lock", no_locks)
+    refuse_locks(monkeypatch, OSError(errno.ENOLCK, "No locks available"))
     checkpoint = str(tmp_path / "ddpm_cifar.pth")
-    with pytest.raises(locks.UserError) as error:
-        locks.hold_lock(checkpoint)
+    with pytest.raises(files.UserError) as error:
+        files.hold_lock(checkpoint)
     message = str(error.value)
     assert message.startswith(f"the file system of {checkpoint}.lock cannot lock files")
     assert "in use" not in message
@@ -106,15 +107,38 @@ def test_a_file_system_without_locks_is_told_apart_from_another_run(
 
 def test_the_holder_of_a_lock_is_read_past_the_byte_windows_locks(tmp_path):
     checkpoint = str(tmp_path / "ddpm_celeba.pth")
-    held = locks.hold_lock(checkpoint)
+    held = files.hold_lock(checkpoint)
     try:
         with open(checkpoint + ".lock", "rb") as file:
             # msvcrt locks the first byte: the process id comes after it
-            assert file.read(1) == b"\n"
-            assert file.read().strip() == str(os.getpid()).encode()
-        assert locks.holder(checkpoint + ".lock") == str(os.getpid())
+            file.seek(1)
+            assert file.read().strip(b"\0\n") == str(os.getpid()).encode()
+        assert files.holder(checkpoint + ".lock") == str(os.getpid())
     finally:
-        locks.release(held)
+        files.release(held)
+
+
+def test_another_process_s_lock_is_refused_with_its_holder(tmp_path):
+    checkpoint = str(tmp_path / "ddpm_mnist.pth")
+    code = (
+        "import sys, time; from mindiffusion.training import files; "
+        f"lock = files.hold_lock({checkpoint!r}); print('held', flush=True); "
+        "time.sleep(60)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(files.UserError) as error:
+            files.hold_lock(checkpoint)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert str(error.value) == (
+        f"{checkpoint} is in use by another run (process {holder.pid}): wait for it "
+        f"to end, or choose another --out"
+    )
 
 
 def test_a_resume_says_none_of_python_s_none(stand_in, tmp_path, capsys):
@@ -220,17 +244,12 @@ def test_on_windows_another_run_s_lock_is_one_sentence_with_its_holder(
         def __exit__(self, *args):
             self.file.close()
 
-    def locking(fd, mode, size):
-        raise OSError(errno.EACCES, "Permission denied")
-
-    monkeypatch.setattr(locks, "fcntl", None)
-    monkeypatch.setattr(locks, "msvcrt", SimpleNamespace(LK_NBLCK=2, locking=locking),
-                        raising=False)
+    refuse_locks(monkeypatch, files.filelock.Timeout(checkpoint + ".lock"))
     monkeypatch.setattr(
         "builtins.open", lambda *args, **kw: LockedFirstByte(real_open(*args, **kw))
     )
-    with pytest.raises(locks.UserError) as error:
-        locks.hold_lock(checkpoint)
+    with pytest.raises(files.UserError) as error:
+        files.hold_lock(checkpoint)
     assert str(error.value) == (
         f"{checkpoint} is in use by another run (process 4242): wait for it to end, "
         f"or choose another --out"

@@ -16,10 +16,12 @@ from mindiffusion.bench.report import (
 from mindiffusion.bench.rows import fast_knobs, measure, quick_leaves_out
 from mindiffusion.bench.setups import LOOP_ROWS, ROW_NAMES, SETUPS, Plan, Setup
 from mindiffusion.training import signals
-from mindiffusion.training.devices import has_native_bf16, resolve_device
-from mindiffusion.training.errors import UserError
-from mindiffusion.training.fastpath import fast_settings
-from mindiffusion.training.flags import at_least
+from mindiffusion.training.devices import (
+    fast_settings,
+    has_native_bf16,
+    resolve_device,
+)
+from mindiffusion.training.flags import UserError, at_least
 
 
 def row_names(text: str) -> frozenset[str]:

@@ -7,7 +7,7 @@ import platform
 import torch
 
 from mindiffusion.bench.setups import ROW_NAMES, UNITS, Plan, Setup
-from mindiffusion.training.errors import UserError
+from mindiffusion.training.flags import UserError
 
 
 class Report:

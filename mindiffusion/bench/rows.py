@@ -24,8 +24,7 @@ from mindiffusion.bench.speeds import (
     train_speed,
 )
 from mindiffusion.training import signals
-from mindiffusion.training.devices import autocast_dtype
-from mindiffusion.training.fastpath import sampling_mode
+from mindiffusion.training.devices import autocast_dtype, sampling_mode
 
 
 def fast_knobs(settings: dict, device) -> frozenset[str]:

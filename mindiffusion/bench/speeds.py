@@ -3,7 +3,6 @@ and the training script's own loop."""
 import contextlib
 import csv
 import glob
-import inspect
 import os
 import tempfile
 import time
@@ -13,7 +12,8 @@ import torch.nn as nn
 
 from mindiffusion.bench.setups import BETAS, KNOB_DTYPES, N_T, Setup
 from mindiffusion.ddpm import DDPM
-from mindiffusion.training.run import run_training
+from mindiffusion.training.cli import run_training
+from mindiffusion.training.run import Run
 
 
 def synchronize(device: torch.device) -> None:
@@ -111,14 +111,13 @@ def loop_settings(
 ) -> dict:
     """The settings of a short run of the setup's script: two epochs of `steps`
     steps on fake data, its grid one DDIM step, no saves within an epoch, with the
-    script's own number of DataLoader workers and the Run flags `flags`."""
-    script_run = inspect.signature(setup.script).parameters["run"].default
+    scripts' default number of DataLoader workers and the Run flags `flags`."""
     fixed = dict(
         device=str(device), batch_size=batch_size, n_epoch=2, n_T=N_T,
         fake_data=steps * batch_size, grid_every=2, grid_sampler="ddim",
         grid_steps=1, save_every=None,
     )
-    return {"num_workers": script_run.num_workers, **setup.preset, **fixed, **flags}
+    return {"num_workers": Run().num_workers, **setup.preset, **fixed, **flags}
 
 
 def loop_speed(setup: Setup, settings: dict, out: str) -> float:

@@ -15,7 +15,7 @@ from mindiffusion.sample import GUIDE_W, load_ddpm
 from mindiffusion.training import flags, progress
 from mindiffusion.training.data import denormalize
 from mindiffusion.training.devices import resolve_device
-from mindiffusion.training.errors import UserError
+from mindiffusion.training.flags import UserError
 
 
 def real_digit_moments(judge: DigitJudge, data_root: str):

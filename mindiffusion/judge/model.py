@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torchvision import transforms
 
-from mindiffusion.training.errors import UserError
+from mindiffusion.training.flags import UserError
 
 WEIGHTS = os.path.join(
     os.path.dirname(__file__), "..", "..", "contents", "mnist_judge.pth"

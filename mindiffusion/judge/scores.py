@@ -8,7 +8,7 @@ from PIL import Image
 from torchvision import transforms
 
 from mindiffusion.judge.model import JUNK, SURE
-from mindiffusion.training.errors import UserError
+from mindiffusion.training.flags import UserError
 
 # torchvision's make_grid puts 2 pixels between images and around them
 PAD = 2

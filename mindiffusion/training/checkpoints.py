@@ -1,4 +1,6 @@
-"""Checkpoints: what a training run saves, and how `--resume` takes it up again.
+"""Checkpoints: what a training run saves, how `--resume` takes it up again, and
+what a resume refuses (an export, a recipe that differs from this run's) or says
+(the flags that this run changes).
 
 A checkpoint is a dictionary of tensors and plain values, so that it loads with
 `torch.load(..., weights_only=True)` and can never run code.
@@ -7,7 +9,6 @@ import errno
 import glob
 import io
 import os
-import pickle
 import re
 from typing import NamedTuple
 
@@ -15,29 +16,17 @@ import torch
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel
 
-from mindiffusion.training.distributed import (
+from mindiffusion.training.devices import (
     gather,
     process_rank,
     say,
     shared_seed,
     world_size,
 )
-from mindiffusion.training.errors import UserError
-from mindiffusion.training.files import write_atomically
-from mindiffusion.training.record import Record
-from mindiffusion.training.resume_checks import (
-    check_recipe,
-    refuse_an_export,
-    say_changed_settings,
-)
+from mindiffusion.training.files import Record, load_checkpoint, write_atomically
+from mindiffusion.training.flags import UserError
+from mindiffusion.training.grids import GRIDS
 
-# the names of the grids each script writes beside its checkpoint, by epoch, which
-# a new run must not overwrite
-GRIDS = {
-    "ddpm_mnist.pth": "ddpm_sample_{}.png",
-    "ddpm_cifar.pth": "ddpm_sample_cifar{}.png",
-    "ddpm_celeba.pth": "ddpm_sample_celeba{:03d}.png",
-}
 # the checkpoint each training script writes into --out, for a --resume to find
 # before the script loads its dataset
 CHECKPOINTS = {
@@ -190,7 +179,6 @@ class Checkpoint:
         self.data_seed = int(state.get("data_seed", 0))
         return Start(epoch=epoch, batches=batches, data_seed=self.data_seed)
 
-
     def refuse_to_overwrite(self) -> None:
         """A new run writes nothing over what an earlier run left in its folder."""
         folder, name = os.path.split(self.path)
@@ -213,29 +201,6 @@ class Checkpoint:
                 f"run, and a new run would overwrite them: move them away, or choose "
                 f"another --out"
             )
-
-
-def load_checkpoint(path: str) -> dict:
-    """The checkpoint at `path`, on the CPU, as tensors and plain values only."""
-    if not os.path.exists(path):
-        raise UserError(f"there is no checkpoint at {path}")
-    unreadable = f"{path} is not a readable checkpoint"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # weights_only=True names the first class or function the file would import
-        if "GLOBAL" in str(err):
-            raise UserError(
-                f"{path} refused: it holds Python objects besides tensors "
-                f"and plain values, and loading them could run code"
-            ) from None
-        raise UserError(unreadable) from None
-    except Exception:
-        # another kind of file fails in many ways: an IndexError for a CSV, ...
-        raise UserError(unreadable) from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise UserError(unreadable)
-    return state
 
 
 def restore_rng(
@@ -275,3 +240,101 @@ def set_lr(optim: torch.optim.Optimizer, lr: float) -> None:
         for group in optim.param_groups:
             group["lr"] = lr
         say(f"--lr: the checkpoint trained at {old}; this run goes on at {lr}")
+
+
+# the recipe's entries that a flag sets, for the sentence that refuses a resume
+RECIPE_FLAGS = {
+    "n_T": "--n-T",
+    "betas": "the betas",
+    "eps_model": "the model",
+    "eps_model_args": "the model's arguments",
+    "n_classes": "--cond's class count",
+    "classes": "the classes",
+    "p_uncond": "--p-uncond",
+}
+
+
+def refuse_an_export(path: str, state: dict) -> None:
+    """An export holds the weights alone: no optimizer, no random state to resume."""
+    if "optimizer" not in state:
+        raise UserError(
+            f"--resume: {path} is an export (mindiffusion.export), which holds "
+            f"the weights alone and cannot be resumed: resume the checkpoint it "
+            f"was exported from"
+        )
+
+
+def check_recipe(path: str, saved: dict, recipe: dict) -> None:
+    """Refuse, in one sentence that names them, settings that differ from the run
+    the checkpoint at `path` comes from: they cannot change halfway."""
+    # a model with classes and one without differ in their very weights
+    with_cond = saved.get("n_classes") is not None
+    if with_cond != (recipe.get("n_classes") is not None):
+        trained = "with --cond" if with_cond else "without --cond"
+        raise UserError(
+            f"--resume: {path} was trained {trained}: resume {trained}, or choose "
+            f"another --out"
+        )
+    differences = [
+        f"{RECIPE_FLAGS.get(key, key)} {saved[key]} (this run: {recipe[key]})"
+        for key in recipe
+        if key in saved and as_lists(saved[key]) != as_lists(recipe[key])
+    ]
+    if differences:
+        raise UserError(
+            f"--resume: {path} was trained with {', '.join(differences)}: resume "
+            f"with the checkpoint's settings, or choose another --out"
+        )
+
+
+def as_lists(value):
+    """`value` with every tuple in it made a list, so that (1, 2) equals [1, 2]."""
+    if isinstance(value, (list, tuple)):
+        return [as_lists(item) for item in value]
+    return value
+
+
+def say_changed_settings(path: str, saved: dict, now: dict, batches: int) -> None:
+    """Refuse a --batch-size or a dataset's size that would change the middle of
+    an epoch, and say in one line each which other flags this run, whose settings
+    are `now`, changes or overrides from those `saved` in the checkpoint at `path`."""
+    for key in ("batch_size", "dataset_size", "ema", "ema_warmup", "amp", "seed"):
+        if key not in saved or saved[key] == now.get(key):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key == "batch_size" and batches:
+            raise UserError(
+                f"--resume: {path} stopped in the middle of an epoch at "
+                f"{flag} {saved[key]} (this run: {now[key]}): resume with "
+                f"{flag} {saved[key]}, or change it at an epoch's end"
+            )
+        if key == "dataset_size" and batches:
+            raise UserError(
+                f"--resume: {path} stopped in the middle of an epoch of "
+                f"{saved[key]} images, and the dataset now holds {now[key]}: "
+                f"resume on the same images, or from a save at an epoch's end"
+            )
+        if key == "dataset_size":
+            say(f"the dataset: the checkpoint trained on {saved[key]} images; "
+                f"this run trains on {now[key]}")
+        elif key == "seed":
+            if now.get(key) is not None:
+                seed = saved[key]
+                seeded = "unseeded" if seed is None else f"--seed {seed}"
+                say(f"--seed: a resume goes on from the checkpoint's random "
+                    f"state ({seeded}); this run's {now[key]} is not used")
+        elif key == "ema" and None not in (saved[key], now.get(key)):
+            say(f"--ema: the checkpoint averaged with decay {saved[key]}; this "
+                f"run goes on with {now[key]}")
+        elif key == "ema_warmup" and now.get("ema") is not None:
+            were, are = ("with" if saved[key] else "without",
+                         "with" if now[key] else "without")
+            say(f"--ema: the checkpoint averaged {were} the warm-up; this run goes "
+                f"on {are} it")
+        elif key not in ("ema", "ema_warmup"):
+            before, after = (
+                f"{flag} {value}" if value is not None else f"no {flag}"
+                for value in (saved[key], now[key])
+            )
+            say(f"{flag}: the checkpoint trained with {before}; this run goes "
+                f"on with {after}")

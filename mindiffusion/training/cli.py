@@ -1,5 +1,7 @@
-"""The training scripts' command line: their flags, with each default in --help, and
-every mistake ending in one sentence and exit status 2, without a traceback.
+"""Starting a training script's run: its command line, with each default in
+--help and every mistake ending in one sentence and exit status 2, without a
+traceback; and `run_training`, which sets a run up as the command line does, for a
+notebook too.
 
 The flags of the notes' own settings are the training function's parameters; the
 feature flags are those of `run.Run`; flags.py lists them all.
@@ -7,13 +9,24 @@ feature flags are those of `run.Run`; flags.py lists them all.
 import argparse
 import dataclasses
 import inspect
+import os
 import sys
 from collections.abc import Callable
 
-from mindiffusion.training.distributed import process_rank
-from mindiffusion.training.errors import UserError
-from mindiffusion.training.flags import FLAGS
-from mindiffusion.training.run import run_training
+import torch
+import torch.distributed as dist
+
+from mindiffusion.ddpm import DDPM
+from mindiffusion.training import signals
+from mindiffusion.training.checkpoints import CHECKPOINTS
+from mindiffusion.training.devices import (
+    init_processes,
+    process_rank,
+    resolve_device,
+    say,
+)
+from mindiffusion.training.flags import FLAGS, UserError
+from mindiffusion.training.run import Run
 from mindiffusion.training.signals import Stopped
 
 
@@ -42,9 +55,9 @@ def parser_for(defaults: dict, description: str, presets: dict, given_only=False
 def settings_of(train: Callable) -> dict:
     """The training function's own settings and its run's flags, with defaults."""
     params = dict(inspect.signature(train).parameters)
-    run = params.pop("run").default
+    params.pop("run")
     own = {name: param.default for name, param in params.items()}
-    return {**own, **dataclasses.asdict(run)}
+    return {**own, **dataclasses.asdict(Run())}
 
 
 def main(
@@ -104,3 +117,66 @@ def main(
         parser.exit(130, f"\ninterrupted: {out} holds what the saves before it wrote, "
                     f"each file whole\n")
 
+
+def run_training(train: Callable, **settings) -> DDPM:
+    """Call `train` with these settings, its run's flags among them, set up as a run
+    from the command line is: torchrun, the device and the seed, stop signals; and
+    return the DDPM it trained."""
+    fields = {field.name for field in dataclasses.fields(Run)}
+    run = Run(**{k: v for k, v in settings.items() if k in fields})
+    own = {k: v for k, v in settings.items() if k not in fields}
+    params = inspect.signature(train).parameters
+    device, out = (own.get(k, params[k].default) for k in ("device", "out"))
+    try:
+        # torchrun's processes, each on its device, seeded, and the folder --out
+        own["device"] = init_processes(resolve_device(device))
+        if run.seed is not None:
+            # each rank its own noise; DDP starts every rank from rank 0's weights
+            torch.manual_seed(run.seed + process_rank())
+        output_folder(out)
+        # a script's own function, not a wrapper such as a functools.partial of it
+        name = CHECKPOINTS.get(getattr(train, "__name__", None))
+        if run.resume and name:
+            # before the dataset, which may be missing too
+            checkpoint = f"{out}/{name}"
+            if not os.path.exists(checkpoint):
+                raise UserError(f"--resume: there is no checkpoint at {checkpoint}")
+        with signals.stop_on_signals():
+            try:
+                train(**own, run=run)
+            except signals.Stopped as stop:
+                if run.finished():
+                    say(f"stopped by {signals.name(stop.signum)} during the last "
+                        f"grid: the run is finished, saved in "
+                        f"{run.checkpoint.path}, and only that grid is missing")
+                    return run.checkpoint.ddpm
+                if run.checkpoint is not None:
+                    run.grids.after_stop()
+                raise
+            except OSError as err:
+                grid = run.checkpoint and run.grids.being_written()
+                if grid is None:
+                    raise
+                # the script's save_image failed: no part of the grid is kept
+                if os.path.exists(grid):
+                    os.remove(grid)
+                raise UserError(
+                    f"the grid {grid} could not be written ({err.strerror}); its "
+                    f"epoch is saved in {run.checkpoint.path}: make room or "
+                    f"give another --out, then --resume"
+                ) from None
+        return run.checkpoint and run.checkpoint.ddpm
+    finally:
+        run.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def output_folder(out: str) -> None:
+    """Make the folder --out names, or say in one sentence why it cannot be made."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a folder: choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out} cannot be made ({err.strerror})") from None

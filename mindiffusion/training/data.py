@@ -1,5 +1,11 @@
-"""The training data: a dataset that is missing explained in one sentence, and the
-loader that a prepared run trains from, rebuilt from the notes' DataLoader."""
+"""The training data: a dataset that is missing explained in one sentence, the
+loader that a prepared run trains from, rebuilt from the notes' DataLoader, and the
+classes of a class-conditional run (--cond): their names, the rows of the grids,
+and the classes a command line asks for by number or by name.
+
+The guided noise prediction itself, eq. 6 of Ho & Salimans (2021), is in
+`DDPM.guided_eps`.
+"""
 import collections
 import contextlib
 import io
@@ -12,16 +18,16 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from tqdm import tqdm
 
-from mindiffusion.training.distributed import (
+from mindiffusion.training.devices import (
     process_rank,
     say,
     split_batch,
     world_size,
 )
-from mindiffusion.training.errors import UserError
+from mindiffusion.training.flags import UserError
 from mindiffusion.training.signals import ignore_stop_signals
 
 
@@ -165,8 +171,7 @@ class PreparedLoader:
     page-locked batches.
 
     Each pass is the next epoch's, and calls epoch_started() before its first batch.
-    It yields the notes' (x, labels) pairs and keeps the labels of the batch under
-    way, which a --cond model reads.
+    It yields the notes' (x, labels) pairs.
     """
 
     def __init__(
@@ -202,7 +207,7 @@ class PreparedLoader:
         )
         # whole epochs, before the first one is cut short by a resume
         self.batches_per_epoch = len(self.loader)
-        self.epoch, self.labels, self.epoch_pass = epoch, None, None
+        self.epoch, self.epoch_pass = epoch, None
         self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
@@ -227,9 +232,7 @@ class PreparedLoader:
             # above the progress bar that tqdm(dataloader) has just drawn
             tqdm.write(f"Epoch {self.epoch} : ")
         self.epoch_started()
-        for x, labels in self.loader:
-            self.labels = labels
-            yield x, labels
+        yield from self.loader
         # a new shuffle at each epoch, the same one on every rank
         self.epoch += 1
         self.sampler.set_epoch(self.epoch)
@@ -239,3 +242,62 @@ def denormalize(x: torch.Tensor, normalize) -> torch.Tensor:
     """Undo the training script's Normalize(mean, std): back to pixels in [0, 1]."""
     mean, std = (torch.tensor(v, device=x.device).view(-1, 1, 1) for v in normalize)
     return (x * std + mean).clamp(0, 1)
+
+
+# a grid shows the first ten classes, one row each
+GRID_CLASSES = 10
+
+
+def class_names(dataset) -> list[str]:
+    """The names of the dataset's classes, in the order of their labels."""
+    # FakeImages draws labels in 0..num_classes-1 but has no names for them
+    names = getattr(dataset, "classes", None)
+    names = list(names) if names else [str(k) for k in range(dataset.num_classes)]
+    if len(names) < 2:
+        raise UserError(
+            f"--cond: {dataset.root} has one subfolder, so one class ({names[0]}): "
+            f"put each class's images in a subfolder of its own"
+        )
+    return names
+
+
+def folder_classes(root: str | None, fake_data: int | None) -> int:
+    """How many classes --cond trains on: the image folder's subfolders, or the ten
+    of FakeImages."""
+    if fake_data:
+        return 10
+    with explain_image_folder(root):
+        return len(find_classes(root)[0])
+
+
+def grid_classes(n_classes: int, per_class: int, device) -> torch.Tensor:
+    """The labels of a grid: per_class of each of the first ten classes, in order."""
+    # (rows,) -> (rows * per_class,): [0, 0, 0, 0, 1, 1, 1, 1, ...]
+    rows = torch.arange(min(n_classes, GRID_CLASSES), device=device)
+    return rows.repeat_interleave(per_class)
+
+
+def parse_classes(wanted: list[str], names: list[str]) -> list[int]:
+    """The labels of the classes a command line names: names, numbers, or "all"."""
+    if "all" in wanted and "all" not in names:
+        if len(wanted) > 1:
+            raise UserError("--class all already takes every class: give it alone")
+        return list(range(len(names)))
+    labels = []
+    for word in wanted:
+        # a name first: an image folder's subfolders may be called 1, 2, ...
+        if word in names:
+            labels.append(names.index(word))
+        elif word.isdigit() and int(word) < len(names):
+            labels.append(int(word))
+        elif word.isdigit():
+            raise UserError(
+                f"--class {word}: the model has {len(names)} classes, numbered "
+                f"0 to {len(names) - 1}"
+            )
+        else:
+            raise UserError(
+                f"--class {word}: the model has no such class; its classes are "
+                f"{', '.join(names)} (or their numbers 0 to {len(names) - 1}, or all)"
+            )
+    return labels

@@ -1,10 +1,32 @@
-"""Writing a file whole or not at all, so that a crash, a full disk or a power cut
-never leaves half a checkpoint under its name."""
-import glob
-import os
-import tempfile
+"""The files a run writes beside its checkpoint, and how: each written whole or not
+at all, so that a crash, a full disk or a power cut never leaves half a file under
+its name; the lock on the checkpoint, held for the run's life; a checkpoint read
+back as tensors and plain values only; and the record, one CSV row per epoch.
 
-from mindiffusion.training.errors import UserError
+The record's columns:
+
+    epoch,step,loss,lr,images_per_s,seconds
+
+`loss` is the mean training loss over the epoch's steps (rank 0's, under torchrun),
+`step` the optimizer steps done so far, and `seconds` the epoch's training time:
+from its first batch to its last step, so without the grid and the save between two
+epochs. The sums of an unfinished epoch travel in the checkpoint, so a run
+stopped in the middle of an epoch and resumed writes the same row as one that never
+stopped, timings aside. The file is rewritten whole at each row, so that a full
+disk leaves the rows before it as they were.
+"""
+import csv
+import glob
+import io
+import os
+import pickle
+import tempfile
+import time
+
+import filelock
+import torch
+
+from mindiffusion.training.flags import UserError
 
 
 def write_or_explain(path: str, data: bytes, what: str) -> None:
@@ -73,3 +95,169 @@ def sync_folder(folder: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def hold_lock(checkpoint: str) -> filelock.FileLock:
+    """Take the lock file of `checkpoint`, beside it, or say in one sentence which
+    process holds it, or why it cannot be taken. A second run started on the same
+    folder, by a requeued job or a command given twice, is refused instead of
+    overwriting the first; the system gives the lock up when the process ends,
+    however it ends."""
+    path = checkpoint + ".lock"
+    lock = filelock.FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise UserError(
+            f"{checkpoint} is in use by another run (process {holder(path)}): "
+            f"wait for it to end, or choose another --out"
+        ) from None
+    except PermissionError as err:
+        raise UserError(
+            f"{path} cannot be written ({err.strerror}): choose an --out where "
+            f"this user can write"
+        ) from None
+    except OSError as err:
+        # Lustre or NFS mounted without locks: ENOLCK
+        raise UserError(
+            f"the file system of {path} cannot lock files ({err.strerror}), which "
+            f"keeps a second run off this checkpoint: choose an --out on a local disk"
+        ) from None
+    # the process id after the first byte, which Windows keeps locked from others
+    with open(path, "r+") as file:
+        file.seek(1)
+        file.write(f"{os.getpid()}\n")
+        # an earlier holder's longer id
+        file.truncate()
+    return lock
+
+
+def release(lock: filelock.FileLock) -> None:
+    """Give the lock up, and remove its file: first, where the system allows it, so
+    that no other run takes the lock of a file about to go; on Windows, which
+    removes no open file, after."""
+    if os.name != "nt":
+        os.remove(lock.lock_file)
+    lock.release()
+    if os.name == "nt" and os.path.exists(lock.lock_file):
+        os.remove(lock.lock_file)
+
+
+def holder(path: str) -> str:
+    """The process id written in the lock file at `path`, or "unknown"."""
+    try:
+        with open(path) as file:
+            file.seek(1)
+            return file.read().strip("\0\n ") or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint at `path`, on the CPU, as tensors and plain values only."""
+    if not os.path.exists(path):
+        raise UserError(f"there is no checkpoint at {path}")
+    unreadable = f"{path} is not a readable checkpoint"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only=True names the first class or function the file would import
+        if "GLOBAL" in str(err):
+            raise UserError(
+                f"{path} refused: it holds Python objects besides tensors "
+                f"and plain values, and loading them could run code"
+            ) from None
+        raise UserError(unreadable) from None
+    except Exception:
+        # another kind of file fails in many ways: an IndexError for a CSV, ...
+        raise UserError(unreadable) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(unreadable)
+    return state
+
+
+FIELDS = ("epoch", "step", "loss", "lr", "images_per_s", "seconds")
+
+
+class Record:
+    """The CSV at `path`, and the running sums of the epoch under way."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.steps, self.loss_sum, self.images, self.seconds = 0, 0.0, 0, 0.0
+        self.batches = 0
+        self.start_epoch()
+
+    def add(self, loss: float, images: int) -> None:
+        """Count one optimizer step, its loss and the images of its global batch."""
+        # the epoch's training time ends with its last step, before its grid
+        self.last_step = time.perf_counter()
+        self.steps += 1
+        self.batches += 1
+        self.images += images
+        self.loss_sum += loss
+
+    def start_epoch(self) -> None:
+        """Start the epoch's clock from now: the prepared loader calls it as the
+        epoch's first batch is asked for, so that what came between two epochs is
+        left out."""
+        self.clock = self.last_step = time.perf_counter()
+
+    def end_epoch(self, epoch: int, lr: float) -> None:
+        """Write epoch `epoch`'s row, and start the sums of the next."""
+        seconds = self.seconds + self.last_step - self.clock
+        row = dict(
+            epoch=epoch,
+            step=self.steps,
+            loss=self.loss_sum / max(self.batches, 1),
+            lr=lr,
+            images_per_s=round(self.images / seconds, 2) if seconds else 0.0,
+            seconds=round(seconds, 2),
+        )
+        self.write([*self.rows(), row])
+        self.loss_sum, self.batches, self.images, self.seconds = 0.0, 0, 0, 0.0
+        self.start_epoch()
+
+    def state_dict(self) -> dict:
+        seconds = self.seconds + time.perf_counter() - self.clock
+        return dict(
+            steps=self.steps,
+            loss_sum=self.loss_sum,
+            batches=self.batches,
+            images=self.images,
+            seconds=seconds,
+        )
+
+    def resume(self, state: dict | None, epoch: int) -> None:
+        """Take up the sums of a checkpoint that stands in epoch `epoch`, and drop
+        the rows of that epoch and later, which a run killed after writing them
+        but before its checkpoint may have left."""
+        if state is not None:
+            self.steps, self.loss_sum = state["steps"], state["loss_sum"]
+            self.batches, self.images = state["batches"], state["images"]
+            self.seconds = state["seconds"]
+        self.start_epoch()
+        if os.path.exists(self.path):
+            self.write([row for row in self.rows() if int(row["epoch"]) < epoch])
+
+    def rows(self) -> list[dict]:
+        """The rows written so far."""
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, newline="") as file:
+            return list(csv.DictReader(file))
+
+    def write(self, rows: list[dict]) -> None:
+        """Write the record with these rows, whole or not at all."""
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        try:
+            write_atomically(self.path, text.getvalue().encode())
+        except OSError as err:
+            raise UserError(
+                f"the record {self.path} could not be written ({err.strerror}): "
+                f"its rows so far and the previous checkpoint are kept; make room "
+                f"or give another --out, then --resume"
+            ) from None

@@ -1,8 +1,15 @@
-"""The training scripts' flags: for each setting, its flag, its argparse type and
-its help, which shows the default; and the argparse types that the commands'
-flags share, each refusing a bad value with one sentence."""
+"""The command line's words: the training scripts' flags, each with its argparse
+type and its help, which shows the default; the argparse types that the commands'
+flags share, each refusing a bad value with one sentence; and UserError, the one
+exception a user meets.
+"""
 import argparse
 from collections.abc import Callable
+
+
+class UserError(Exception):
+    """A mistake in the command line or the data, explained in one sentence: every
+    command of the project prints it and exits with status 2, without a traceback."""
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

@@ -1,41 +1,56 @@
-"""One prepared run: the training scripts' feature flags, and `Run.prepare`, which
-readies the notes' ddpm, optim and dataloader for them in the manner of
-Accelerate's `prepare`, so that the notes' loop runs on them line for line.
+"""One run of a training script: its feature flags, and the lines its loop calls
+besides the notes' own.
+
+`Run.prepare` readies the notes' ddpm, optim and dataloader as Accelerate's
+`prepare` does: they change how they compute (the device, torchrun, the precision,
+the data order), never what they do. What a flag adds is a call of its own in the
+loop, each a plain call when its flags are off:
+
+    run.check_gradients()   before optim.step(): the guard, and --grad-clip
+    run.after_step()        --ema, --save-every, a stop signal, --grid-minutes
+    run.save(i + 1)         the checkpoint, before the grid
+    run.sampler_for_grid(ddpm, n)   --ema, --grid-sampler, --cond's rows
+    run.end_epoch(i)        a stop signal; after the last epoch, the run lets go
 
 Every flag is off by default, and a run with all of them off trains number for
 number as the notes' code does.
 """
 import dataclasses
 import inspect
-import os
-from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from mindiffusion.ddpm import DDPM
-from mindiffusion.training import conditioning, signals
-from mindiffusion.training.checkpoints import CHECKPOINTS, Checkpoint
-from mindiffusion.training.data import PreparedLoader, first_of_each_class
-from mindiffusion.training.devices import autocast_dtype, resolve_device
-from mindiffusion.training.distributed import (
+from mindiffusion.training import signals
+from mindiffusion.training.checkpoints import Checkpoint
+from mindiffusion.training.data import PreparedLoader, class_names, first_of_each_class
+from mindiffusion.training.devices import (
+    autocast_dtype,
     distribute,
+    fast_settings,
     gather,
-    init_processes,
     largest,
     process_rank,
     say,
+    usable_cpus,
+    world_size,
 )
-from mindiffusion.training.duties import StepDuties
-from mindiffusion.training.ema import averaged_copy
-from mindiffusion.training.errors import UserError
-from mindiffusion.training.fastpath import fast_settings
-from mindiffusion.training.files import remove_temporaries
-from mindiffusion.training.locks import hold_lock, release
-from mindiffusion.training.prepared import PreparedDDPM
-from mindiffusion.training.readings import StepReadings
+from mindiffusion.training.files import hold_lock, release, remove_temporaries
+from mindiffusion.training.grids import Grids
+from mindiffusion.training.steps import (
+    Guard,
+    PreparedDDPM,
+    PreparedOptimizer,
+    StepReadings,
+    averaged_copy,
+)
+
+# under torchrun, the steps between the ranks' checks for a stop signal: a stop comes
+# at most SIGNAL_EVERY - 1 steps later (a quarter of a second at 512 images a step
+# and 20,000 images/s), and the gloo collective is paid once in so many steps
+SIGNAL_EVERY = 10
 
 
 @dataclasses.dataclass
@@ -45,21 +60,21 @@ class Run:
     seed: torch's seed (each torchrun rank adds its rank); num_workers: DataLoader
     worker processes; resume: go on from the checkpoint; fake_data: train on N
     random images of the dataset's shape; per_class: train on the first N images
-    of each class; fast: turn on the speed flags that pay
-    on the device (fastpath.py); amp: autocast the forward pass (auto,
-    bf16 or fp16); channels_last: the weights, and so the activations, in
-    channels_last; compile: torch.compile the noise model; ema: the decay of an
-    averaged copy of the weights, which draws the grids; ema_warmup: a young average
-    decays less (ema.py); save_every: also save every N steps;
-    grad_clip: clip the gradients' norm; grid_every: draw the grid every N epochs and
-    after the last; grid_minutes: and within an epoch, every M minutes;
-    grid_sampler, grid_steps: draw it with DDPM's n_T steps, or with
-    DDIM's grid_steps; cond: train on the labels, with classifier-free
-    guidance; p_uncond: how often a label is hidden; guide_w: the grids' guidance.
+    of each class; fast: turn on the speed flags that pay on the device
+    (devices.FAST_PATHS); amp: autocast the forward pass (auto, bf16 or fp16);
+    channels_last: the weights, and so the activations, in channels_last; compile:
+    torch.compile the noise model; ema: the decay of an averaged copy of the
+    weights, which draws the grids; ema_warmup: a young average decays less
+    (steps.py); save_every: also save every N steps; grad_clip: clip the gradients'
+    norm; grid_every: draw the grid every N epochs and after the last;
+    grid_minutes: and within an epoch, every M minutes; grid_sampler, grid_steps:
+    draw it with DDPM's n_T steps, or with DDIM's grid_steps; cond: train on the
+    labels, with classifier-free guidance; p_uncond: how often a label is hidden;
+    guide_w: the grids' guidance.
     """
 
     seed: int | None = None
-    num_workers: int = 0
+    num_workers: int = dataclasses.field(default_factory=lambda: min(16, usable_cpus()))
     resume: bool = False
     fake_data: int | None = None
     per_class: int | None = None
@@ -80,18 +95,8 @@ class Run:
     guide_w: float = 2.0
 
     def __post_init__(self) -> None:
-        # what `prepare` makes: the prepared model, and the lock on its checkpoint
-        self.model = self.lock = None
-
-    def setup(self, device: str, out: str) -> torch.device:
-        """The device to train on, joined to torchrun's processes, with torch
-        seeded and the folder --out made: all that comes before the model."""
-        device = init_processes(resolve_device(device))
-        if self.seed is not None:
-            # each rank its own noise; DDP starts every rank from rank 0's weights
-            torch.manual_seed(self.seed + process_rank())
-        output_folder(out)
-        return device
+        # what `prepare` makes: the checkpoint, its lock, the loader, the average
+        self.checkpoint = self.lock = self.loader = self.ema_model = None
 
     def prepare(
         self,
@@ -102,8 +107,10 @@ class Run:
         path: str,
     ):
         """The notes' ddpm, optim and dataloader, ready for this run's flags, with
-        the checkpoint at `path` and --resume taken up; see `PreparedDDPM`,
-        `StepDuties` and `PreparedLoader` for what each one does besides."""
+        the checkpoint at `path` and --resume taken up: see `PreparedDDPM`,
+        `PreparedOptimizer` and `PreparedLoader` for how each computes."""
+        # a Run prepared again starts afresh
+        self.close()
         device = next(ddpm.parameters()).device
         # the recipe names the whole dataset, of which --per-class takes a part
         dataset = dataloader.dataset
@@ -117,9 +124,8 @@ class Run:
             # the notes' x.to(device) is all the batches need
             ddpm.to(memory_format=torch.channels_last)
         # --ema: a copy whose weights follow a moving average of ddpm's
-        ema = None
         if self.ema is not None:
-            ema = averaged_copy(ddpm, self.ema, self.ema_warmup)
+            self.ema_model = averaged_copy(ddpm, self.ema, self.ema_warmup)
         if self.compile:
             # compiled in place, so that the state_dict keeps the notes' names
             ddpm.eps_model.compile()
@@ -134,10 +140,6 @@ class Run:
             batch_size=dataloader.batch_size, ema=self.ema, ema_warmup=self.ema_warmup,
             amp=self.amp, seed=self.seed, dataset_size=len(dataloader.dataset),
         )
-        if self.lock is not None:
-            # a Run prepared again, such as a script's default one, starts afresh
-            release(self.lock)
-            self.lock = None
         if process_rank() == 0:
             # while this run lasts, no other run can take the same checkpoint
             self.lock = hold_lock(path)
@@ -145,22 +147,26 @@ class Run:
                 say(f"removed {stale}, the temporary file of a save that a kill "
                     f"interrupted")
         recipe = recipe_of(ddpm, dataset)
-        checkpoint = Checkpoint(path, ddpm, optim, recipe, ema, scaler, settings)
-        start = checkpoint.resume_or_start(self.resume, n_epoch, self.seed)
+        self.checkpoint = Checkpoint(
+            path, ddpm, optim, recipe, self.ema_model, scaler, settings
+        )
+        start = self.checkpoint.resume_or_start(self.resume, n_epoch, self.seed)
         # the record times each epoch from its first batch, after the last one's grid
-        loader = PreparedLoader(
+        self.loader = PreparedLoader(
             dataloader, device, self.num_workers, start.data_seed, *start[:2],
-            checkpoint.record.start_epoch,
+            self.checkpoint.record.start_epoch,
         )
         parallel = distribute(ddpm, device)
         readings = StepReadings(parallel)
-        model = PreparedDDPM(self, checkpoint, parallel, loader, dtype, readings)
-        StepDuties(
-            checkpoint, loader, readings, start.batches, self.save_every,
-            self.grad_clip, ema, model.grid_within_epoch,
-        )
-        self.n_epoch, self.start_epoch, self.model = n_epoch, start.epoch, model
-        return model, optim, loader
+        self.guard = Guard(optim, scaler, readings, self.grad_clip)
+        self.n_epoch, self.start_epoch = n_epoch, start.epoch
+        # where the run stands: the epoch and its batches done, and the steps this
+        # run has taken
+        self.epoch, self.batches, self.steps = (*start[:2], 0)
+        self.global_batch = self.loader.batch_size * world_size()
+        self.model = PreparedDDPM(ddpm, parallel, dtype, scaler, readings)
+        self.grids = Grids(self)
+        return self.model, PreparedOptimizer(optim, scaler), self.loader
 
     def take_fast_path(self, device: torch.device) -> None:
         """Turn on what --fast takes on this device, leaving a flag given as well
@@ -178,6 +184,55 @@ class Run:
         taken = " ".join(words) or "nothing, for nothing measured pays there yet"
         say(f"--fast on {device.type}: {taken}")
 
+    def check_gradients(self) -> None:
+        """Before optim.step(): stop if the step's loss or a gradient is not
+        finite, so that divergence never reaches the weights or the disk, and clip
+        the gradients under --grad-clip (steps.Guard); the record counts the loss."""
+        if self.loader.epoch != self.epoch:
+            self.epoch, self.batches = self.loader.epoch, 0
+        loss = self.guard.check(self.epoch, self.batches + 1)
+        self.checkpoint.record.add(loss, self.global_batch)
+
+    def after_step(self) -> None:
+        """After optim.step(): the --ema average follows the new weights; every
+        --save-every steps, a save; after a stop signal, a save and the stop; under
+        --grid-minutes, a grid once the minutes have passed. The step that ends an
+        epoch leaves its save and its grid to the epoch's end."""
+        if self.ema_model is not None:
+            self.ema_model.update_parameters(self.checkpoint.ddpm)
+        self.batches += 1
+        self.steps += 1
+        if self.batches == self.loader.batches_per_epoch:
+            return
+        if self.save_every and self.steps % self.save_every == 0:
+            self.checkpoint.save(self.epoch, self.batches)
+        # under torchrun, the ranks meet only every SIGNAL_EVERY steps
+        if world_size() == 1 or self.steps % SIGNAL_EVERY == 0:
+            self.stop_if_signalled()
+            self.grids.within_epoch(self.epoch, self.batches)
+
+    def stop_if_signalled(self) -> None:
+        """Save and stop if a stop signal came; under torchrun, every rank stops
+        after the same step."""
+        signum = largest(signals.received)
+        if signum:
+            self.checkpoint.save(self.epoch, self.batches)
+            raise signals.Stopped(
+                signum,
+                f"stopped by {signals.name(signum)} after epoch {self.epoch}, step "
+                f"{self.batches}: saved in {self.checkpoint.path}; run the same "
+                f"command with --resume to go on",
+            )
+
+    def save(self, epoch: int) -> None:
+        """The notes' torch.save(ddpm.state_dict(), ...) after `epoch` epochs, with
+        all that --resume needs; where a grid follows, with the random state that
+        the grid will leave (grids.Grids.save_before)."""
+        if self.grid_due(epoch - 1):
+            self.grids.save_before(epoch)
+        else:
+            self.checkpoint.save(epoch)
+
     def grid_due(self, i: int) -> bool:
         """Whether epoch i draws its grid: rank 0 does, after every --grid-every
         epochs and the last."""
@@ -185,85 +240,56 @@ class Run:
             (i + 1) % self.grid_every == 0 or i + 1 == self.n_epoch
         )
 
-    def save(self, epoch: int) -> None:
-        """Save the checkpoint after `epoch` epochs, unless its grid did already;
-        then, under torchrun, wait for rank 0's grid, and stop if a signal came,
-        unless this was the last epoch: then the run has finished."""
-        model = self.model
-        if model.saved != epoch:
-            model.checkpoint.save(epoch)
-            model.saved = epoch
-        # the other ranks wait here while rank 0 draws
+    def sampler_for_grid(self, ddpm: PreparedDDPM, n_sample: int):
+        """What draws the grid, how many samples and of which classes c: ddpm, or
+        the --ema average; as DDIM of --grid-steps under --grid-sampler ddim;
+        n_sample images with no class (c is None), or under --cond a row of 4 for
+        each of the first ten classes. Its `sample` is the sampler's own, with a bar
+        over the steps; a second stop signal while it walks stops the run at once."""
+        epoch = self.checkpoint.saved_at[0]
+
+        def stopped(signum: int) -> str:
+            return (
+                f"stopped by {signals.name(signum)} during the grid of epoch "
+                f"{epoch - 1}: the epoch is saved in {self.checkpoint.path}; run the "
+                f"same command with --resume to go on"
+            )
+
+        return self.grids.sampler(ddpm.ddpm, n_sample, stopped)
+
+    def end_epoch(self, i: int) -> None:
+        """After epoch i's save and grid: under torchrun, the other ranks wait here
+        for rank 0's grid; a stop signal stops the run, saved, unless this was the
+        last epoch: then the run is finished, and lets go of its checkpoint's lock
+        and its loader's workers."""
         gather(None)
         signum = largest(signals.received)
-        if signum and self.finished():
-            say(f"{signals.name(signum)} came as the last epoch ended: the run is "
-                f"finished, saved in {model.checkpoint.path}")
+        if i + 1 == self.n_epoch:
+            if signum:
+                say(f"{signals.name(signum)} came as the last epoch ended: the run "
+                    f"is finished, saved in {self.checkpoint.path}")
+            self.close()
         elif signum:
             raise signals.Stopped(
                 signum,
-                f"stopped by {signals.name(signum)} after epoch {epoch - 1}: saved in "
-                f"{model.checkpoint.path}; run the same command with --resume to go "
+                f"stopped by {signals.name(signum)} after epoch {i}: saved in "
+                f"{self.checkpoint.path}; run the same command with --resume to go "
                 f"on",
             )
+
+    def close(self) -> None:
+        """Let go of the checkpoint's lock, and end the loader's workers."""
+        if self.loader is not None:
+            self.loader.close()
+        if self.lock is not None:
+            release(self.lock)
+            self.lock = None
 
     def finished(self) -> bool:
         """Whether the checkpoint holds the last epoch whole: the run is done, even
         if a stop signal came on its last step or during its last grid."""
-        saved = self.model and self.model.checkpoint.saved_at
+        saved = self.checkpoint and self.checkpoint.saved_at
         return saved == (self.n_epoch, 0)
-
-
-def run_training(train: Callable, **settings) -> DDPM:
-    """Call `train` with these settings, its run's flags among them, set up as a run
-    from the command line is: torchrun, the device and the seed, stop signals; and
-    return the DDPM it trained."""
-    fields = {field.name for field in dataclasses.fields(Run)}
-    run = Run(**{k: v for k, v in settings.items() if k in fields})
-    own = {k: v for k, v in settings.items() if k not in fields}
-    params = inspect.signature(train).parameters
-    device, out = (own.get(k, params[k].default) for k in ("device", "out"))
-    try:
-        own["device"] = run.setup(device, out)
-        # a script's own function, not a wrapper such as a functools.partial of it
-        name = CHECKPOINTS.get(getattr(train, "__name__", None))
-        if run.resume and name:
-            # before the dataset, which may be missing too
-            checkpoint = f"{out}/{name}"
-            if not os.path.exists(checkpoint):
-                raise UserError(f"--resume: there is no checkpoint at {checkpoint}")
-        with signals.stop_on_signals():
-            try:
-                train(**own, run=run)
-            except signals.Stopped as stop:
-                if run.finished():
-                    say(f"stopped by {signals.name(stop.signum)} during the last "
-                        f"grid: the run is finished, saved in "
-                        f"{run.model.checkpoint.path}, and only that grid is missing")
-                    return run.model.ddpm
-                if run.model is not None:
-                    run.model.final_grid()
-                raise
-            except OSError as err:
-                grid = run.model and run.model.grid_being_written()
-                if grid is None:
-                    raise
-                # the script's save_image failed: no part of the grid is kept
-                if os.path.exists(grid):
-                    os.remove(grid)
-                raise UserError(
-                    f"the grid {grid} could not be written ({err.strerror}); its "
-                    f"epoch is saved in {run.model.checkpoint.path}: make room or "
-                    f"give another --out, then --resume"
-                ) from None
-        return run.model and run.model.ddpm
-    finally:
-        if run.model is not None:
-            run.model.loader.close()
-        if run.lock is not None:
-            release(run.lock)
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def recipe_of(ddpm: DDPM, dataset: Dataset) -> dict:
@@ -292,16 +318,6 @@ def recipe_of(ddpm: DDPM, dataset: Dataset) -> dict:
         normalize=(tuple(normalize.mean), tuple(normalize.std)),
         # --cond: the classes, by label, and how often training hides the label
         n_classes=ddpm.n_classes,
-        classes=conditioning.class_names(dataset) if cond else None,
+        classes=class_names(dataset) if cond else None,
         p_uncond=ddpm.p_uncond if cond else None,
     )
-
-
-def output_folder(out: str) -> None:
-    """Make the folder --out names, or say in one sentence why it cannot be made."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out {out} is a file, not a folder: choose another --out")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--out {out} cannot be made ({err.strerror})") from None
