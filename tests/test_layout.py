@@ -15,6 +15,8 @@ CORE = {"ddpm", "unet", "ddim"}
 MACHINERY = "training"
 MAX_LINES = {"default": 350, "cli.py": 200}
 MAX_TOP_MODULES = 10
+# the machinery's modules, __init__ included: one whole idea each
+MAX_MACHINERY_MODULES = 12
 
 
 def module_names(package: Path) -> dict[str, Path]:
@@ -102,6 +104,9 @@ def layout_problems(package: Path) -> list[str]:
     ]
     if len(tops) > MAX_TOP_MODULES:
         problems.append(f"{len(tops)} modules at the top: {', '.join(sorted(tops))}")
+    inside = [name for name in modules if kind(name) == "machinery"]
+    if len(inside) > MAX_MACHINERY_MODULES:
+        problems.append(f"{len(inside)} modules in {MACHINERY}/")
     for path in modules.values():
         limit = MAX_LINES.get(path.name, MAX_LINES["default"])
         if (lines := len(path.read_text().splitlines())) > limit:
@@ -159,11 +164,16 @@ def test_imports_against_the_direction_are_found(tmp_path):
 def test_long_modules_and_a_crowded_top_are_found(tmp_path):
     files = {f"pkg/command{i}.py": "" for i in range(MAX_TOP_MODULES + 1)}
     files["pkg/__init__.py"] = ""
+    files["pkg/training/__init__.py"] = ""
     files["pkg/training/cli.py"] = "x = 1\n" * 201
+    files.update({f"pkg/training/idea{i}.py": "" for i in range(MAX_MACHINERY_MODULES)})
     package = write(tmp_path, files)
     problems = layout_problems(package)
     assert problems[0].startswith(f"{MAX_TOP_MODULES + 1} modules at the top")
-    assert problems[1:] == ["pkg/training/cli.py: 201 lines"]
+    assert problems[1:] == [
+        f"{MAX_MACHINERY_MODULES + 2} modules in training/",
+        "pkg/training/cli.py: 201 lines",
+    ]
 
 
 # what a clone lacks: the folder beside the repository that development used, and a

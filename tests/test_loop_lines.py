@@ -93,6 +93,21 @@ def batches_with_writing_refused(batches):
     return refused
 
 
+def grids_drawn(monkeypatch, wrap=lambda call: call) -> list:
+    """While monkeypatch lasts, each grid's (sampler, arguments, samples); `wrap`
+    wraps the grid's sample call."""
+    drawn = []
+    sample = GridSampler.sample
+
+    def kept(self, *args):
+        xh = sample(self, *args)
+        drawn.append((self.sampler, args, xh))
+        return xh
+
+    monkeypatch.setattr(GridSampler, "sample", wrap(kept))
+    return drawn
+
+
 SCRIPTS = [(train_mnist, SMALL_MNIST, 16), (train_cifar10, [], 8),
            (train_celeba, [], 8)]
 
@@ -102,15 +117,7 @@ def test_the_notes_calls_write_nothing_and_the_run_s_lines_write_it_all(
     script, flags, n_grid, tmp_path, monkeypatch, capsys
 ):
     narrow_unets(monkeypatch)
-    sampled = []
-    sample = GridSampler.sample
-
-    def counted(self, n_sample, *args):
-        xh = sample(self, n_sample, *args)
-        sampled.append((n_sample, len(xh)))
-        return xh
-
-    monkeypatch.setattr(GridSampler, "sample", writing_refused(counted))
+    drawn = grids_drawn(monkeypatch, writing_refused)
     for cls, name in [(PreparedDDPM, "forward"), (PreparedDDPM, "sample"),
                       (PreparedOptimizer, "step")]:
         monkeypatch.setattr(cls, name, writing_refused(getattr(cls, name)))
@@ -124,7 +131,7 @@ def test_the_notes_calls_write_nothing_and_the_run_s_lines_write_it_all(
     argv += ["--ema", "0.9", "--grid-sampler", "ddim", "--grid-steps", "2"]
     assert train(script, [*argv, "--save-every", "1"], capsys)[0] == 0
     # under --cond, a row of 4 for each of the ten classes, as many as asked
-    assert sampled == [(40, 40), (40, 40)]
+    assert [(args[0], len(xh)) for _, args, xh in drawn] == [(40, 40), (40, 40)]
     # before the script's function, run_training makes the folder --out
     assert [name for line, name in writes["lines"] if line is None] == ["out"]
     lines = {line for line, _ in writes["lines"] if line is not None}
@@ -147,15 +154,7 @@ def test_the_prepared_sample_is_n_samples_of_the_model(
     script, flags, n_grid, tmp_path, monkeypatch, capsys
 ):
     narrow_unets(monkeypatch)
-    drawn = []
-    sample = GridSampler.sample
-
-    def kept(self, *args):
-        xh = sample(self, *args)
-        drawn.append((self.sampler, args, xh))
-        return xh
-
-    monkeypatch.setattr(GridSampler, "sample", kept)
+    drawn = grids_drawn(monkeypatch)
     out = tmp_path / "out"
     argv = [*FLAGS.split(), *flags, "--epochs", "1", "--out", str(out)]
     assert train(script, argv, capsys)[0] == 0

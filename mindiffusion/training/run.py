@@ -6,11 +6,11 @@ besides the notes' own.
 the data order), never what they do. What a flag adds is a call of its own in the
 loop, each a plain call when its flags are off:
 
-    run.check_gradients()   before optim.step(): the guard, and --grad-clip
-    run.after_step()        --ema, --save-every, a stop signal, --grid-minutes
-    run.save(i + 1)         the checkpoint, before the grid
-    run.sampler_for_grid(ddpm, n)   --ema, --grid-sampler, --cond's rows
-    run.end_epoch(i)        a stop signal; after the last epoch, the run lets go
+    run.check_gradients()           the guard, and --grad-clip, before optim.step()
+    run.after_step()                --ema, --save-every, a stop signal, --grid-minutes
+    run.save(i + 1)                 the checkpoint, before the grid
+    run.sampler_for_grid(ddpm, n)   --ema, --grid-sampler, --cond's rows of classes
+    run.end_epoch(i)                a stop signal; after the last epoch, the end
 
 Every flag is off by default, and a run with all of them off trains number for
 number as the notes' code does.
