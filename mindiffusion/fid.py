@@ -1,6 +1,6 @@
 """FID of a checkpoint's samples against its own training set, as the papers measure.
 
-    python -m mindiffusion.fid contents/ddpm_cifar.pth --eta 1          # DDIM, 50 steps
+    python -m mindiffusion.fid contents/ddpm_cifar.pth                  # DDIM, 50 steps
     python -m mindiffusion.fid contents/ddpm_cifar.pth --steps 10,20,50,100
     python -m mindiffusion.fid contents/ddpm_cifar.pth --sampler ddpm --n 10000
     python -m mindiffusion.fid contents/ddpm_mnist.pth --features digits  # offline
@@ -224,20 +224,17 @@ def main(argv: list[str] | None = None) -> None:
     add("--steps", type=flags.step_counts, metavar="S[,S...]",
         help="DDIM's steps; a list gives one FID per entry, like Table 1 of the DDIM "
         "paper (default: 50, or n_T if less)")
-    add("--eta", type=flags.eta,
-        help="DDIM's noise, 0 to 1; NaiveUnet's samples need 1 (default: 0)")
+    add("--eta", type=flags.eta, help="DDIM's noise, 0 to 1 (default: 0)")
+    add("--raw-walk", action="store_true", help="DDIM without the kept x_0 and eps")
     add("--guide-w", type=flags.guidance_weight, metavar="W",
-        help="for a checkpoint trained with --cond: the guidance weight; the paper "
-        "found the best FIDs at small weights, the best Inception scores at large "
-        f"ones (default: {GUIDE_W})")
+        help=f"for a --cond checkpoint: the guidance weight; the paper's best FIDs "
+        f"came at small weights (default: {GUIDE_W})")
     add("--no-ema", dest="use_ema", action="store_false",
-        help="sample with the trained weights, not their --ema average (default: "
-        "the average, where the checkpoint has one)")
+        help="the trained weights, not their --ema average (default: the average)")
     add("--data-root", metavar="DIR",
         help="the training set's folder (default: ./data; CelebA: $CELEBA_PATH)")
     add("--fake-data", type=flags.at_least(2), metavar="N",
-        help="measure against N random images instead of the training set "
-        "(default: off)")
+        help="measure against N random images, not the training set (default: off)")
     add("--batch-size", type=flags.at_least(1), default=250, metavar="N",
         help="images per batch, for sampling and features (default: %(default)s)")
     add("--device", default="cuda", metavar="NAME",
@@ -246,8 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         help="seed for the samples, the same FID each time (default: unseeded)")
     add("--features", choices=("inception", "digits"), default="inception",
         help="inception: the papers' 2048 Inception features; digits, for MNIST: "
-        "the 128 of the digit judge (mindiffusion.judge), offline (default: "
-        "%(default)s)")
+        "the digit judge's 128, offline (default: %(default)s)")
     add("--inception-weights", metavar="PATH",
         help="the Inception weights as a local file, for machines without a network "
         "(default: torch-fidelity's download into torch's hub cache)")
@@ -256,8 +252,10 @@ def main(argv: list[str] | None = None) -> None:
         help="where the training set's statistics are kept (default: %(default)s)")
     add("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     args = parser.parse_args(argv)
-    if args.sampler == "ddpm" and (args.steps is not None or args.eta is not None):
-        parser.error("--steps and --eta are DDIM's: add --sampler ddim, or drop them")
+    ddim_flags = (args.steps, args.eta, args.raw_walk) != (None, None, False)
+    if args.sampler == "ddpm" and ddim_flags:
+        parser.error("--steps, --eta and --raw-walk are DDIM's: add --sampler "
+                     "ddim, or drop them")
     if args.features == "digits" and args.inception_weights:
         parser.error("--inception-weights: --features digits reads no Inception")
     if args.json and not os.path.isdir(os.path.dirname(args.json) or "."):
@@ -275,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         device = resolve_device(args.device)
         ddpm, recipe = load_ddpm(
-            args.checkpoint, args.sampler, None, args.eta or 0.0, args.use_ema
+            args.checkpoint, args.sampler, None, args.eta or 0.0, args.use_ema,
+            args.raw_walk,
         )
         steps = args.steps or [progress.model_calls(ddpm)]
         conditional = recipe.get("n_classes") is not None
@@ -330,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         figures = dict(
             checkpoint=args.checkpoint, n=args.n, sampler=args.sampler,
-            eta=getattr(ddpm, "eta", None),
+            eta=getattr(ddpm, "eta", None), raw_walk=args.raw_walk,
             ema=args.use_ema, guide_w=guide_w if conditional else None,
             reference=name, reference_images=len(dataset), extractor=extractor.name,
             results=results,
@@ -341,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         except UserError as err:
             parser.exit(2, f"{parser.prog}: error: {err}\n")
     walk = f", eta={ddpm.eta}" if args.sampler == "ddim" else ""
+    walk += ", raw walk" if args.raw_walk else ""
     guidance = f", guide_w={guide_w}" if conditional else ""
     print(f"FID: {last['fid']:.4f} (n={args.n}, sampler={args.sampler}, "
           f"steps={last['steps']}{walk}{guidance})")

@@ -1,7 +1,7 @@
 """Draw images from a checkpoint of the training scripts, with DDPM or DDIM.
 
     python -m mindiffusion.sample contents/ddpm_cifar.pth                 # n_T steps
-    python -m mindiffusion.sample contents/ddpm_cifar.pth --sampler ddim --eta 1
+    python -m mindiffusion.sample contents/ddpm_cifar.pth --sampler ddim --steps 20
     python -m mindiffusion.sample contents/ddpm_mnist.pth --progress 8    # watch it
     python -m mindiffusion.sample contents/ddpm_mnist.pth --class 3 --class 7
 
@@ -10,9 +10,11 @@ its averaged weights are used when it was trained with --ema. The grid is writte
 beside the checkpoint, under a name no earlier file has, unless --out says where.
 From a checkpoint trained with --cond, --class draws the classes it names, a row of
 --n images each, with classifier-free guidance; without --class it draws from the
-null class, unconditionally. DDIM walks 50 steps unless --steps says otherwise; at
-its default eta 0, the deterministic walk, NaiveUnet's samples drift into static,
-since the network cannot see its input's scale (docs/sampling.md): give --eta 1.
+null class, unconditionally. DDIM walks 50 steps unless --steps says otherwise, at
+eta 0, the deterministic walk, by default. Each of its steps keeps the model's x_0
+within the data's range and eps at the scale of a noise draw, without which
+NaiveUnet, blind to its input's scale, drifts into static at eta 0; --raw-walk shows
+that walk (docs/sampling.md).
 """
 import argparse
 import itertools
@@ -27,7 +29,7 @@ from torchvision.utils import make_grid, save_image
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import flags, progress
-from mindiffusion.training.data import denormalize, parse_classes
+from mindiffusion.training.data import data_range, denormalize, parse_classes
 from mindiffusion.training.devices import compile_for_sampling, resolve_device
 from mindiffusion.training.files import load_checkpoint
 from mindiffusion.training.flags import UserError
@@ -41,10 +43,16 @@ GUIDE_W = 2.0
 
 
 def load_ddpm(
-    path: str, sampler: str, steps: int | None, eta: float, use_ema: bool
+    path: str,
+    sampler: str,
+    steps: int | None,
+    eta: float,
+    use_ema: bool,
+    raw_walk: bool = False,
 ) -> tuple[DDPM, dict]:
     """The checkpoint's DDPM (or, for sampler "ddim", a DDIM of `steps` steps, by
-    default 50 or n_T if it has fewer) and its recipe."""
+    default 50 or n_T if it has fewer) and its recipe. The DDIM keeps x_0 within the
+    data's range and eps at its scale, unless `raw_walk`."""
     state = load_checkpoint(path)
     recipe = state.get("recipe")
     if not recipe or recipe.get("eps_model") not in EPS_MODELS:
@@ -61,7 +69,13 @@ def load_ddpm(
         steps = min(50, n_T) if steps is None else steps
         if steps > n_T:
             raise UserError(f"--steps {steps} is more than the model's n_T = {n_T}")
-        ddpm = DDIM(eps_model, betas, n_T, eta=eta, n_steps=steps, n_classes=n_classes)
+        # the kept walk: x_0 within the range the data was normalised to, and eps
+        # at the scale of a noise draw (ddim.py)
+        kept = {} if raw_walk else dict(
+            x0_range=data_range(recipe["normalize"]), unit_eps=True
+        )
+        ddpm = DDIM(eps_model, betas, n_T, eta=eta, n_steps=steps,
+                    n_classes=n_classes, **kept)
     else:
         ddpm = DDPM(eps_model, betas, n_T, n_classes=n_classes)
 
@@ -149,8 +163,10 @@ def main(argv: list[str] | None = None) -> None:
         help="DDIM's steps, at most the model's n_T (default: 50, or n_T if less)")
     add("--eta", type=float,
         help="DDIM's noise, from 0 (none) to 1 (the posterior variance of the DDPM "
-        "paper, a little below the beta_t that --sampler ddpm adds); NaiveUnet's "
-        "samples need 1 (default: 0)")
+        "paper, a little below the beta_t that --sampler ddpm adds) (default: 0)")
+    add("--raw-walk", action="store_true",
+        help="DDIM as the model alone walks it: x_0 not kept within the data's "
+        "range, eps not kept at its scale (default: kept)")
     add("--device", default="cuda", metavar="NAME",
         help="cpu, cuda, cuda:N or mps; falls back as the training scripts do "
         "(default: %(default)s)")
@@ -172,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.sampler == "ddpm" and (args.steps, args.eta) != (None, None):
         parser.error("--steps and --eta are DDIM's: add --sampler ddim, or drop them")
+    if args.sampler == "ddpm" and args.raw_walk:
+        parser.error("--raw-walk is DDIM's: add --sampler ddim, or drop it")
     if args.eta is None:
         args.eta = 0.0
     if not 0 <= args.eta <= 1:
@@ -180,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         device = resolve_device(args.device)
         ddpm, recipe = load_ddpm(
-            args.checkpoint, args.sampler, args.steps, args.eta, args.use_ema
+            args.checkpoint, args.sampler, args.steps, args.eta, args.use_ema,
+            args.raw_walk,
         )
         labels = classes_wanted(args, recipe)
         stem = os.path.splitext(args.checkpoint)[0]

@@ -371,7 +371,7 @@ def test_each_step_count_is_seeded_alone(checkpoint, stand_in, tmp_path, capsys)
     assert fid_of_3_steps("1,3") == fid_of_3_steps("3")
 
 
-@pytest.mark.parametrize("flag", [["--steps", "5"], ["--eta", "1"]])
+@pytest.mark.parametrize("flag", [["--steps", "5"], ["--eta", "1"], ["--raw-walk"]])
 def test_ddim_s_flags_with_the_ddpm_sampler_are_refused_before_any_work(
     flag, tmp_path, no_work, capsys
 ):
@@ -379,5 +379,5 @@ def test_ddim_s_flags_with_the_ddpm_sampler_are_refused_before_any_work(
     code, line = refused(argv, capsys)
     assert code == 2
     assert line.endswith(
-        "--steps and --eta are DDIM's: add --sampler ddim, or drop them"
+        "--steps, --eta and --raw-walk are DDIM's: add --sampler ddim, or drop them"
     )

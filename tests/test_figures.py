@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
-from mindiffusion import figures
+from mindiffusion.figures import command as figures_command
+from mindiffusion.figures import lesson as figures
+from mindiffusion.training.data import denormalize
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
 from mindiffusion.unet import NaiveUnet
@@ -92,10 +94,10 @@ def test_the_loss_curve_reads_the_record(checkpoint):
     assert (epochs, losses) == ([0, 1], [0.2, 0.05])
 
 
-def test_the_command_writes_six_figures_of_their_sizes(checkpoint, tmp_path, capsys):
+def test_the_command_writes_nine_figures_of_their_sizes(checkpoint, tmp_path, capsys):
     out = tmp_path / "figures"
     argv = [str(checkpoint), "--out", str(out), "--device", "cpu", "--seed", "1"]
-    figures.main(argv)
+    figures_command.main(argv)
     # (width, height) in pixels: 1.4 inches an image at 100 dpi, 7 timesteps by 6
     # images and a title; the schedules 10x4 inches, the loss 6x4
     sizes = {
@@ -106,11 +108,16 @@ def test_the_command_writes_six_figures_of_their_sizes(checkpoint, tmp_path, cap
         "loss_curve.png": (600, 400),
         # a 4x4 grid of 32x32 images, 2 pixels apart, under the label of t
         "reverse_walk.gif": (138, 138 + figures.LABEL),
+        # the deterministic walk's: 9 frames of 4 pairs; n_T 20 walked in 10 and
+        # 20 steps, 6 images; 6 images up to x_T and back
+        "interpolation.png": (1260, 620),
+        "consistency.png": (280, 900),
+        "inversion.png": (420, 900),
     }
     for name, size in sizes.items():
         assert Image.open(out / name).size == size, name
     # the same seed draws the same figures; no file is replaced
-    figures.main(argv)
+    figures_command.main(argv)
     for name in sizes:
         stem, extension = os.path.splitext(name)
         again = out / f"{stem}_2{extension}"
@@ -128,7 +135,7 @@ def test_a_record_that_is_not_one_is_one_sentence(checkpoint, tmp_path, capsys, 
     bad = tmp_path / "bad.csv"
     bad.write_text(text)
     with pytest.raises(SystemExit) as exit_info:
-        figures.main([str(checkpoint), "--record", str(bad), "--device", "cpu"])
+        figures_command.main([str(checkpoint), "--record", str(bad), "--device", "cpu"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "is not a run's record" in err and "\n" not in err
@@ -138,7 +145,7 @@ def test_offline_data_root_says_what_figures_can_do_instead(
     checkpoint, tmp_path, capsys, no_network
 ):
     with pytest.raises(SystemExit):
-        figures.main([str(checkpoint), "--data-root", str(tmp_path / "none"),
+        figures_command.main([str(checkpoint), "--data-root", str(tmp_path / "none"),
                       "--device", "cpu", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert "leave --data-root out to noise the model's own samples" in err
@@ -153,12 +160,12 @@ def test_a_read_only_out_is_refused_before_any_sampling(
     out.mkdir()
     real_access = os.access
     monkeypatch.setattr(
-        figures.os, "access",
+        figures_command.os, "access",
         lambda path, mode: False if str(path) == str(out) else real_access(path, mode),
     )
     monkeypatch.setattr(DDPM, "sample", lambda *args, **kwargs: pytest.fail("sampled"))
     with pytest.raises(SystemExit) as exit_info:
-        figures.main([str(checkpoint), "--out", str(out), "--device", "cpu"])
+        figures_command.main([str(checkpoint), "--out", str(out), "--device", "cpu"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.endswith(f"error: --out {out} is not writable: choose another --out\n")
@@ -174,12 +181,14 @@ def test_without_data_the_images_noised_are_ddim_samples_with_posterior_noise(
         noised.append(x0)
         return noising(x0, *args)
 
-    monkeypatch.setattr(figures, "forward_noising", keep)
-    figures.main([str(checkpoint), "--out", str(tmp_path), "--device", "cpu",
-                  "--seed", "3"])
-    # eta 1: a young model's deterministic walk can end in static
+    monkeypatch.setattr(figures_command, "forward_noising", keep)
+    figures_command.main([str(checkpoint), "--out", str(tmp_path), "--device", "cpu",
+                          "--seed", "3"])
+    # eta 1: a young model's deterministic walk can end in static; x_0 kept within
+    # MNIST's range and eps at its scale, as every DDIM of the commands
     ddpm = tiny_ddpm()
-    ddim = DDIM(ddpm.eps_model, RECIPE["betas"], N_T, eta=1.0, n_steps=N_T).eval()
+    ddim = DDIM(ddpm.eps_model, RECIPE["betas"], N_T, eta=1.0, n_steps=N_T,
+                x0_range=(-0.5, 0.5), unit_eps=True).eval()
     torch.manual_seed(3)
     expected = ddim.sample(figures.N_IMAGES, RECIPE["image_size"], "cpu")
     assert torch.allclose(noised[0], expected, atol=1e-6)
@@ -201,7 +210,7 @@ def test_the_gif_walks_from_x_T_to_the_sampler_s_output(tmp_path):
     with torch.no_grad():
         walk = figures.reverse_walk(ddpm, 16, (1, 32, 32), "cpu", ts, None)
     path = tmp_path / "walk.gif"
-    figures.write_gif(figures.denormalize(walk, RECIPE["normalize"]), ts, path)
+    figures.write_gif(denormalize(walk, RECIPE["normalize"]), ts, path)
     # x_T and the samples of the same seed, made apart from the walk
     torch.manual_seed(5)
     x_T = torch.randn(16, 1, 32, 32)
@@ -212,7 +221,7 @@ def test_the_gif_walks_from_x_T_to_the_sampler_s_output(tmp_path):
     # a frame at every step of this short walk, from t = N_T down to 0
     assert len(frames) == N_T + 1 == len(ts)
     for (pixels, _), x, t in ((frames[0], x_T, N_T), (frames[-1], x_0, 0)):
-        expected = figures.gif_frame(figures.denormalize(x, RECIPE["normalize"]), t)
+        expected = figures.gif_frame(denormalize(x, RECIPE["normalize"]), t)
         assert np.array_equal(pixels, np.array(expected))
     # the last frame is held
     durations = [duration for _, duration in frames]

@@ -123,8 +123,8 @@ def figures_printed(out: str) -> dict:
 
 
 def test_the_shipped_model_draws_every_digit_it_is_asked_for(capsys, tmp_path):
-    # by default DDIM's 20 steps with DDPM's posterior noise (eta 1), the walk
-    # that NaiveUnet's samples come through as digits
+    # by default DDIM's deterministic walk of 20 steps (eta 0), x_0 kept within
+    # MNIST's range and eps at its scale
     command.main([
         str(SHIPPED_MODEL), "--n", "4",
         "--data-root", str(tmp_path),

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from mindiffusion import export, fid, figures, sample
+from mindiffusion import export, fid, sample
+from mindiffusion.figures import command as figures_command
 from mindiffusion.bench import command
 from mindiffusion.training import devices, files
 from test_long_runs import FLAGS, SCRIPTS, SMALL_MNIST, train
@@ -21,7 +22,7 @@ from train_mnist import train_mnist
 COMMANDS = [
     (sample.main, ["x.pth", "--clas", "3"], "--clas"),
     (fid.main, ["x.pth", "--see", "0"], "--see"),
-    (figures.main, ["x.pth", "--dev", "cpu"], "--dev"),
+    (figures_command.main, ["x.pth", "--dev", "cpu"], "--dev"),
     (export.main, ["x.pth", "y.pth", "--hel"], "--hel"),
     (command.main, ["--qui"], "--qui"),
 ]
@@ -186,7 +187,7 @@ def test_resuming_an_export_says_it_is_one(stand_in, tmp_path, capsys):
     )
 
 
-@pytest.mark.parametrize("command_main", [fid.main, figures.main])
+@pytest.mark.parametrize("command_main", [fid.main, figures_command.main])
 def test_a_fake_data_checkpoint_with_a_data_root_names_what_it_trained_on(
     command_main, stand_in, tmp_path, capsys
 ):
@@ -194,7 +195,7 @@ def test_a_fake_data_checkpoint_with_a_data_root_names_what_it_trained_on(
     assert train(train_mnist, argv, capsys)[0] == 0
     command = [str(tmp_path / "ddpm_mnist.pth"), "--data-root", str(tmp_path)]
     command += ["--device", "cpu"]
-    if command_main is figures.main:
+    if command_main is figures_command.main:
         command += ["--out", str(tmp_path / "figures")]
     with pytest.raises(SystemExit) as exit_info:
         command_main(command)

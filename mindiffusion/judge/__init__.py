@@ -7,7 +7,7 @@
 A small classifier, trained on MNIST (half of it on grey, speckled grounds, as young
 models draw digits) and on junk (static, smooth blobs, blanks, two digits at once,
 digits cut up and shuffled), reads each sample, which is a grid PNG of the training
-scripts or of mindiffusion.sample, or a checkpoint it samples (DDIM, eta 1). It
+scripts or of mindiffusion.sample, or a checkpoint it samples (DDIM, eta 0). It
 prints the share of samples read as a digit with at least 90% confidence; how many
 distinct digits those are; the digit score, the Inception Score with this classifier,
 from 1 (all alike, or all junk) to 10 (sure digits, evenly spread); for a conditional

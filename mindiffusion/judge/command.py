@@ -35,7 +35,9 @@ def sample_checkpoint(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Ten
     """The checkpoint's samples in [0, 1], a row of --n for each digit where it
     was trained with --cond, and the digits asked for (None: unconditional)."""
     steps = args.steps if args.sampler == "ddim" else None
-    ddpm, recipe = load_ddpm(args.input, args.sampler, steps, args.eta, True)
+    ddpm, recipe = load_ddpm(
+        args.input, args.sampler, steps, args.eta, True, args.raw_walk
+    )
     device = resolve_device(args.device)
     asked = None
     n = args.n or 64
@@ -55,11 +57,10 @@ def sample_checkpoint(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Ten
 
 
 # the flags of each use of the command, which the other uses refuse, not ignore
-SAMPLING = ("n", "sampler", "steps", "eta", "guide_w", "seed", "device")
+SAMPLING = ("n", "sampler", "steps", "eta", "raw_walk", "guide_w", "seed", "device")
 TRAINING = ("per_class", "epochs", "out")
-# eta 1: NaiveUnet cannot sense the scale of its input, which the deterministic
-# walk (eta 0) needs, so eta 0 judges the sampler rather than the model
-DEFAULTS = dict(sampler="ddim", steps=20, eta=1.0, seed=0, device="cpu", epochs=25)
+DEFAULTS = dict(sampler="ddim", steps=20, eta=0.0, raw_walk=False, seed=0,
+                device="cpu", epochs=25)
 
 
 def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -85,7 +86,8 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     refuse(SAMPLING if args.train or grid else (), "is for sampling a checkpoint")
     refuse(() if args.train else TRAINING, "is for --train")
     if args.sampler == "ddpm":
-        refuse(("steps", "eta"), "is DDIM's: add --sampler ddim, or drop it")
+        refuse(("steps", "eta", "raw_walk"),
+               "is DDIM's: add --sampler ddim, or drop it")
     for name, value in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -110,9 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     add("--sampler", choices=("ddpm", "ddim"),
         help="how a checkpoint is sampled (default: ddim)")
     add("--steps", type=flags.at_least(1), help="DDIM's steps (default: 20)")
-    add("--eta", type=flags.eta,
-        help="DDIM's noise, 0 to 1 (default: 1; eta 0 leaves NaiveUnet's samples "
-        "as static, see docs/sampling.md)")
+    add("--eta", type=flags.eta, help="DDIM's noise, 0 to 1 (default: 0)")
+    add("--raw-walk", action="store_true", default=None,
+        help="DDIM as the model alone walks it: x_0 not kept within the data's "
+        "range, eps not kept at its scale (default: kept)")
     add("--guide-w", type=flags.guidance_weight, metavar="W",
         help=f"the guidance weight, for a --cond checkpoint (default: {GUIDE_W})")
     add("--seed", type=flags.seed, metavar="N",

@@ -238,6 +238,14 @@ class PreparedLoader:
         self.sampler.set_epoch(self.epoch)
 
 
+def data_range(normalize) -> tuple[float, float]:
+    """The range into which the training script's Normalize(mean, std) takes pixels
+    in [0, 1], (low, high) over all channels: MNIST's [-0.5, 0.5], CIFAR-10's and
+    CelebA's [-1, 1]."""
+    mean, std = (torch.tensor(v, dtype=torch.float64) for v in normalize)
+    return float(((0 - mean) / std).min()), float(((1 - mean) / std).max())
+
+
 def denormalize(x: torch.Tensor, normalize) -> torch.Tensor:
     """Undo the training script's Normalize(mean, std): back to pixels in [0, 1]."""
     mean, std = (torch.tensor(v, device=x.device).view(-1, 1, 1) for v in normalize)

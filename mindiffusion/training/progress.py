@@ -17,9 +17,12 @@ def model_calls(ddpm: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def timesteps(ddpm: nn.Module, description: str, samples: int = 1):
-    """A bar over the timesteps of `samples` calls of ddpm.sample, while it lasts."""
-    bar = tqdm(total=samples * model_calls(ddpm), desc=description)
+def timesteps(
+    ddpm: nn.Module, description: str, samples: int = 1, calls: int | None = None
+):
+    """A bar over the timesteps of `samples` calls of ddpm.sample, or over `calls`
+    calls of its model, while it lasts."""
+    bar = tqdm(total=calls or samples * model_calls(ddpm), desc=description)
 
     def count_call(module, inputs) -> None:
         bar.update()

@@ -1,24 +1,9 @@
-"""The figures of a lesson on DDPM, as PNGs to drop into slides.
-
-    python -m mindiffusion.figures                     # from the shipped MNIST model
-    python -m mindiffusion.figures --data-root ./data  # noise real digits instead
-    python -m mindiffusion.figures contents/ddpm_cifar.pth --data-root ./data
-
-It writes into --out:
-  forward_noising.png  x_t = sqrtab[t] x_0 + sqrtmab[t] eps at t = 0, 50, ..., 1000
-  schedules.png        beta_t, alphabar_t, sqrtab and sqrtmab against t
-  reverse_walk.png     a few samples of the checkpoint, x_t at chosen t, x_T to x_0
-  reverse_walk.gif     a grid of 16 samples walking from x_T to x_0, t on each frame
-  loss_per_t.png       the loss at each t beside the signal-to-noise ratio
-  loss_curve.png       each epoch's mean loss, from the run's record (CSV)
-The images noised are the dataset's first ones with --data-root, else samples of
-the checkpoint. The same --seed on the same device gives the same figures, and an
-existing file is never replaced: a new name gets _2, _3, ...
+"""The lesson's figures of DDPM: the forward process, the schedules, Algorithm 2's
+reverse walk as a figure and a GIF, the loss at each t and the loss over training;
+each as arrays first, then drawn.
 """
-import argparse
 import csv
 import math
-import os
 
 import torch
 from PIL import Image, ImageDraw
@@ -27,13 +12,9 @@ from torchvision.utils import make_grid
 # matplotlib's Figure draws to a file without pyplot, so without a screen
 from matplotlib.figure import Figure
 
-from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM, ddpm_schedules
-from mindiffusion.fid import reference_dataset
-from mindiffusion.sample import GUIDE_W, free_path, load_ddpm
-from mindiffusion.training import flags, progress
-from mindiffusion.training.data import denormalize
-from mindiffusion.training.devices import resolve_device
+from mindiffusion.sample import GUIDE_W
+from mindiffusion.training import progress
 from mindiffusion.training.flags import UserError
 
 # the timesteps of the two walks, as fractions of n_T: 0, 50, 100, ... at n_T 1000
@@ -160,19 +141,31 @@ def plot_walk(
 ) -> None:
     """A figure of images (T, N, C, H, W) in [0, 1]: a column for each of the T
     timesteps, a row for each of the N images, labelled `rows` where given."""
+    plot_grid(images, [f"t = {t}" for t in ts], title, path, rows)
+
+
+def plot_grid(
+    images: torch.Tensor, columns: list[str], title: str, path: str,
+    rows: list[str] | None = None, captions: list[list[str]] | None = None,
+) -> None:
+    """A figure of images (T, N, C, H, W) in [0, 1]: T columns titled `columns`,
+    a row for each of the N images, labelled `rows` where given, and under image
+    (j, k) the text captions[j][k] where given."""
     n_t, n = images.shape[:2]
     fig = Figure(figsize=(CELL * n_t, CELL * n + 0.6), dpi=DPI, layout="constrained")
     axes = fig.subplots(n, n_t, squeeze=False)
-    for j, t in enumerate(ts):
-        axes[0][j].set_title(f"t = {t}")
+    for j, column in enumerate(columns):
+        axes[0][j].set_title(column)
         for k in range(n):
             # (C, H, W) -> (H, W, C), or (H, W) for one channel
             pixels = images[j, k].permute(1, 2, 0).squeeze(-1).cpu().numpy()
             axes[k][j].imshow(pixels, cmap="gray", vmin=0, vmax=1)
-            # no ticks or frame, but room for the row's label
+            # no ticks or frame, but room for the row's label and the caption
             axes[k][j].set_xticks([])
             axes[k][j].set_yticks([])
             axes[k][j].set_frame_on(False)
+            if captions is not None:
+                axes[k][j].set_xlabel(captions[j][k])
     for k, label in enumerate(rows or []):
         axes[k][0].set_ylabel(label, rotation=0, ha="right", va="center")
     fig.suptitle(title)
@@ -225,126 +218,3 @@ def plot_loss(epochs: list[int], losses: list[float], path: str) -> None:
     ax.set_ylabel("mean training loss (log scale)")
     ax.set_title(r"$\| \epsilon - \epsilon_\theta(x_t, t) \|^2$ over training")
     fig.savefig(path)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m mindiffusion.figures",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add = parser.add_argument
-    add("checkpoint", nargs="?", default="contents/mnist_laptop_cond.pth",
-        help="a checkpoint of a training script, or an export (default: "
-        "%(default)s)")
-    add("--data-root", metavar="DIR",
-        help="the checkpoint's dataset folder, for real images to noise (default: "
-        "the checkpoint's own samples)")
-    add("--record", metavar="CSV",
-        help="the run's record for the loss curve (default: CHECKPOINT_log.csv "
-        "beside the checkpoint, where there is one)")
-    add("--out", default="contents/figures", metavar="DIR",
-        help="folder for the PNGs (default: %(default)s)")
-    add("--seed", type=flags.seed, default=0, metavar="N",
-        help="seed of the noise and the samples (default: %(default)s)")
-    add("--device", default="cuda", metavar="NAME",
-        help="cpu, cuda, cuda:N or mps; falls back as the training scripts do "
-        "(default: %(default)s)")
-    args = parser.parse_args(argv)
-    record = args.record or os.path.splitext(args.checkpoint)[0] + "_log.csv"
-    try:
-        device = resolve_device(args.device)
-        ddpm, recipe = load_ddpm(args.checkpoint, "ddpm", None, 0.0, True)
-        if args.record and not os.path.exists(record):
-            raise UserError(f"--record {record} does not exist")
-        losses = loss_curve(record) if os.path.exists(record) else None
-        dataset = None
-        if args.data_root:
-            dataset, _ = reference_dataset(
-                recipe, args.data_root, None,
-                instead="leave --data-root out to noise the model's own samples",
-            )
-        os.makedirs(args.out, exist_ok=True)
-        # before the sampling, which takes minutes on a CPU
-        if not os.access(args.out, os.W_OK):
-            raise UserError(f"--out {args.out} is not writable: choose another --out")
-    except UserError as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-    except OSError as err:
-        parser.exit(2, f"{parser.prog}: error: --out {args.out} ({err.strerror})\n")
-
-    ddpm.to(device).eval()
-    torch.manual_seed(args.seed)
-    size, normalize = recipe["image_size"], recipe["normalize"]
-    ts = timesteps(ddpm.n_T)
-    n_classes = recipe.get("n_classes")
-    # the rows' labels: MNIST's "3 - three" as 3
-    names = [str(name).split(" - ")[0] for name in recipe.get("classes") or []]
-
-    def labels(n: int) -> torch.Tensor | None:
-        """Under --cond, n labels, the first classes in turn: (n,)."""
-        return None if n_classes is None else torch.arange(n, device=device) % n_classes
-
-    c = labels(N_IMAGES)
-    guided = "" if n_classes is None else f", guided with w = {GUIDE_W}"
-    written = []
-
-    def write(plot, *data, name: str, **options) -> None:
-        path = free_path(os.path.join(args.out, name))
-        plot(*data, path, **options)
-        written.append(path)
-
-    if dataset is not None:
-        # pixels in [0, 1] -> the model's inputs, as the script's Normalize made them
-        pixels = torch.stack([dataset[k][0] for k in range(N_IMAGES)]).to(device)
-        mean, std = (torch.tensor(v, device=device).view(-1, 1, 1) for v in normalize)
-        x0, source = (pixels - mean) / std, "images of the dataset"
-        if n_classes is not None:
-            # the images' own labels, for their rows and their loss
-            c = torch.tensor([dataset[k][1] for k in range(N_IMAGES)], device=device)
-    else:
-        print("no --data-root: noising samples of the checkpoint, drawn with DDIM")
-        # eta 1, DDPM's posterior noise: a young model's deterministic (eta 0)
-        # samples can stay static, and static would show no forward process
-        ddim = DDIM.of(ddpm, min(50, ddpm.n_T), eta=1.0)
-        with progress.timesteps(ddim, "samples to noise"):
-            x0 = ddim.sample(N_IMAGES, size, device, c, GUIDE_W)
-        source = f"samples of the model (DDIM, {ddim.n_steps} steps, eta 1{guided})"
-    rows = None if c is None else [names[k] for k in c.tolist()]
-    x_t, _ = forward_noising(x0, ddpm, ts, args.seed)
-    write(plot_walk, denormalize(x_t, normalize), ts,
-          f"forward process: {source}, noised to x_t", name="forward_noising.png",
-          rows=rows)
-    write(plot_schedules, schedule_curves(ddpm.betas, ddpm.n_T), name="schedules.png")
-    # which noise levels are hard to predict: t = 1, n_T / LOSS_TS, ..., n_T
-    loss_ts = walk_steps(ddpm.n_T, LOSS_TS, first=1)
-    with torch.no_grad():
-        per_t = loss_per_timestep(ddpm, x0, c, loss_ts, args.seed)
-    write(plot_loss_per_t, loss_ts, per_t, ddpm.alphabar_t.cpu(),
-          f"the loss at each t, on the {N_IMAGES} {source.split(' (')[0]}",
-          name="loss_per_t.png")
-
-    # one walk for both: the GIF's frames, and the figure's timesteps and images
-    gif_ts = walk_steps(ddpm.n_T, GIF_FRAMES)[::-1]
-    walk_ts = sorted(set(ts) | set(gif_ts), reverse=True)
-    with torch.no_grad(), progress.timesteps(ddpm, "reverse walk"):
-        walk = reverse_walk(ddpm, GIF_IMAGES, size, device, walk_ts, labels(GIF_IMAGES))
-    walk = denormalize(walk, normalize)
-    picked = [walk_ts.index(t) for t in sorted(ts, reverse=True)]
-    walk_rows = None if c is None else [names[k] for k in labels(N_IMAGES).tolist()]
-    write(plot_walk, walk[picked, :N_IMAGES], sorted(ts, reverse=True),
-          f"reverse process: Algorithm 2 from x_T to x_0 in {ddpm.n_T} steps{guided}",
-          name="reverse_walk.png", rows=walk_rows)
-    write(write_gif, walk[[walk_ts.index(t) for t in gif_ts]], gif_ts,
-          name="reverse_walk.gif")
-    if losses is None:
-        print(f"no loss curve: there is no record at {record} (give --record)")
-    else:
-        write(plot_loss, *losses, name="loss_curve.png")
-    for path in written:
-        print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()
