@@ -106,7 +106,7 @@ def features_of(extractor: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def reference_dataset(
     recipe: dict, data_root: str | None, fake_data: int | None,
-    instead: str = "give fid --fake-data N",
+    instead: str = "give --fake-data N to measure against random images",
 ):
     """The checkpoint's training set as pixels in [0, 1], read as its script read
     it (without the Normalize, which the samples have undone too), and a name for
@@ -134,15 +134,13 @@ def reference_dataset(
             )
     elif name == "FakeImages":
         raise UserError(
-            "the checkpoint trained on --fake-data's random images, which no folder "
-            "holds: give fid --fake-data N to measure against such images, or draw "
-            "the figures without --data-root"
+            f"the checkpoint trained on --fake-data's random images, which no folder "
+            f"holds: {instead}"
         )
     else:
         raise UserError(
-            "the checkpoint does not name its training set (it was saved before "
-            "checkpoints did): give fid --fake-data N to measure against random "
-            "images, or draw the figures without --data-root"
+            f"the checkpoint does not name its training set (it was saved before "
+            f"checkpoints did): {instead}"
         )
     return dataset, f"{name} train at {os.path.abspath(root)}, {tf}"
 
@@ -276,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
             args.checkpoint, args.sampler, None, args.eta or 0.0, args.use_ema,
             args.raw_walk,
         )
+        if args.features == "digits" and recipe["image_size"][0] != 1:
+            raise UserError(f"--features digits: {args.checkpoint} has no MNIST digits")
         steps = args.steps or [progress.model_calls(ddpm)]
         conditional = recipe.get("n_classes") is not None
         if args.guide_w is not None and not conditional:
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         figures = dict(
             checkpoint=args.checkpoint, n=args.n, sampler=args.sampler,
             eta=getattr(ddpm, "eta", None), raw_walk=args.raw_walk,
-            ema=args.use_ema, guide_w=guide_w if conditional else None,
+            ema=recipe["averaged"], guide_w=guide_w if conditional else None,
             reference=name, reference_images=len(dataset), extractor=extractor.name,
             results=results,
         )

@@ -51,8 +51,9 @@ def load_ddpm(
     raw_walk: bool = False,
 ) -> tuple[DDPM, dict]:
     """The checkpoint's DDPM (or, for sampler "ddim", a DDIM of `steps` steps, by
-    default 50 or n_T if it has fewer) and its recipe. The DDIM keeps x_0 within the
-    data's range and eps at its scale, unless `raw_walk`."""
+    default 50 or n_T if it has fewer) and its recipe, with "averaged" added: whether
+    the weights are an --ema average. The DDIM keeps x_0 within the data's range and
+    eps at its scale, unless `raw_walk`."""
     state = load_checkpoint(path)
     recipe = state.get("recipe")
     if not recipe or recipe.get("eps_model") not in EPS_MODELS:
@@ -96,7 +97,7 @@ def load_ddpm(
         raise UserError(
             f"{path} does not fit its recipe ({str(err).splitlines()[0]})"
         ) from None
-    return ddpm, recipe
+    return ddpm, dict(recipe, averaged=averaged or bool(state.get("averaged")))
 
 
 def classes_wanted(args: argparse.Namespace, recipe: dict) -> list[int] | None:
@@ -122,14 +123,15 @@ def free_path(path: str) -> str:
             return candidate
 
 
-def check_out(out: str) -> None:
-    """Refuse a grid path that could not be written, before sampling takes its time."""
+def check_out(out: str, image: bool = True) -> None:
+    """Refuse an --out that could not be written, an image's or (image False)
+    another file's, before sampling or training takes its time."""
     if os.path.exists(out):
         raise UserError(f"{out} already exists: choose another --out")
     folder, extension = os.path.split(out)[0] or ".", os.path.splitext(out)[1]
     if not os.path.isdir(folder):
         raise UserError(f"--out {out}: its folder does not exist")
-    if extension.lower() not in Image.registered_extensions():
+    if image and extension.lower() not in Image.registered_extensions():
         raise UserError(
             f"--out {out}: give the image a file extension, such as .png"
         )

@@ -83,15 +83,17 @@ def test_the_frechet_distance_of_feature_moments_is_that_of_two_gaussians():
 @pytest.mark.parametrize("side", [28, 32])
 def test_a_grid_is_read_back_cell_by_cell(tmp_path, side):
     g = torch.Generator().manual_seed(0)
-    # 10 images, 4 to a row: the last row is short, its two empty cells left out
+    # 10 images, 4 to a row: the last row is short, and its two empty cells are
+    # black, as a black sample is: the grid's shape says 12 cells
     images = torch.rand(10, 1, side, side, generator=g)
     path = tmp_path / "grid.png"
     save_image(make_grid(images, nrow=4), path)
     read, rows = scores.grid_images(str(path))
     assert rows == 3
-    assert read.shape == images.shape
+    assert read.shape == (12, 1, side, side)
     # 8 bits a pixel
-    assert (read - images).abs().max() <= 0.5 / 255 + 1e-6
+    assert (read[:10] - images).abs().max() <= 0.5 / 255 + 1e-6
+    assert read[10:].max() == 0
 
 
 def test_the_shipped_weights_load_safely_and_fit_in_a_megabyte():

@@ -99,6 +99,12 @@ def main(argv: list[str] | None = None) -> None:
                 recipe, args.data_root, None,
                 instead="leave --data-root out to noise the model's own samples",
             )
+            if len(dataset) < N_IMAGES:
+                raise UserError(
+                    f"--data-root {args.data_root} holds {len(dataset)} images, and "
+                    f"the figures noise {N_IMAGES}: add images, or leave --data-root "
+                    f"out to noise the model's own samples"
+                )
         os.makedirs(args.out, exist_ok=True)
         # before the sampling, which takes minutes on a CPU
         if not os.access(args.out, os.W_OK):

@@ -1,6 +1,5 @@
 """The judge's command line, python -m mindiffusion.judge."""
 import argparse
-import os
 
 import torch
 from torch.utils.data import DataLoader
@@ -11,7 +10,7 @@ from mindiffusion import frechet, judge
 from mindiffusion.judge.model import WEIGHTS, DigitJudge, load_judge, read
 from mindiffusion.judge.scores import figures, grid_images, rows_as_digits
 from mindiffusion.judge.teach import train
-from mindiffusion.sample import GUIDE_W, load_ddpm
+from mindiffusion.sample import GUIDE_W, check_out, load_ddpm
 from mindiffusion.training import flags, progress
 from mindiffusion.training.data import denormalize
 from mindiffusion.training.devices import resolve_device
@@ -38,6 +37,17 @@ def sample_checkpoint(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Ten
     ddpm, recipe = load_ddpm(
         args.input, args.sampler, steps, args.eta, True, args.raw_walk
     )
+    if args.sampler == "ddim" and steps is None:
+        # the default's steps, or the model's n_T where it has fewer
+        ddpm.n_steps = min(STEPS, ddpm.n_T)
+    # before any sampling: the judge reads digits of MNIST's shape, ten classes
+    image_size = tuple(recipe["image_size"])
+    if image_size not in ((1, 28, 28), (1, 32, 32)):
+        raise UserError(f"the judge reads MNIST digits, 1x28x28 or 1x32x32, not the "
+                        f"{'x'.join(map(str, image_size))} images of {args.input}")
+    if recipe.get("n_classes") not in (None, 10):
+        raise UserError(f"{args.input} was trained on {recipe['n_classes']} classes, "
+                        f"not the ten digits the judge reads")
     device = resolve_device(args.device)
     asked = None
     n = args.n or 64
@@ -59,8 +69,10 @@ def sample_checkpoint(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Ten
 # the flags of each use of the command, which the other uses refuse, not ignore
 SAMPLING = ("n", "sampler", "steps", "eta", "raw_walk", "guide_w", "seed", "device")
 TRAINING = ("per_class", "epochs", "out")
-DEFAULTS = dict(sampler="ddim", steps=20, eta=0.0, raw_walk=False, seed=0,
-                device="cpu", epochs=25)
+DEFAULTS = dict(sampler="ddim", eta=0.0, raw_walk=False, seed=0, device="cpu",
+                epochs=25)
+# DDIM's steps where --steps is not given, or the model's n_T if fewer
+STEPS = 20
 
 
 def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -141,13 +153,19 @@ def main(argv: list[str] | None = None) -> None:
     check_flags(parser, args)
     try:
         if args.train:
-            if os.path.exists(args.out):
-                raise UserError(f"{args.out} already exists: choose another --out")
+            check_out(args.out, image=False)
             train(args.data_root, args.per_class, args.epochs, args.out)
             return
         classifier = load_judge(args.weights)
         if args.input.lower().endswith(".png"):
             images, rows = grid_images(args.input)
+            # black cells at the end: black samples, or a short row's empty cells
+            black = 0
+            while black < len(images) and images[-1 - black].max() == 0:
+                black += 1
+            if black:
+                print(f"the grid ends in {black} black cells, each read as a sample: "
+                      f"a short row's empty cells look the same")
             asked = None
             if args.rows_are_classes:
                 asked = rows_as_digits(images, rows, args.input)

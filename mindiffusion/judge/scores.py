@@ -3,6 +3,7 @@ digit score (an Inception Score), the share drawn as asked; and the images of a 
 PNG, read back cell by cell."""
 import math
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
@@ -42,13 +43,9 @@ def figures(probs: torch.Tensor, asked: torch.Tensor | None) -> dict:
 
 def grid_images(path: str) -> tuple[torch.Tensor, int]:
     """The images of a grid PNG that make_grid wrote, row by row: (N, 1, S, S) in
-    [0, 1] for S of 32 or 28, leaving out the empty cells that end a short row; and
-    the grid's number of rows."""
-    try:
-        grid = transforms.functional.pil_to_tensor(Image.open(path).convert("L"))
-    except OSError:
-        raise UserError(f"{path} is not an image that can be read") from None
-    grid = grid.float() / 255
+    [0, 1] for S of 32 or 28, every cell of the grid counted, a black one as well as
+    the empty cells that end a short row; and the grid's number of rows."""
+    grid = grey_pixels(path)
     height, width = grid.shape[1:]
     # a side S fits when both sides are PAD + k (S + PAD) pixels
     sides = [
@@ -59,15 +56,38 @@ def grid_images(path: str) -> tuple[torch.Tensor, int]:
         raise UserError(
             f"{path} is {width}x{height}, not a grid of 28x28 or 32x32 images"
         )
-    size = sides[0]
+    # where both fit (a 512-pixel side is 15 cells of 32 or 17 of 28), the side
+    # whose padding is black throughout; a cut through digits is not
+    size = min(sides, key=lambda side: padding_of(grid, side).max().item())
     step = size + PAD
     # (1, H, W) -> (1, rows, columns, S, S): each cell, the padding between dropped
     cells = grid[:, PAD:, PAD:].unfold(1, size, step).unfold(2, size, step)
     # -> (rows * columns, 1, S, S), row by row
     images = cells.permute(1, 2, 0, 3, 4).reshape(-1, 1, size, size)
-    while len(images) > 1 and images[-1].max() == 0:
-        images = images[:-1]
     return images, cells.shape[1]
+
+
+def grey_pixels(path: str) -> torch.Tensor:
+    """The PNG at path as grey pixels (1, H, W) in [0, 1]: 8-bit and 16-bit alike."""
+    try:
+        image = Image.open(path)
+        # 16-bit grey opens as I;16 (or I), which convert("L") would clip to white
+        if image.mode.startswith("I"):
+            pixels = np.asarray(image, dtype=np.float64) / 65535
+            return torch.from_numpy(pixels).float().unsqueeze(0)
+        grid = transforms.functional.pil_to_tensor(image.convert("L"))
+    except OSError:
+        raise UserError(f"{path} is not an image that can be read") from None
+    return grid.float() / 255
+
+
+def padding_of(grid: torch.Tensor, side: int) -> torch.Tensor:
+    """The pixels of grid (1, H, W) that are padding when its cells are side
+    pixels wide: the PAD rows and columns before each cell and after the last."""
+    step = side + PAD
+    rows = [r for r in range(grid.shape[1]) if r % step < PAD]
+    columns = [c for c in range(grid.shape[2]) if c % step < PAD]
+    return torch.cat([grid[:, rows, :].flatten(), grid[:, :, columns].flatten()])
 
 
 def rows_as_digits(images: torch.Tensor, rows: int, path: str) -> torch.Tensor:

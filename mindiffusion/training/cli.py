@@ -25,6 +25,7 @@ from mindiffusion.training.devices import (
     resolve_device,
     say,
 )
+from mindiffusion.training.files import output_folder
 from mindiffusion.training.flags import FLAGS, UserError
 from mindiffusion.training.run import Run
 from mindiffusion.training.signals import Stopped
@@ -170,13 +171,3 @@ def run_training(train: Callable, **settings) -> DDPM:
         run.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def output_folder(out: str) -> None:
-    """Make the folder --out names, or say in one sentence why it cannot be made."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out {out} is a file, not a folder: choose another --out")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--out {out} cannot be made ({err.strerror})") from None

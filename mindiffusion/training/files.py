@@ -29,6 +29,16 @@ import torch
 from mindiffusion.training.flags import UserError
 
 
+def output_folder(out: str) -> None:
+    """Make the folder --out names, or say in one sentence why it cannot be made."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a folder: choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out} cannot be made ({err.strerror})") from None
+
+
 def write_or_explain(path: str, data: bytes, what: str) -> None:
     """Write data to path whole or not at all; `what` names the data in the one
     sentence that a failure becomes."""

@@ -62,11 +62,18 @@ class Grids:
         c = grid_classes(ddpm.n_classes, 4, self.device)
         return ddpm, len(c), c
 
-    def sampler(self, ddpm: DDPM, n_sample: int, stopped: Callable[[int], str]):
+    def sampler(
+        self,
+        ddpm: DDPM,
+        n_sample: int,
+        stopped: Callable[[int], str],
+        saved: str = "its epoch",
+    ):
         """`walk(ddpm, n_sample)`, its sampler a GridSampler that a second signal
-        stops with the message stopped(signum)."""
+        stops with the message stopped(signum), and whose first signal names what
+        the save before it kept, `saved`."""
         sampler, n_sample, c = self.walk(ddpm, n_sample)
-        return GridSampler(sampler, stopped, self.drawn), n_sample, c
+        return GridSampler(sampler, stopped, self.drawn, saved), n_sample, c
 
     def drawn(self) -> None:
         """Note that a grid of the weights as they are has just been drawn."""
@@ -122,24 +129,25 @@ class Grids:
             )
 
         print("drawing the grid of the weights saved (a second signal skips it)")
-        self.write(path, stopped)
+        self.write(path, stopped, "the run")
 
-    def within_epoch(self, epoch: int, batches: int) -> None:
+    def within_epoch(self, epoch: int, batches: int) -> bool:
         """--grid-minutes: once the minutes have passed since the last grid, save
         and draw the grid of this step's weights, leaving training's random numbers
-        as they were, so that the run trains the same whenever its grids come.
-        Under torchrun every rank calls it after the same steps and takes part in
-        the save; rank 0, which draws every grid, keeps the clock."""
+        as they were, so that the run trains the same whenever its grids come; and
+        return whether it did. Under torchrun every rank calls it after the same
+        steps and takes part in the save; rank 0, which draws every grid, keeps the
+        clock."""
         minutes = self.run.grid_minutes
         path = step_grid_path(self.checkpoint.path, epoch, batches)
         if minutes is None or path is None:
-            return
+            return False
         due = process_rank() == 0 and time.monotonic() - self.clock >= 60 * minutes
         if not largest(int(due)):
-            return
+            return False
         self.checkpoint.save(epoch, batches)
         if process_rank() > 0:
-            return
+            return True
 
         def stopped(signum: int) -> str:
             return (
@@ -150,15 +158,17 @@ class Grids:
 
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
-            self.write(path, stopped)
+            self.write(path, stopped, "its step")
         self.run.model.train()
+        return True
 
-    def write(self, path: str, stopped: Callable[[int], str]) -> None:
+    def write(self, path: str, stopped: Callable[[int], str], saved: str) -> None:
         """Draw a grid of 16 samples of the weights as they are, in eval mode, and
-        write it to path; a second signal raises Stopped with stopped(signum)."""
+        write it to path; a first signal is acknowledged naming what was `saved`,
+        and a second raises Stopped with stopped(signum)."""
         # the loop was training: BatchNorm draws with its running statistics
         self.run.model.eval()
-        sampler, n_sample, c = self.sampler(self.checkpoint.ddpm, 16, stopped)
+        sampler, n_sample, c = self.sampler(self.checkpoint.ddpm, 16, stopped, saved)
         recipe = self.checkpoint.recipe
         xh = sampler.sample(n_sample, recipe["image_size"], self.device, c,
                             self.run.guide_w)
@@ -169,16 +179,20 @@ class Grids:
 class GridSampler:
     """A grid's sampler: `sample` is `sampler.sample`, the same samples, with a bar
     over its steps (a 1000-step grid takes minutes, on a CPU hours); a stop signal
-    while it walks is acknowledged, and a second one raises Stopped with the message
-    stopped(signum). drawn() is called once the samples are there."""
+    while it walks is acknowledged, naming what the save before the grid kept,
+    `saved`, and a second one raises Stopped with the message stopped(signum).
+    drawn() is called once the samples are there."""
 
-    def __init__(self, sampler: DDPM, stopped: Callable, drawn: Callable) -> None:
+    def __init__(
+        self, sampler: DDPM, stopped: Callable, drawn: Callable, saved: str
+    ) -> None:
         self.sampler, self.stopped, self.drawn = sampler, stopped, drawn
+        self.saved = saved
 
     def sample(self, *args, **kwargs) -> torch.Tensor:
         if signals.received:
-            signals.noted(signals.received)
-        with signals.grid_in_progress(self.stopped):
+            signals.noted(signals.received, self.saved)
+        with signals.grid_in_progress(self.stopped, self.saved):
             with progress.timesteps(self.sampler, "grid"):
                 xh = self.sampler.sample(*args, **kwargs)
         self.drawn()

@@ -17,6 +17,7 @@ number as the notes' code does.
 """
 import dataclasses
 import inspect
+import os
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -37,7 +38,12 @@ from mindiffusion.training.devices import (
     usable_cpus,
     world_size,
 )
-from mindiffusion.training.files import hold_lock, release, remove_temporaries
+from mindiffusion.training.files import (
+    hold_lock,
+    output_folder,
+    release,
+    remove_temporaries,
+)
 from mindiffusion.training.grids import Grids
 from mindiffusion.training.steps import (
     Guard,
@@ -141,6 +147,8 @@ class Run:
             amp=self.amp, seed=self.seed, dataset_size=len(dataloader.dataset),
         )
         if process_rank() == 0:
+            # the folder, as run_training makes it, for a script called directly
+            output_folder(os.path.dirname(path) or ".")
             # while this run lasts, no other run can take the same checkpoint
             self.lock = hold_lock(path)
             for stale in remove_temporaries(path):
@@ -209,14 +217,17 @@ class Run:
         # under torchrun, the ranks meet only every SIGNAL_EVERY steps
         if world_size() == 1 or self.steps % SIGNAL_EVERY == 0:
             self.stop_if_signalled()
-            self.grids.within_epoch(self.epoch, self.batches)
+            if self.grids.within_epoch(self.epoch, self.batches):
+                # a signal while that grid was drawn stops the run: the step is saved
+                self.stop_if_signalled(saved=True)
 
-    def stop_if_signalled(self) -> None:
-        """Save and stop if a stop signal came; under torchrun, every rank stops
-        after the same step."""
+    def stop_if_signalled(self, saved: bool = False) -> None:
+        """Save, unless this step is `saved` already, and stop if a stop signal
+        came; under torchrun, every rank stops after the same step."""
         signum = largest(signals.received)
         if signum:
-            self.checkpoint.save(self.epoch, self.batches)
+            if not saved:
+                self.checkpoint.save(self.epoch, self.batches)
             raise signals.Stopped(
                 signum,
                 f"stopped by {signals.name(signum)} after epoch {self.epoch}, step "
@@ -235,10 +246,9 @@ class Run:
 
     def grid_due(self, i: int) -> bool:
         """Whether epoch i draws its grid: rank 0 does, after every --grid-every
-        epochs and the last."""
-        return process_rank() == 0 and (
-            (i + 1) % self.grid_every == 0 or i + 1 == self.n_epoch
-        )
+        epochs and the last, unless a second stop signal came, which skips it."""
+        due = (i + 1) % self.grid_every == 0 or i + 1 == self.n_epoch
+        return process_rank() == 0 and due and signals.count < 2
 
     def sampler_for_grid(self, ddpm: PreparedDDPM, n_sample: int):
         """What draws the grid, how many samples and of which classes c: ddpm, or

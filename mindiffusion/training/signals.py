@@ -18,8 +18,9 @@ STOP_SIGNALS = tuple(
 )
 # the last signal received since the run started, or 0, and how many came
 received = count = 0
-# while a grid is drawn, what a first signal prints and a second one raises
-during_grid = None
+# while a grid is drawn, what a second signal raises, and what the save before the
+# grid kept, which a first signal's acknowledgement names
+during_grid = grid_saved = None
 
 
 class Stopped(Exception):
@@ -43,9 +44,10 @@ def tell(text: str) -> None:
         pass
 
 
-def noted(signum: int) -> None:
-    """Say at once that a stop during a grid will wait for the grid's end."""
-    tell(f"\n{name(signum)}: noted; the run stops after this grid, its epoch "
+def noted(signum: int, saved: str) -> None:
+    """Say at once that a stop during a grid will wait for the grid's end; `saved`
+    says what the save before the grid kept, such as "its epoch"."""
+    tell(f"\n{name(signum)}: noted; the run stops after this grid, {saved} "
          f"already saved (send it again to stop now)")
 
 
@@ -57,7 +59,7 @@ def remember(signum: int, frame) -> None:
     if during_grid is not None and again:
         raise Stopped(signum, during_grid(signum))
     if during_grid is not None:
-        noted(signum)
+        noted(signum, grid_saved)
     elif again:
         tell(f"\n{name(signum)} again: the run still saves after the step under "
              f"way, then stops without drawing a grid")
@@ -119,15 +121,16 @@ def stop_on_signals():
 
 
 @contextlib.contextmanager
-def grid_in_progress(message):
-    """While a grid is drawn: a first signal is acknowledged at once, and a second
-    raises Stopped with message(signum)."""
-    global during_grid
-    during_grid = message
+def grid_in_progress(message, saved: str):
+    """While a grid is drawn: a first signal is acknowledged at once, naming what
+    the save before the grid kept, `saved`, and a second raises Stopped with
+    message(signum)."""
+    global during_grid, grid_saved
+    during_grid, grid_saved = message, saved
     try:
         yield
     finally:
-        during_grid = None
+        during_grid = grid_saved = None
 
 
 def ignore_stop_signals(worker_id: int) -> None:
