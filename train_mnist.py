@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import cli
-from mindiffusion.training.data import FakeImages, explain_missing_dataset
+from mindiffusion.training.data import FakeImages, explain_missing_dataset, mnist_root
 from mindiffusion.training.run import Run
 from mindiffusion.unet import NaiveUnet
 
@@ -164,10 +164,11 @@ def train_mnist(
 # --laptop: a small NaiveUnet that draws digits in minutes on two CPU cores, or on
 # a Mac's GPU: many small steps at a high learning rate, grids of 20 DDIM steps,
 # and within epochs of the full MNIST a grid every 2 minutes (docs/performance.md
-# says what each setting was measured to give)
+# says what each setting was measured to give); without MNIST in ./data, the
+# 5,000 digits that ship in contents/mnist-subset
 LAPTOP = dict(eps_model="unet", n_feat=16, batch_size=16, lr=3e-3, ema=0.995,
               amp="auto", channels_last=True, grid_sampler="ddim", grid_steps=20,
-              grid_minutes=2.0, num_workers=0,
+              grid_minutes=2.0, num_workers=0, data_root=mnist_root("./data"),
               device="mps" if torch.backends.mps.is_available() else "cpu")
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A minimal DDPM, as its code notes describe it, and the commands that use it.
 
-The DDPM itself is three files:
+The DDPM itself is two files, and a third beside them samples it in fewer steps:
     ddpm.py    the schedules, the training loss (Algorithm 1) and the sampler
                (Algorithm 2), with classifier-free guidance
     unet.py    the notes' NaiveUnet noise model

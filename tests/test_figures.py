@@ -7,12 +7,17 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from PIL import Image, ImageSequence
+from torchvision.datasets import MNIST
+from torchvision.transforms.functional import to_tensor
 
 from mindiffusion.figures import command as figures_command
 from mindiffusion.figures import lesson as figures
-from mindiffusion.training.data import denormalize
+from mindiffusion.training.data import SHIPPED_DIGITS, denormalize
 from mindiffusion.ddim import DDIM
+from mindiffusion.judge.model import load_judge, read
+from mindiffusion.judge.scores import figures as judge_figures
 from mindiffusion.ddpm import DDPM
 from mindiffusion.unet import NaiveUnet
 
@@ -94,7 +99,7 @@ def test_the_loss_curve_reads_the_record(checkpoint):
     assert (epochs, losses) == ([0, 1], [0.2, 0.05])
 
 
-def test_the_command_writes_nine_figures_of_their_sizes(checkpoint, tmp_path, capsys):
+def test_the_command_writes_ten_figures_of_their_sizes(checkpoint, tmp_path, capsys):
     out = tmp_path / "figures"
     argv = [str(checkpoint), "--out", str(out), "--device", "cpu", "--seed", "1"]
     figures_command.main(argv)
@@ -103,16 +108,18 @@ def test_the_command_writes_nine_figures_of_their_sizes(checkpoint, tmp_path, ca
     sizes = {
         "forward_noising.png": (980, 900),
         "reverse_walk.png": (980, 900),
+        # 7 timesteps by 3 images, each as x_t and as the model's x_0
+        "walk_and_x0.png": (980, 900),
         "schedules.png": (1000, 400),
         "loss_per_t.png": (1000, 400),
         "loss_curve.png": (600, 400),
         # a 4x4 grid of 32x32 images, 2 pixels apart, under the label of t
         "reverse_walk.gif": (138, 138 + figures.LABEL),
         # the deterministic walk's: 9 frames of 4 pairs; n_T 20 walked in 10 and
-        # 20 steps, 6 images; 6 images up to x_T and back
+        # 20 steps, 6 images; 6 images up to x_T and back: each at least 512 wide
         "interpolation.png": (1260, 620),
-        "consistency.png": (280, 900),
-        "inversion.png": (420, 900),
+        "consistency.png": (512, 900),
+        "inversion.png": (512, 900),
     }
     for name, size in sizes.items():
         assert Image.open(out / name).size == size, name
@@ -142,15 +149,46 @@ def test_a_record_that_is_not_one_is_one_sentence(checkpoint, tmp_path, capsys, 
 
 
 def test_offline_data_root_says_what_figures_can_do_instead(
-    checkpoint, tmp_path, capsys, no_network
+    tmp_path, capsys, no_network
 ):
+    # a CIFAR-10 model: no CIFAR-10 ships with the repository
+    path = tmp_path / "cifar.pth"
+    recipe = dict(RECIPE, dataset="CIFAR10", eps_model_args=(3, 3, 8),
+                  image_size=(3, 32, 32), normalize=((0.5,) * 3, (0.5,) * 3))
+    model = DDPM(NaiveUnet(3, 3, 8), RECIPE["betas"], N_T).state_dict()
+    torch.save({"model": model, "recipe": recipe, "averaged": False}, path)
     with pytest.raises(SystemExit):
-        figures_command.main([str(checkpoint), "--data-root", str(tmp_path / "none"),
-                      "--device", "cpu", "--out", str(tmp_path / "out")])
+        figures_command.main([str(path), "--data-root", str(tmp_path / "none"),
+                              "--device", "cpu", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert "leave --data-root out to noise the model's own samples" in err
     # figures has no such flag
     assert "--fake-data" not in err
+
+
+def test_an_mnist_model_s_figures_noise_the_shipped_digits_where_none_are_given(
+    checkpoint, tmp_path, monkeypatch, capsys, no_network
+):
+    noised = []
+    noising = figures_command.forward_noising
+
+    def keep(x0, *args):
+        noised.append(x0)
+        return noising(x0, *args)
+
+    monkeypatch.setattr(figures_command, "forward_noising", keep)
+    figures_command.main([str(checkpoint), "--data-root", str(tmp_path / "none"),
+                          "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert f"MNIST: the 5,000 digits that ship in {SHIPPED_DIGITS}" in (
+        capsys.readouterr().out
+    )
+    # the first six training digits, padded to 32x32 and normalised as trained
+    digits = MNIST(SHIPPED_DIGITS, train=True)
+    expected = torch.stack([
+        nn.functional.pad(to_tensor(digits[k][0]), (2, 2, 2, 2)) - 0.5
+        for k in range(figures.N_IMAGES)
+    ])
+    torch.testing.assert_close(noised[0], expected)
 
 
 def test_a_read_only_out_is_refused_before_any_sampling(
@@ -259,3 +297,51 @@ def test_the_loss_per_timestep_is_the_training_loss_at_each_t():
         expected = (1 - sqrtmab) ** 2 + sqrtab**2 * a**2
         # 6 images x 16 draws x 1024 pixels of noise: within a few parts in 1000
         assert loss.item() == pytest.approx(expected, rel=0.02, abs=1e-3), t
+
+
+def test_the_model_s_x_0_from_each_x_t_is_the_closed_form():
+    # a model whose eps is its input: x_0 = (x_t - sqrtmab x_t) / sqrtab
+    ddpm = DDPM(Identity(), RECIPE["betas"], 1000)
+    states = torch.randn(3, 2, 1, 8, 8)
+    ts = [1000, 250, 0]
+    guesses = figures.predicted_x0(ddpm, states, ts, None)
+    for state, guess, t in zip(states, guesses, ts):
+        sqrtab, sqrtmab = ddpm.sqrtab[t], ddpm.sqrtmab[t]
+        expected = state if t == 0 else (state - sqrtmab * state) / sqrtab
+        torch.testing.assert_close(guess, expected)
+
+
+def test_the_guidance_sweep_has_a_row_for_each_weight_with_the_judge_s_share(
+    tmp_path, monkeypatch
+):
+    path = tmp_path / "cond.pth"
+    recipe = dict(RECIPE, n_classes=10, classes=[f"{k} - digit" for k in range(10)])
+    torch.manual_seed(0)
+    model = DDPM(NaiveUnet(1, 1, 8, 10), RECIPE["betas"], N_T, n_classes=10)
+    torch.save({"model": model.state_dict(), "recipe": recipe, "averaged": False},
+               path)
+    grids = {}
+    plot_grid = figures_command.plot_grid
+
+    def kept(images, columns, title, out, rows=None, captions=None):
+        grids[os.path.basename(out)] = (images, rows)
+        plot_grid(images, columns, title, out, rows, captions)
+
+    monkeypatch.setattr(figures_command, "plot_grid", kept)
+    figures_command.main([str(path), "--out", str(tmp_path / "f"), "--device", "cpu"])
+    images, rows = grids["guidance_sweep.png"]
+    # a column for each sample, a row for each weight, in order
+    assert images.shape[:2] == (figures.SWEEP_SAMPLES, len(figures.SWEEP_WEIGHTS))
+    assert [row.split("\n")[0] for row in rows] == [
+        f"w = {w}" for w in figures.SWEEP_WEIGHTS
+    ]
+    judge = load_judge()
+    for k, row in enumerate(rows):
+        probs, _ = read(judge, images[:, k])
+        share = judge_figures(probs, torch.zeros(len(probs)))
+        assert row.endswith(f"{share['as_asked'] / share['samples']:.2f} as asked")
+    assert Image.open(tmp_path / "f" / "guidance_sweep.png").size[0] >= 512
+    # x_t and the model's x_0, two rows for each of the first images
+    images, rows = grids["walk_and_x0.png"]
+    assert rows == ["x_t (0)", "x_0", "x_t (1)", "x_0", "x_t (2)", "x_0"]
+    assert images.shape[1] == 6

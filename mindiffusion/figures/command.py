@@ -9,8 +9,11 @@ It writes into --out:
   schedules.png        beta_t, alphabar_t, sqrtab and sqrtmab against t
   reverse_walk.png     a few samples of the checkpoint, x_t at chosen t, x_T to x_0
   reverse_walk.gif     a grid of 16 samples walking from x_T to x_0, t on each frame
+  walk_and_x0.png      that walk's x_t, and under each the model's x_0 from it
   loss_per_t.png       the loss at each t beside the signal-to-noise ratio
   loss_curve.png       each epoch's mean loss, from the run's record (CSV)
+  guidance_sweep.png   for a --cond model, its first class at w = 0, 0.5, 1, 2, 4,
+                       each row with the share the digit judge reads as asked
 and three that only DDIM's deterministic walk (eta 0, 20 steps) draws:
   interpolation.png    x_T moved along the great circle between two draws
   consistency.png      the same x_T walked in 10, 20, 50 and 100 steps
@@ -33,6 +36,10 @@ from mindiffusion.figures.lesson import (
     GIF_IMAGES,
     LOSS_TS,
     N_IMAGES,
+    SWEEP_SAMPLES,
+    SWEEP_WEIGHTS,
+    guidance_sweep,
+    predicted_x0,
     forward_noising,
     loss_curve,
     loss_per_timestep,
@@ -48,14 +55,18 @@ from mindiffusion.figures.lesson import (
     write_gif,
 )
 from mindiffusion.fid import reference_dataset
+from mindiffusion.judge.model import load_judge, read
+from mindiffusion.judge.scores import figures as figures_of
 from mindiffusion.sample import GUIDE_W, free_path, load_ddpm
 from mindiffusion.training import flags, progress
-from mindiffusion.training.data import data_range, denormalize
+from mindiffusion.training.data import data_range, denormalize, mnist_root
 from mindiffusion.training.devices import resolve_device
 from mindiffusion.training.flags import UserError
 
 # the deterministic walk's steps, and the rows of its interpolation
 DDIM_STEPS, PAIRS = 20, 4
+# the images whose x_t and x_0 the walk figure sets side by side
+X0_IMAGES = 3
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,8 +106,11 @@ def main(argv: list[str] | None = None) -> None:
         losses = loss_curve(record) if os.path.exists(record) else None
         dataset = None
         if args.data_root:
+            # an MNIST model's real digits: without MNIST there, those that ship here
+            mnist = recipe.get("dataset") == "MNIST"
+            root = mnist_root(args.data_root) if mnist else args.data_root
             dataset, _ = reference_dataset(
-                recipe, args.data_root, None,
+                recipe, root, None,
                 instead="leave --data-root out to noise the model's own samples",
             )
             if len(dataset) < N_IMAGES:
@@ -172,8 +186,18 @@ def main(argv: list[str] | None = None) -> None:
     walk_ts = sorted(set(ts) | set(gif_ts), reverse=True)
     with torch.no_grad(), progress.timesteps(ddpm, "reverse walk"):
         walk = reverse_walk(ddpm, GIF_IMAGES, size, device, walk_ts, labels(GIF_IMAGES))
+        picked = [walk_ts.index(t) for t in sorted(ts, reverse=True)]
+        # x_t beside the model's x_0 at each t, for the first images of the walk
+        states = walk[picked, :X0_IMAGES]
+        guesses = predicted_x0(ddpm, states, sorted(ts, reverse=True),
+                               labels(GIF_IMAGES)[:X0_IMAGES] if n_classes else None)
+    side_by_side = torch.stack([states, guesses], dim=2).flatten(1, 2)
+    write(plot_grid, denormalize(side_by_side, normalize),
+          [f"t = {t}" for t in sorted(ts, reverse=True)],
+          "Algorithm 2's x_t, and under it the model's x_0 from it, "
+          "(x_t - sqrtmab eps) / sqrtab", name="walk_and_x0.png",
+          rows=[word for k in range(X0_IMAGES) for word in (f"x_t ({k})", "x_0")])
     walk = denormalize(walk, normalize)
-    picked = [walk_ts.index(t) for t in sorted(ts, reverse=True)]
     walk_rows = None if c is None else [names[k] for k in labels(N_IMAGES).tolist()]
     write(plot_walk, walk[picked, :N_IMAGES], sorted(ts, reverse=True),
           f"reverse process: Algorithm 2 from x_T to x_0 in {ddpm.n_T} steps{guided}",
@@ -184,11 +208,39 @@ def main(argv: list[str] | None = None) -> None:
         print(f"no loss curve: there is no record at {record} (give --record)")
     else:
         write(plot_loss, *losses, name="loss_curve.png")
+    if n_classes is not None:
+        images, columns, title, rows = guidance_figure(ddpm, recipe, device, kept)
+        write(plot_grid, images, columns, title, name="guidance_sweep.png", rows=rows)
+    else:
+        print("no guidance sweep: the checkpoint was trained without --cond")
     walks = deterministic_figures(ddpm, recipe, x0, c, source, device, kept)
     for name, (images, columns, title, captions) in walks.items():
         write(plot_grid, images, columns, title, name=name, captions=captions)
     for path in written:
         print(f"wrote {path}")
+
+
+def guidance_figure(ddpm, recipe: dict, device, kept: dict) -> tuple:
+    """The guidance sweep of a conditional model: the first class at each weight
+    of SWEEP_WEIGHTS, a row each, labelled with the share the digit judge reads as
+    that digit for an MNIST model; as plot_grid's images, columns, title, rows."""
+    ddim = DDIM.of(ddpm, min(DDIM_STEPS, ddpm.n_T), eta=0.0, **kept)
+    with progress.timesteps(ddim, "guidance sweep", samples=len(SWEEP_WEIGHTS)):
+        rows = guidance_sweep(ddim, 0, SWEEP_WEIGHTS, SWEEP_SAMPLES,
+                              recipe["image_size"], device)
+    images = denormalize(rows, recipe["normalize"])
+    labels = [f"w = {w}" for w in SWEEP_WEIGHTS]
+    if recipe["dataset"] == "MNIST":
+        judge = load_judge()
+        shares = [figures_of(read(judge, row.cpu())[0], torch.zeros(len(row)))
+                  for row in images]
+        labels = [f"{label}\n{share['as_asked'] / share['samples']:.2f} as asked"
+                  for label, share in zip(labels, shares)]
+    name = (recipe.get("classes") or ["0"])[0]
+    title = (f"class {name}, guided with w = {', '.join(map(str, SWEEP_WEIGHTS))}: "
+             f"(1 + w) eps(x, c) - w eps(x, null)")
+    # (weights, n, C, H, W) -> a column for each sample, a row for each weight
+    return images.transpose(0, 1), [""] * SWEEP_SAMPLES, title, labels
 
 
 def deterministic_figures(

@@ -26,8 +26,12 @@ CELL = 1.4
 # the GIF: its images, a frame every n_T / GIF_FRAMES steps, each shown FRAME_MS
 # milliseconds but the last, x_0, held HOLD_MS; LABEL pixels above the grid for t
 GIF_IMAGES, GIF_FRAMES, FRAME_MS, HOLD_MS, LABEL = 16, 40, 80, 2000, 14
+# every plot at least WIDTH pixels wide, for a projector
+WIDTH = 512
 # the loss per timestep: at LOSS_TS timesteps, with DRAWS noises for each image
 LOSS_TS, DRAWS = 40, 16
+# the guidance sweep: its weights w, and its samples of one class at each
+SWEEP_WEIGHTS, SWEEP_SAMPLES = (0.0, 0.5, 1.0, 2.0, 4.0), 8
 
 
 def timesteps(n_T: int) -> list[int]:
@@ -76,6 +80,34 @@ def reverse_walk(
     states = {ddpm.n_T - k: x_t for k, x_t in inputs_at.items()}
     states[0] = x_0
     return torch.stack([states[t] for t in sorted(ts, reverse=True)])
+
+
+def predicted_x0(
+    ddpm: DDPM, states: torch.Tensor, ts: list[int], c: torch.Tensor | None
+) -> torch.Tensor:
+    """The model's guess of x_0 from each state x_t of a walk (T, n, C, H, W) at the
+    timesteps ts, (x_t - sqrtmab eps) / sqrtab, with eps as Algorithm 2 takes it;
+    at t = 0 the state itself."""
+    guesses = []
+    for x_t, t in zip(states, ts):
+        if t == 0:
+            guesses.append(x_t)
+            continue
+        # the same timestep for every image, scaled to (0, 1] as in training
+        t_scaled = torch.full((len(x_t), 1), t / ddpm.n_T, device=x_t.device)
+        eps = ddpm.guided_eps(x_t, t_scaled, c, GUIDE_W if c is not None else 0.0)
+        guesses.append((x_t - ddpm.sqrtmab[t] * eps) / ddpm.sqrtab[t])
+    return torch.stack(guesses)
+
+
+def guidance_sweep(
+    ddpm: DDPM, digit: int, weights: tuple[float, ...], n: int, size, device
+) -> torch.Tensor:
+    """n samples of class `digit` from the same x_T, drawn at each guidance weight
+    of `weights` by `ddpm.walk` (a DDIM): (len(weights), n, C, H, W)."""
+    x_T = torch.randn(n, *size, device=device)
+    c = torch.full((n,), digit, device=device)
+    return torch.stack([ddpm.walk(x_T, c, w) for w in weights])
 
 
 def gif_frame(x: torch.Tensor, t: int) -> Image.Image:
@@ -152,14 +184,17 @@ def plot_grid(
     a row for each of the N images, labelled `rows` where given, and under image
     (j, k) the text captions[j][k] where given."""
     n_t, n = images.shape[:2]
-    fig = Figure(figsize=(CELL * n_t, CELL * n + 0.6), dpi=DPI, layout="constrained")
+    width = max(CELL * n_t, WIDTH / DPI)
+    fig = Figure(figsize=(width, CELL * n + 0.6), dpi=DPI, layout="constrained")
     axes = fig.subplots(n, n_t, squeeze=False)
     for j, column in enumerate(columns):
         axes[0][j].set_title(column)
         for k in range(n):
             # (C, H, W) -> (H, W, C), or (H, W) for one channel
             pixels = images[j, k].permute(1, 2, 0).squeeze(-1).cpu().numpy()
-            axes[k][j].imshow(pixels, cmap="gray", vmin=0, vmax=1)
+            # each pixel a sharp block on the projector, not a blur
+            axes[k][j].imshow(pixels, cmap="gray", vmin=0, vmax=1,
+                              interpolation="nearest")
             # no ticks or frame, but room for the row's label and the caption
             axes[k][j].set_xticks([])
             axes[k][j].set_yticks([])

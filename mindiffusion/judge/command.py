@@ -12,7 +12,7 @@ from mindiffusion.judge.scores import figures, grid_images, rows_as_digits
 from mindiffusion.judge.teach import train
 from mindiffusion.sample import GUIDE_W, check_out, load_ddpm
 from mindiffusion.training import flags, progress
-from mindiffusion.training.data import denormalize
+from mindiffusion.training.data import denormalize, mnist_root
 from mindiffusion.training.devices import resolve_device
 from mindiffusion.training.flags import UserError
 
@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.train:
             check_out(args.out, image=False)
-            train(args.data_root, args.per_class, args.epochs, args.out)
+            # without MNIST there, the 5,000 digits that ship with the repository
+            train(mnist_root(args.data_root), args.per_class, args.epochs, args.out)
             return
         classifier = load_judge(args.weights)
         if args.input.lower().endswith(".png"):

@@ -31,6 +31,26 @@ from mindiffusion.training.flags import UserError
 from mindiffusion.training.signals import ignore_stop_signals
 
 
+# the 5,000 real MNIST digits that ship with the repository, in torchvision's layout
+SHIPPED_DIGITS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "contents", "mnist-subset",
+)
+MNIST_FILES = [f"{split}-{kind}-idx{n}-ubyte" for split in ("train", "t10k")
+               for kind, n in (("images", 3), ("labels", 1))]
+
+
+def has_mnist(root: str) -> bool:
+    """Whether torchvision's MNIST is in root, as its own layout puts it."""
+    return all(os.path.exists(os.path.join(root, "MNIST", "raw", name))
+               for name in MNIST_FILES)
+
+
+def mnist_root(root: str) -> str:
+    """root where MNIST is there, else the repository's own 5,000 digits."""
+    return root if has_mnist(root) else SHIPPED_DIGITS
+
+
 @contextlib.contextmanager
 def explain_missing_dataset(
     name: str, root: str, instead: str | None = "run with --fake-data N"
@@ -42,6 +62,9 @@ def explain_missing_dataset(
     only if the dataset loads after all. Under torchrun, the first process on each
     machine downloads while the others wait, then they read what it wrote.
     """
+    if os.path.abspath(root) == SHIPPED_DIGITS:
+        say(f"{name}: the 5,000 digits that ship in {SHIPPED_DIGITS} (400 of each "
+            f"digit to train on, 100 to test)")
     first_on_machine = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if dist.is_initialized() and not first_on_machine:
         dist.barrier()
