@@ -166,9 +166,8 @@ def test_offline_data_root_says_what_figures_can_do_instead(
     assert "--fake-data" not in err
 
 
-def test_an_mnist_model_s_figures_noise_the_shipped_digits_where_none_are_given(
-    checkpoint, tmp_path, monkeypatch, capsys, no_network
-):
+def images_noised(monkeypatch) -> list:
+    """While monkeypatch lasts, each x0 the figures command hands forward_noising."""
     noised = []
     noising = figures_command.forward_noising
 
@@ -177,6 +176,13 @@ def test_an_mnist_model_s_figures_noise_the_shipped_digits_where_none_are_given(
         return noising(x0, *args)
 
     monkeypatch.setattr(figures_command, "forward_noising", keep)
+    return noised
+
+
+def test_an_mnist_model_s_figures_noise_the_shipped_digits_where_none_are_given(
+    checkpoint, tmp_path, monkeypatch, capsys, no_network
+):
+    noised = images_noised(monkeypatch)
     figures_command.main([str(checkpoint), "--data-root", str(tmp_path / "none"),
                           "--device", "cpu", "--out", str(tmp_path / "out")])
     assert f"MNIST: the 5,000 digits that ship in {SHIPPED_DIGITS}" in (
@@ -212,14 +218,7 @@ def test_a_read_only_out_is_refused_before_any_sampling(
 def test_without_data_the_images_noised_are_ddim_samples_with_posterior_noise(
     checkpoint, tmp_path, monkeypatch
 ):
-    noised = []
-    noising = figures.forward_noising
-
-    def keep(x0, *args):
-        noised.append(x0)
-        return noising(x0, *args)
-
-    monkeypatch.setattr(figures_command, "forward_noising", keep)
+    noised = images_noised(monkeypatch)
     figures_command.main([str(checkpoint), "--out", str(tmp_path), "--device", "cpu",
                           "--seed", "3"])
     # eta 1: a young model's deterministic walk can end in static; x_0 kept within

@@ -193,7 +193,11 @@ def test_the_judge_s_captions_follow_the_frames_and_images():
     assert captions[0][1] == captions[1][0]
 
 
-def test_sample_and_figures_take_the_raw_walk_when_asked(tmp_path):
+class Walked(Exception):
+    """The figures command's first DDIM was made: what it was made with."""
+
+
+def test_sample_and_figures_take_the_raw_walk_when_asked(tmp_path, monkeypatch):
     # an untrained model's x_0 leaves the data's range: the kept walk differs
     checkpoint = tmp_path / "tiny.pth"
     model = tiny_ddpm().state_dict()
@@ -203,8 +207,19 @@ def test_sample_and_figures_take_the_raw_walk_when_asked(tmp_path):
         out.mkdir()
         sample.main([str(checkpoint), "--sampler", "ddim", "--steps", "5", "--seed",
                      "0", "--device", "cpu", "--out", str(out / "grid.png"), *raw])
-        figures_command.main([str(checkpoint), "--out", str(out), "--device", "cpu",
-                              "--seed", "0", *raw])
-    for name in ("grid.png", "interpolation.png", "inversion.png"):
-        kept, raw = ((tmp_path / k / name).read_bytes() for k in ("kept", "raw"))
-        assert kept != raw, name
+    kept, raw = ((tmp_path / k / "grid.png").read_bytes() for k in ("kept", "raw"))
+    assert kept != raw
+    # figures: its first DDIM, the one that draws the images to noise
+
+    def walked(*args, **kwargs):
+        raise Walked(kwargs)
+
+    monkeypatch.setattr(figures_command.DDIM, "of", walked)
+    made = []
+    for raw in ([], ["--raw-walk"]):
+        with pytest.raises(Walked) as walk:
+            figures_command.main([str(checkpoint), "--out", str(tmp_path / "f"),
+                                  "--device", "cpu", *raw])
+        made.append(walk.value.args[0])
+    assert made[0] == dict(eta=1.0, x0_range=(-0.5, 0.5), unit_eps=True)
+    assert made[1] == dict(eta=1.0)
