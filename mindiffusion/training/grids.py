@@ -129,7 +129,8 @@ class Grids:
             )
 
         print("drawing the grid of the weights saved (a second signal skips it)")
-        self.write(path, stopped, "the run")
+        # the signal that stopped the run was acknowledged: no "noted" again
+        self.write(path, stopped, None)
 
     def within_epoch(self, epoch: int, batches: int) -> bool:
         """--grid-minutes: once the minutes have passed since the last grid, save
@@ -162,7 +163,9 @@ class Grids:
         self.run.model.train()
         return True
 
-    def write(self, path: str, stopped: Callable[[int], str], saved: str) -> None:
+    def write(
+        self, path: str, stopped: Callable[[int], str], saved: str | None
+    ) -> None:
         """Draw a grid of 16 samples of the weights as they are, in eval mode, and
         write it to path; a first signal is acknowledged naming what was `saved`,
         and a second raises Stopped with stopped(signum)."""
@@ -180,8 +183,9 @@ class GridSampler:
     """A grid's sampler: `sample` is `sampler.sample`, the same samples, with a bar
     over its steps (a 1000-step grid takes minutes, on a CPU hours); a stop signal
     while it walks is acknowledged, naming what the save before the grid kept,
-    `saved`, and a second one raises Stopped with the message stopped(signum).
-    drawn() is called once the samples are there."""
+    `saved` (None: the stop was acknowledged already), and a second one raises
+    Stopped with the message stopped(signum). drawn() is called once the samples
+    are there."""
 
     def __init__(
         self, sampler: DDPM, stopped: Callable, drawn: Callable, saved: str
@@ -190,7 +194,8 @@ class GridSampler:
         self.saved = saved
 
     def sample(self, *args, **kwargs) -> torch.Tensor:
-        if signals.received:
+        # a signal before the grid, on the epoch's last step, waits for its end
+        if signals.received and self.saved is not None:
             signals.noted(signals.received, self.saved)
         with signals.grid_in_progress(self.stopped, self.saved):
             with progress.timesteps(self.sampler, "grid"):
