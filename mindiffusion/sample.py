@@ -29,7 +29,7 @@ from torchvision.utils import make_grid, save_image
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import flags, progress
-from mindiffusion.training.data import data_range, denormalize, parse_classes
+from mindiffusion.training.data import denormalize, kept_walk, parse_classes
 from mindiffusion.training.devices import compile_for_sampling, resolve_device
 from mindiffusion.training.files import load_checkpoint
 from mindiffusion.training.flags import UserError
@@ -70,13 +70,8 @@ def load_ddpm(
         steps = min(50, n_T) if steps is None else steps
         if steps > n_T:
             raise UserError(f"--steps {steps} is more than the model's n_T = {n_T}")
-        # the kept walk: x_0 within the range the data was normalised to, and eps
-        # at the scale of a noise draw (ddim.py)
-        kept = {} if raw_walk else dict(
-            x0_range=data_range(recipe["normalize"]), unit_eps=True
-        )
         ddpm = DDIM(eps_model, betas, n_T, eta=eta, n_steps=steps,
-                    n_classes=n_classes, **kept)
+                    n_classes=n_classes, **kept_walk(recipe["normalize"], raw_walk))
     else:
         ddpm = DDPM(eps_model, betas, n_T, n_classes=n_classes)
 

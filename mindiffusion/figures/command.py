@@ -59,7 +59,12 @@ from mindiffusion.judge.model import load_judge, read
 from mindiffusion.judge.scores import figures as figures_of
 from mindiffusion.sample import GUIDE_W, free_path, load_ddpm
 from mindiffusion.training import flags, progress
-from mindiffusion.training.data import data_range, denormalize, mnist_root
+from mindiffusion.training.data import (
+    data_range,
+    denormalize,
+    kept_walk,
+    mnist_root,
+)
 from mindiffusion.training.devices import resolve_device
 from mindiffusion.training.flags import UserError
 
@@ -132,8 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     size, normalize = recipe["image_size"], recipe["normalize"]
     ts = timesteps(ddpm.n_T)
-    # DDIM's kept walk: x_0 within the data's range, eps at its scale (ddim.py)
-    kept = {} if args.raw_walk else dict(x0_range=data_range(normalize), unit_eps=True)
+    kept = kept_walk(normalize, args.raw_walk)
     n_classes = recipe.get("n_classes")
     # the rows' labels: MNIST's "3 - three" as 3
     names = [str(name).split(" - ")[0] for name in recipe.get("classes") or []]
@@ -208,23 +212,25 @@ def main(argv: list[str] | None = None) -> None:
         print(f"no loss curve: there is no record at {record} (give --record)")
     else:
         write(plot_loss, *losses, name="loss_curve.png")
+    # DDIM's deterministic walk, eta 0, for the guidance sweep and the three after it
+    ddim = DDIM.of(ddpm, min(DDIM_STEPS, ddpm.n_T), eta=0.0, **kept)
     if n_classes is not None:
-        images, columns, title, rows = guidance_figure(ddpm, recipe, device, kept)
+        images, columns, title, rows = guidance_figure(ddim, recipe, device)
         write(plot_grid, images, columns, title, name="guidance_sweep.png", rows=rows)
     else:
         print("no guidance sweep: the checkpoint was trained without --cond")
-    walks = deterministic_figures(ddpm, recipe, x0, c, source, device, kept)
+    walks = deterministic_figures(ddim, recipe, x0, c, source, device)
     for name, (images, columns, title, captions) in walks.items():
         write(plot_grid, images, columns, title, name=name, captions=captions)
     for path in written:
         print(f"wrote {path}")
 
 
-def guidance_figure(ddpm, recipe: dict, device, kept: dict) -> tuple:
-    """The guidance sweep of a conditional model: the first class at each weight
-    of SWEEP_WEIGHTS, a row each, labelled with the share the digit judge reads as
-    that digit for an MNIST model; as plot_grid's images, columns, title, rows."""
-    ddim = DDIM.of(ddpm, min(DDIM_STEPS, ddpm.n_T), eta=0.0, **kept)
+def guidance_figure(ddim: DDIM, recipe: dict, device) -> tuple:
+    """The guidance sweep of a conditional model, walked by `ddim`: the first class
+    at each weight of SWEEP_WEIGHTS, a row each, labelled with the share the digit
+    judge reads as that digit for an MNIST model; as plot_grid's images, columns,
+    title, rows."""
     with progress.timesteps(ddim, "guidance sweep", samples=len(SWEEP_WEIGHTS)):
         rows = guidance_sweep(ddim, 0, SWEEP_WEIGHTS, SWEEP_SAMPLES,
                               recipe["image_size"], device)
@@ -244,26 +250,24 @@ def guidance_figure(ddpm, recipe: dict, device, kept: dict) -> tuple:
 
 
 def deterministic_figures(
-    ddpm,
+    ddim: DDIM,
     recipe: dict,
     x0: torch.Tensor,
     c: torch.Tensor | None,
     source: str,
     device,
-    kept: dict,
 ) -> dict:
-    """The three figures of the deterministic walk, by file name: (images in
+    """The three figures of the deterministic walk `ddim`, by file name: (images in
     [0, 1], column titles, title, captions or None). x0 and c are the images and
-    labels to invert; the interpolation draws from the null class, unguided; `kept`
-    is the DDIM's x0_range and unit_eps, or nothing for the raw walk."""
+    labels to invert; the interpolation draws from the null class, unguided."""
     normalize = recipe["normalize"]
-    ddim = DDIM.of(ddpm, min(DDIM_STEPS, ddpm.n_T), eta=0.0, **kept)
     size = recipe["image_size"]
-    walk = f"DDIM, eta 0, {ddim.n_steps} steps" + ("" if kept else ", raw")
+    raw = "" if ddim.x0_range is not None else ", raw"
+    walk = f"DDIM, eta 0, {ddim.n_steps} steps{raw}"
     guide_w = 0.0 if c is None else GUIDE_W
     # the null class for a conditional model, as conditioning gives it with no class
     null, _ = ddim.conditioning(PAIRS, None, 0.0, device)
-    counts = [k for k in deterministic.STEP_COUNTS if k <= ddpm.n_T]
+    counts = [k for k in deterministic.STEP_COUNTS if k <= ddim.n_T]
     # the model's calls: each frame's walk, each count's, and the walk up and down
     calls = (deterministic.FRAMES + 2) * ddim.n_steps + sum(counts)
     with progress.timesteps(ddim, "deterministic walks", calls=calls):

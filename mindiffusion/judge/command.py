@@ -7,7 +7,13 @@ from torchvision import transforms
 from torchvision.datasets import MNIST
 
 from mindiffusion import frechet, judge
-from mindiffusion.judge.model import WEIGHTS, DigitJudge, load_judge, read
+from mindiffusion.judge.model import (
+    DIGIT_SHAPES,
+    WEIGHTS,
+    DigitJudge,
+    load_judge,
+    read,
+)
 from mindiffusion.judge.scores import figures, grid_images, rows_as_digits
 from mindiffusion.judge.teach import train
 from mindiffusion.sample import GUIDE_W, check_out, load_ddpm
@@ -42,7 +48,7 @@ def sample_checkpoint(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Ten
         ddpm.n_steps = min(STEPS, ddpm.n_T)
     # before any sampling: the judge reads digits of MNIST's shape, ten classes
     image_size = tuple(recipe["image_size"])
-    if image_size not in ((1, 28, 28), (1, 32, 32)):
+    if image_size not in DIGIT_SHAPES:
         raise UserError(f"the judge reads MNIST digits, 1x28x28 or 1x32x32, not the "
                         f"{'x'.join(map(str, image_size))} images of {args.input}")
     if recipe.get("n_classes") not in (None, 10):

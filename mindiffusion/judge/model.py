@@ -15,6 +15,8 @@ WEIGHTS = os.path.join(
 )
 # the eleventh class: not a digit
 JUNK = 10
+# the images the judge reads: MNIST's digits, and those padded for NaiveUnet
+DIGIT_SHAPES = ((1, 28, 28), (1, 32, 32))
 # a sample is read as a digit when the judge gives it at least this probability
 SURE = 0.9
 
@@ -51,7 +53,7 @@ class DigitJudge(nn.Module):
 def as_digits(images: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] as the judge reads them: (B, 1, 32, 32), MNIST padded for
     NaiveUnet, or (B, 1, 28, 28) -> (B, 1, 28, 28)."""
-    if images.shape[1:] not in ((1, 28, 28), (1, 32, 32)):
+    if images.shape[1:] not in DIGIT_SHAPES:
         raise UserError(
             f"the judge reads MNIST digits, 1x28x28 or 1x32x32, not "
             f"{'x'.join(map(str, images.shape[1:]))} images"

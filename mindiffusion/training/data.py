@@ -269,6 +269,13 @@ def data_range(normalize) -> tuple[float, float]:
     return float(((0 - mean) / std).min()), float(((1 - mean) / std).max())
 
 
+def kept_walk(normalize, raw: bool = False) -> dict:
+    """A DDIM's arguments for the kept walk of a model trained with Normalize(mean,
+    std): x_0 within the data's range and eps at the scale of a noise draw
+    (ddim.py); with `raw`, none, the walk as the model alone takes it."""
+    return {} if raw else dict(x0_range=data_range(normalize), unit_eps=True)
+
+
 def denormalize(x: torch.Tensor, normalize) -> torch.Tensor:
     """Undo the training script's Normalize(mean, std): back to pixels in [0, 1]."""
     mean, std = (torch.tensor(v, device=x.device).view(-1, 1, 1) for v in normalize)

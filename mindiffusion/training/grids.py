@@ -15,7 +15,7 @@ from torchvision.utils import make_grid, save_image
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import progress, signals
-from mindiffusion.training.data import data_range, denormalize, grid_classes
+from mindiffusion.training.data import denormalize, grid_classes, kept_walk
 from mindiffusion.training.devices import largest, process_rank
 
 # the names of the grids each script writes beside its checkpoint, by epoch, which
@@ -53,10 +53,9 @@ class Grids:
             # 50 steps by default, as mindiffusion.sample takes; eta 1, the noise
             # of DDPM's posterior, which keeps a young model's samples clean; x_0
             # kept within the data's range and eps at its scale, as sample keeps
-            recipe = self.checkpoint.recipe
             steps = run.grid_steps or min(50, ddpm.n_T)
-            x0_range = data_range(recipe["normalize"])
-            ddpm = DDIM.of(ddpm, steps, eta=1.0, x0_range=x0_range, unit_eps=True)
+            kept = kept_walk(self.checkpoint.recipe["normalize"])
+            ddpm = DDIM.of(ddpm, steps, eta=1.0, **kept)
         if ddpm.n_classes is None:
             return ddpm, n_sample, None
         c = grid_classes(ddpm.n_classes, 4, self.device)
