@@ -23,11 +23,12 @@ WALK = (0, 0.05, 0.1, 0.25, 0.5, 0.75, 1)
 N_IMAGES, DPI = 6, 100
 # the figures' sizes in inches: (width, height) = (1.4, 1.4) per image
 CELL = 1.4
+# every plot and the GIF at least WIDTH pixels wide, for a projector
+WIDTH = 512
 # the GIF: its images, a frame every n_T / GIF_FRAMES steps, each shown FRAME_MS
 # milliseconds but the last, x_0, held HOLD_MS; LABEL pixels above the grid for t
-GIF_IMAGES, GIF_FRAMES, FRAME_MS, HOLD_MS, LABEL = 16, 40, 80, 2000, 14
-# every plot at least WIDTH pixels wide, for a projector
-WIDTH = 512
+# (before the frame is enlarged to WIDTH)
+GIF_IMAGES, GIF_FRAMES, FRAME_MS, HOLD_MS, LABEL = 16, 20, 160, 2000, 14
 # the loss per timestep: at LOSS_TS timesteps, with DRAWS noises for each image
 LOSS_TS, DRAWS = 40, 16
 # the guidance sweep: its weights w, and its samples of one class at each
@@ -112,7 +113,8 @@ def guidance_sweep(
 
 def gif_frame(x: torch.Tensor, t: int) -> Image.Image:
     """One frame of the GIF: the images x (N, C, H, W) in [0, 1] as a grid, with
-    "t = ..." written above it."""
+    "t = ..." written above it, enlarged by the least whole factor that makes it at
+    least WIDTH pixels wide."""
     grid = make_grid(x, nrow=math.ceil(math.sqrt(len(x))))
     # (C, H, W) in [0, 1] -> 8-bit (H, W, C), or (H, W) for one channel
     pixels = grid.mul(255).add(0.5).clamp(0, 255).byte().permute(1, 2, 0)
@@ -121,7 +123,9 @@ def gif_frame(x: torch.Tensor, t: int) -> Image.Image:
     frame = Image.new(image.mode, (image.width, image.height + LABEL))
     frame.paste(image, (0, LABEL))
     ImageDraw.Draw(frame).text((2, 1), f"t = {t}", fill="white")
-    return frame
+    # each pixel becomes a square block of scale x scale: sharp, not a blur
+    scale = math.ceil(WIDTH / frame.width)
+    return frame.resize((frame.width * scale, frame.height * scale), Image.NEAREST)
 
 
 def write_gif(states: torch.Tensor, ts: list[int], path: str) -> None:
