@@ -9,13 +9,13 @@ three to four times the size of the weights. The export keeps the --ema average
 `mindiffusion.fid` load it as they load the training checkpoint and draw the same
 images; it cannot be resumed.
 """
-import argparse
 import io
 import os
 
 import torch
 
 from mindiffusion.training.files import load_checkpoint, write_atomically
+from mindiffusion.training import flags
 from mindiffusion.training.flags import UserError
 
 # the prefix of the averaged model's names in an AveragedModel's state_dict
@@ -39,12 +39,7 @@ def weights_only(state: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m mindiffusion.export",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = flags.command_parser("python -m mindiffusion.export", __doc__)
     parser.add_argument("checkpoint", help="a .pth file written by a training script")
     parser.add_argument("out", help="the small checkpoint to write; never replaced")
     args = parser.parse_args(argv)

@@ -14,7 +14,6 @@ the cache; the arithmetic of pixels, moments and distance is in mindiffusion.fre
 For MNIST, `--features digits` takes the 128 features of the digit judge
 (mindiffusion.judge) instead: no download, and features made for digits.
 """
-import argparse
 import hashlib
 import io
 import json
@@ -207,12 +206,7 @@ def sample_statistics(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m mindiffusion.fid",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = flags.command_parser("python -m mindiffusion.fid", __doc__)
     add = parser.add_argument
     add("checkpoint", help="a .pth file written by one of the training scripts")
     add("--n", type=flags.at_least(2), default=PAPERS_N,
@@ -223,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         help="DDIM's steps; a list gives one FID per entry, like Table 1 of the DDIM "
         "paper (default: 50, or n_T if less)")
     add("--eta", type=flags.eta, help="DDIM's noise, 0 to 1 (default: 0)")
-    add("--raw-walk", action="store_true", help="DDIM without the kept x_0 and eps")
+    add("--raw-walk", action="store_true", help=flags.RAW_WALK_HELP)
     add("--guide-w", type=flags.guidance_weight, metavar="W",
         help=f"for a --cond checkpoint: the guidance weight; the paper's best FIDs "
         f"came at small weights (default: {GUIDE_W})")
@@ -235,8 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         help="measure against N random images, not the training set (default: off)")
     add("--batch-size", type=flags.at_least(1), default=250, metavar="N",
         help="images per batch, for sampling and features (default: %(default)s)")
-    add("--device", default="cuda", metavar="NAME",
-        help="cpu, cuda, cuda:N or mps (default: %(default)s)")
+    add("--device", default="cuda", metavar="NAME", help=flags.DEVICE_HELP)
     add("--seed", type=flags.seed, metavar="N",
         help="seed for the samples, the same FID each time (default: unseeded)")
     add("--features", choices=("inception", "digits"), default="inception",

@@ -135,12 +135,7 @@ def check_out(out: str, image: bool = True) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m mindiffusion.sample",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = flags.command_parser("python -m mindiffusion.sample", __doc__)
     add = parser.add_argument
     add("checkpoint", help="a .pth file written by one of the training scripts")
     add("--n", type=flags.at_least(1),
@@ -161,12 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     add("--eta", type=float,
         help="DDIM's noise, from 0 (none) to 1 (the posterior variance of the DDPM "
         "paper, a little below the beta_t that --sampler ddpm adds) (default: 0)")
-    add("--raw-walk", action="store_true",
-        help="DDIM as the model alone walks it: x_0 not kept within the data's "
-        "range, eps not kept at its scale (default: kept)")
-    add("--device", default="cuda", metavar="NAME",
-        help="cpu, cuda, cuda:N or mps; falls back as the training scripts do "
-        "(default: %(default)s)")
+    add("--raw-walk", action="store_true", help=flags.RAW_WALK_HELP)
+    add("--device", default="cuda", metavar="NAME", help=flags.DEVICE_HELP)
     add("--seed", type=flags.seed, metavar="N",
         help="seed for torch's random numbers (default: unseeded)")
     add("--out", metavar="PNG",

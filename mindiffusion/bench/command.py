@@ -21,6 +21,7 @@ from mindiffusion.training.devices import (
     has_native_bf16,
     resolve_device,
 )
+from mindiffusion.training import flags
 from mindiffusion.training.flags import UserError, at_least
 
 
@@ -40,15 +41,9 @@ def row_names(text: str) -> frozenset[str]:
 
 def parser() -> argparse.ArgumentParser:
     """The command line, each default in its help."""
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m mindiffusion.bench",
-        description=bench.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = flags.command_parser("python -m mindiffusion.bench", bench.__doc__)
     parser.add_argument("--device", default="cuda", metavar="NAME",
-                        help="cpu, cuda, cuda:N or mps; falls back as the training "
-                        "scripts do (default: %(default)s)")
+                        help=flags.DEVICE_HELP)
     parser.add_argument("--quick", action="store_true",
                         help="a quick look, about a minute on a small CPU: batches "
                         "of 2, grids of 2, 1 warm-up step and 2 timed steps, and "

@@ -24,7 +24,6 @@ the checkpoint. The same --seed on the same device gives the same figures, and a
 existing file is never replaced: a new name gets _2, _3, ...
 """
 
-import argparse
 import os
 
 import torch
@@ -75,12 +74,7 @@ X0_IMAGES = 3
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m mindiffusion.figures",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = flags.command_parser("python -m mindiffusion.figures", __doc__)
     add = parser.add_argument
     add("checkpoint", nargs="?", default="contents/mnist_laptop_cond.pth",
         help="a checkpoint of a training script, or an export (default: "
@@ -95,12 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         help="folder for the PNGs (default: %(default)s)")
     add("--seed", type=flags.seed, default=0, metavar="N",
         help="seed of the noise and the samples (default: %(default)s)")
-    add("--raw-walk", action="store_true",
-        help="DDIM as the model alone walks it, without x_0 kept within the data's "
-        "range and eps at its scale (default: kept)")
-    add("--device", default="cuda", metavar="NAME",
-        help="cpu, cuda, cuda:N or mps; falls back as the training scripts do "
-        "(default: %(default)s)")
+    add("--raw-walk", action="store_true", help=flags.RAW_WALK_HELP)
+    add("--device", default="cuda", metavar="NAME", help=flags.DEVICE_HELP)
     args = parser.parse_args(argv)
     record = args.record or os.path.splitext(args.checkpoint)[0] + "_log.csv"
     try:

@@ -112,12 +112,7 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m mindiffusion.judge",
-        description=judge.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = flags.command_parser("python -m mindiffusion.judge", judge.__doc__)
     add = parser.add_argument
     add("input", nargs="?",
         help="a grid PNG of MNIST samples, or a checkpoint of train_mnist.py to sample")
@@ -131,9 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         help="how a checkpoint is sampled (default: ddim)")
     add("--steps", type=flags.at_least(1), help="DDIM's steps (default: 20)")
     add("--eta", type=flags.eta, help="DDIM's noise, 0 to 1 (default: 0)")
-    add("--raw-walk", action="store_true", default=None,
-        help="DDIM as the model alone walks it: x_0 not kept within the data's "
-        "range, eps not kept at its scale (default: kept)")
+    add("--raw-walk", action="store_true", default=None, help=flags.RAW_WALK_HELP)
     add("--guide-w", type=flags.guidance_weight, metavar="W",
         help=f"the guidance weight, for a --cond checkpoint (default: {GUIDE_W})")
     add("--seed", type=flags.seed, metavar="N",

@@ -65,6 +65,28 @@ guidance_weight = bounded_float(
 positive_float = bounded_float(lambda v: v > 0, "positive")
 
 
+def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser of a `python -m mindiffusion...` command, its docstring shown as
+    written; a typo such as --raw is an error that names it, never another flag."""
+    return argparse.ArgumentParser(
+        allow_abbrev=False,
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+# the help of the flags that the sampling commands share
+RAW_WALK_HELP = (
+    "DDIM as the model alone walks it: x_0 not kept within the data's range, eps "
+    "not kept at its scale (default: kept)"
+)
+DEVICE_HELP = (
+    "cpu, cuda, cuda:N or mps; falls back as the training scripts do "
+    "(default: %(default)s)"
+)
+
+
 # each flag: its name, what argparse needs, and its help; %(default)s shows the default
 FLAGS = {
     "n_epoch": ("--epochs", dict(type=at_least(1), metavar="N"),
