@@ -1,4 +1,5 @@
-"""Draw images from a checkpoint of the training scripts, with DDPM or DDIM.
+"""Draw images from a checkpoint of the trainer (python -m mindiffusion.train), or
+from the weights a notes' script saves, with DDPM or DDIM.
 
     python -m mindiffusion.sample contents/ddpm_cifar.pth                 # n_T steps
     python -m mindiffusion.sample contents/ddpm_cifar.pth --sampler ddim --steps 20
@@ -28,17 +29,18 @@ from torchvision.utils import make_grid, save_image
 
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
+from mindiffusion.dummy import DummyEpsModel
 from mindiffusion.training import flags, progress
 from mindiffusion.training.data import denormalize, kept_walk, parse_classes
 from mindiffusion.training.devices import compile_for_sampling, resolve_device
 from mindiffusion.training.files import load_checkpoint
 from mindiffusion.training.flags import UserError
+from mindiffusion.training.recipes import notes_recipe
 from mindiffusion.unet import NaiveUnet
-from train_mnist import DummyEpsModel
 
 # the noise models a recipe may name
 EPS_MODELS = {"NaiveUnet": NaiveUnet, "DummyEpsModel": DummyEpsModel}
-# the guidance weight w, as in the training scripts' grids
+# the guidance weight w, as in the trainer's grids
 GUIDE_W = 2.0
 
 
@@ -55,7 +57,7 @@ def load_ddpm(
     the weights are an --ema average. The DDIM keeps x_0 within the data's range and
     eps at its scale, unless `raw_walk`."""
     state = load_checkpoint(path)
-    recipe = state.get("recipe")
+    recipe = state.get("recipe") or notes_recipe(path, state["model"])
     if not recipe or recipe.get("eps_model") not in EPS_MODELS:
         raise UserError(
             f"{path} has no recipe for its model: it was saved before checkpoints "
@@ -82,7 +84,7 @@ def load_ddpm(
         print(f"{path} has no averaged weights (trained without --ema): using its own")
     try:
         if averaged:
-            # the averaged copy, rebuilt as the training script kept it
+            # the averaged copy, rebuilt as the trainer kept it
             ema_ddpm = AveragedModel(ddpm, use_buffers=True)
             ema_ddpm.load_state_dict(state["ema"])
             ddpm = ema_ddpm.module
@@ -137,7 +139,7 @@ def check_out(out: str, image: bool = True) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = flags.command_parser("python -m mindiffusion.sample", __doc__)
     add = parser.add_argument
-    add("checkpoint", help="a .pth file written by one of the training scripts")
+    add("checkpoint", help="a checkpoint of the trainer, or a notes' script's weights")
     add("--n", type=flags.at_least(1),
         help="number of images (default: 16), or with --class, of each class "
         "(default: 8)")

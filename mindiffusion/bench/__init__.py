@@ -5,7 +5,7 @@
 
 Run it from the repository's root. The setups, in this order: CIFAR-10's NaiveUnet
 at 32x32, MNIST's DummyEpsModel at 28x28, CelebA's NaiveUnet at 128x128, and the
-small NaiveUnet of train_mnist.py --laptop at 32x32, each at the notes' batch size.
+small NaiveUnet of the trainer's mnist --laptop at 32x32, each at the notes' batch size.
 
 Rows of each setup:
   train  images per second of the bare training step, on random batches already on
@@ -16,7 +16,7 @@ Rows of each setup:
          default alone, together
   sample seconds per step of the sampler on the setup's grid: default (eager),
          compile, cuda_graphs (torch.compile's reduce-overhead mode; CUDA only)
-  loop   images per second of the training script itself, run in-process on fake
+  loop   images per second of the trainer itself, run in-process on fake
          data, read off its record's second epoch: loop_default, loop_fast (with
          the --fast flags), loop_ema (loop_default with --ema 0.999); the ratio is
          to the bare step of the same knobs, the cost of the real loop

@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         stopped = f"stopped by {signals.name(stop.signum)}"
         command.exit(128 + stop.signum, f"\n{stopped}{kept(args.json)}\n")
     ordered = table_order(report.rows, setups)
-    # the passes took the rows out of their tables' order, or the scripts' progress
+    # the passes took the rows out of their tables' order, or the trainer's progress
     # lines came between the loop rows
     if ordered != report.rows or plan.names & set(LOOP_ROWS):
-        print("\nThe tables again, each setup's rows together, without the scripts' "
+        print("\nThe tables again, each setup's rows together, without the trainer's "
               "lines:")
         print(tables(ordered, plan, setups))

@@ -5,13 +5,12 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from mindiffusion.dummy import DummyEpsModel
+from mindiffusion.training.recipes import LAPTOP
 from mindiffusion.unet import NaiveUnet
-from train_celeba import train_celeba
-from train_cifar10 import train_cifar10
-from train_mnist import LAPTOP, DummyEpsModel, train_mnist
 
 BETAS = (1e-4, 0.02)
-# the notes' diffusion steps, for the bare step and the scripts' runs alike
+# the notes' diffusion steps, for the bare step and the trainer's runs alike
 N_T = 1000
 # a knob joins `best` when it alone trains at least this much faster than the default
 BEST_AT_LEAST = 1.03
@@ -41,14 +40,14 @@ CUDA_ONLY = {
 
 class Setup(NamedTuple):
     """A setup of the notes: its noise model, image shape, batch size, grid size, and
-    the training script that trains it, with the settings of the script's preset."""
+    the trainer's dataset that trains it, with the settings of its preset."""
 
     name: str
     model: Callable[[], nn.Module]
     size: tuple[int, int, int]
     batch_size: int
     n_sample: int
-    script: Callable
+    dataset: str
     preset: dict
 # --laptop's settings, but for its device, which is the bench's; its precision,
 # memory format and average, which are each row's own, so that loop_default is the
@@ -58,14 +57,14 @@ LAPTOP_RUN = {k: v for k, v in LAPTOP.items() if k not in OWN}
 # the most telling first, so that a run cut short by a time limit has them
 SETUPS = [
     Setup("CIFAR-10 NaiveUnet(3,3,128) 32x32", lambda: NaiveUnet(3, 3, 128),
-          (3, 32, 32), 512, 8, train_cifar10, {}),
+          (3, 32, 32), 512, 8, "cifar10", {}),
     Setup("MNIST DummyEpsModel(1) 28x28", lambda: DummyEpsModel(1),
-          (1, 28, 28), 128, 16, train_mnist, {}),
+          (1, 28, 28), 128, 16, "mnist", {}),
     Setup("CelebA NaiveUnet(3,3,128) 128x128", lambda: NaiveUnet(3, 3, 128),
-          (3, 128, 128), 32, 8, train_celeba, {}),
+          (3, 128, 128), 32, 8, "celeba", {}),
     Setup(f"Laptop MNIST NaiveUnet(1,1,{LAPTOP['n_feat']}) 32x32",
           lambda: NaiveUnet(1, 1, LAPTOP["n_feat"]), (1, 32, 32),
-          LAPTOP["batch_size"], 16, train_mnist, LAPTOP_RUN),
+          LAPTOP["batch_size"], 16, "mnist", LAPTOP_RUN),
 ]
 
 

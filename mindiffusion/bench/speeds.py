@@ -1,5 +1,5 @@
 """How each row's speed is measured: the bare training step, the sampler's step,
-and the training script's own loop."""
+and the trainer's own loop."""
 import contextlib
 import csv
 import glob
@@ -12,8 +12,8 @@ import torch.nn as nn
 
 from mindiffusion.bench.setups import BETAS, KNOB_DTYPES, N_T, Setup
 from mindiffusion.ddpm import DDPM
-from mindiffusion.training.cli import run_training
-from mindiffusion.training.run import Run
+from mindiffusion.train import train
+from mindiffusion.training.cli import DEFAULTS
 
 
 def synchronize(device: torch.device) -> None:
@@ -74,7 +74,7 @@ def train_speed(
         ddpm.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
     if "compile" in knobs:
-        # in place, as the training scripts' --compile does
+        # in place, as the trainer's --compile does
         ddpm.eps_model.compile()
     with tf32_matmuls("tf32" in knobs):
         return train_throughput(ddpm, x, steps, warmup, knobs)
@@ -109,22 +109,22 @@ def sample_speed(
 def loop_settings(
     setup: Setup, flags: dict, device, batch_size: int, steps: int
 ) -> dict:
-    """The settings of a short run of the setup's script: two epochs of `steps`
-    steps on fake data, its grid one DDIM step, no saves within an epoch, with the
-    scripts' default number of DataLoader workers and the Run flags `flags`."""
+    """The settings of a short run of the trainer on the setup: two epochs of
+    `steps` steps on fake data, its grid one DDIM step, no saves within an epoch,
+    with the trainer's default number of DataLoader workers and the flags `flags`."""
     fixed = dict(
         device=str(device), batch_size=batch_size, n_epoch=2, n_T=N_T,
         fake_data=steps * batch_size, grid_every=2, grid_sampler="ddim",
         grid_steps=1, save_every=None,
     )
-    return {"num_workers": Run().num_workers, **setup.preset, **fixed, **flags}
+    return {"num_workers": DEFAULTS["num_workers"], **setup.preset, **fixed, **flags}
 
 
 def loop_speed(setup: Setup, settings: dict, out: str) -> float:
-    """Images per second of the second epoch of the setup's script run in-process
-    with `settings` into the folder `out`, as its record has it: the first epoch
-    holds the warm-up and the compiling."""
-    run_training(setup.script, **settings, out=out)
+    """Images per second of the second epoch of the trainer run in-process on the
+    setup with `settings` into the folder `out`, as its record has it: the first
+    epoch holds the warm-up and the compiling."""
+    train(setup.dataset, **settings, out=out)
     (log,) = glob.glob(os.path.join(out, "*_log.csv"))
     with open(log, newline="") as file:
         epochs = list(csv.DictReader(file))
