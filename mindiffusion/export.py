@@ -40,7 +40,9 @@ def weights_only(state: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = flags.command_parser("python -m mindiffusion.export", __doc__)
-    parser.add_argument("checkpoint", help="a .pth file written by a training script")
+    parser.add_argument(
+        "checkpoint", help="a checkpoint of the trainer (python -m mindiffusion.train)"
+    )
     parser.add_argument("out", help="the small checkpoint to write; never replaced")
     args = parser.parse_args(argv)
     try:

@@ -123,7 +123,7 @@ def reference_dataset(
     elif name in ("MNIST", "CIFAR10"):
         root = data_root or "./data"
         # a crop larger than the image pads it: MNIST's 28x28 digits become the
-        # 32x32 a NaiveUnet was trained on, as train_mnist.py --eps-model unet pads
+        # 32x32 a NaiveUnet was trained on, as the trainer's mnist --eps-model unet pads
         tf = transforms.Compose(
             [transforms.CenterCrop(size[1:]), transforms.ToTensor()]
         )
@@ -208,7 +208,7 @@ def sample_statistics(
 def main(argv: list[str] | None = None) -> None:
     parser = flags.command_parser("python -m mindiffusion.fid", __doc__)
     add = parser.add_argument
-    add("checkpoint", help="a .pth file written by one of the training scripts")
+    add("checkpoint", help="a checkpoint of the trainer, or a notes' script's weights")
     add("--n", type=flags.at_least(2), default=PAPERS_N,
         help="samples per FID, as many as the papers by default (default: %(default)s)")
     add("--sampler", choices=("ddpm", "ddim"), default="ddim",

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = flags.command_parser("python -m mindiffusion.figures", __doc__)
     add = parser.add_argument
     add("checkpoint", nargs="?", default="contents/mnist_laptop_cond.pth",
-        help="a checkpoint of a training script, or an export (default: "
+        help="a checkpoint of the trainer, or an export (default: "
         "%(default)s)")
     add("--data-root", metavar="DIR",
         help="the checkpoint's dataset folder, for real images to noise (default: "

@@ -167,7 +167,7 @@ def loss_curve(path: str) -> tuple[list[int], list[float]]:
     except (OSError, KeyError, ValueError, TypeError, csv.Error):
         raise UserError(
             f"--record {path} is not a run's record: give the _log.csv that a "
-            f"training script wrote beside its checkpoint"
+            f"trainer wrote beside its checkpoint"
         ) from None
 
 

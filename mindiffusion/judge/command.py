@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = flags.command_parser("python -m mindiffusion.judge", judge.__doc__)
     add = parser.add_argument
     add("input", nargs="?",
-        help="a grid PNG of MNIST samples, or a checkpoint of train_mnist.py to sample")
+        help="a grid PNG of MNIST samples, or an MNIST checkpoint to sample")
     add("--rows-are-classes", action="store_true",
         help="a grid whose row r drew digit r, as --cond grids and `sample --class "
         "all` are (default: off)")
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         "weights to --out (default: off)")
     add("--per-class", type=flags.at_least(1), metavar="N",
         help="with --train, the first N training digits of each digit, as the "
-        "scripts' --per-class takes them (default: all)")
+        "trainer's --per-class takes them (default: all)")
     add("--epochs", type=flags.at_least(1), metavar="N",
         help="with --train, passes over the digits (default: 25)")
     add("--out", metavar="PTH", help="with --train, where its weights go")

@@ -16,39 +16,25 @@ import torch
 import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel
 
-from mindiffusion.training.devices import (
-    gather,
-    process_rank,
-    say,
-    shared_seed,
-    world_size,
-)
+from mindiffusion.training.devices import gather, process_rank, say, world_size
+from mindiffusion.training.data import EpochOrder
 from mindiffusion.training.files import Record, load_checkpoint, write_atomically
 from mindiffusion.training.flags import UserError
-from mindiffusion.training.grids import GRIDS
-
-# the checkpoint each training script writes into --out, for a --resume to find
-# before the script loads its dataset
-CHECKPOINTS = {
-    "train_mnist": "ddpm_mnist.pth",
-    "train_cifar10": "ddpm_cifar.pth",
-    "train_celeba": "ddpm_celeba.pth",
-}
 
 
 class Start(NamedTuple):
-    """Where a run starts: the epochs done, the batches done in the next one, and
-    the seed of the data order."""
+    """Where a run starts: the epochs done, and the batches done in the next one."""
 
     epoch: int
     batches: int
-    data_seed: int
 
 
 class Checkpoint:
     """The checkpoint file of a run, and the objects it saves and restores: the
-    model, the optimizer, the --ema average, the float16 loss scaler and the
-    record's sums. At the end of an epoch, a save also writes the record's row."""
+    model, the optimizer, the --ema average, the float16 loss scaler, the epoch's
+    data order and the record's sums. At the end of an epoch, a save also writes
+    the record's row. `grids` names the run's epoch grids, which a new run must
+    not overwrite."""
 
     def __init__(
         self,
@@ -59,25 +45,28 @@ class Checkpoint:
         ema: AveragedModel | None = None,
         scaler: torch.amp.GradScaler | None = None,
         settings: dict | None = None,
+        order: EpochOrder | None = None,
+        grids: str | None = None,
     ) -> None:
         self.path, self.ddpm, self.optim, self.recipe, self.ema = (
             path, ddpm, optim, recipe, ema
         )
+        self.order, self.grids = order, grids
         # what a resume may change, each said when it does: --batch-size, the
         # dataset's size (both only at an epoch's end), --ema, --no-ema-warmup,
         # --amp, --seed
         self.settings = settings or {}
         # a disabled scaler when --amp is not fp16: its state is empty
         self.scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
-        self.data_seed = 0
         # where the last save stands, (epochs, batches), for the grid a stop draws
         self.saved_at = None
         # ddpm_cifar.pth -> ddpm_cifar_log.csv
         self.record = Record(os.path.splitext(path)[0] + "_log.csv")
 
-    def save(self, epoch: int, batches: int = 0) -> None:
+    def save(self, epoch: int, batches: int = 0, rng: tuple | None = None) -> None:
         """Save all that `--resume` needs, after `batches` batches of epoch `epoch`
-        (0 at the end of an epoch), with the recipe and the --ema average.
+        (0 at the end of an epoch), with the recipe and the --ema average; `rng`,
+        the CPU's and the GPU's random state to save in place of the present one.
 
         The file is written whole or not at all (`write_atomically`).
         """
@@ -86,8 +75,11 @@ class Checkpoint:
         # the generator of the GPU this rank trains on
         device = next(self.ddpm.parameters()).device
         on_cuda = device.type == "cuda"
-        rng_cpu = gather(torch.get_rng_state())
-        rng_cuda = gather(torch.cuda.get_rng_state(device)) if on_cuda else []
+        cpu_state, cuda_state = rng or (torch.get_rng_state(), None)
+        if on_cuda and cuda_state is None:
+            cuda_state = torch.cuda.get_rng_state(device)
+        rng_cpu = gather(cpu_state)
+        rng_cuda = gather(cuda_state) if on_cuda else []
         if process_rank() > 0:
             return
         if batches == 0:
@@ -97,7 +89,7 @@ class Checkpoint:
             "optimizer": self.optim.state_dict(),
             "epoch": epoch,
             "batches": batches,
-            "data_seed": self.data_seed,
+            "data_seed": self.order and self.order.seed,
             "rng_cpu": rng_cpu,
             "rng_cuda": rng_cuda,
             "recipe": self.recipe,
@@ -122,7 +114,7 @@ class Checkpoint:
                 f"--resume"
             ) from None
 
-    def resume_or_start(self, resume: bool, n_epoch: int, seed: int | None) -> Start:
+    def resume_or_start(self, resume: bool, n_epoch: int) -> Start:
         """Where to start: epoch 0 for a new run, or where the checkpoint ended.
 
         Resuming restores the model, the optimizer, the averaged weights of --ema, the
@@ -133,8 +125,7 @@ class Checkpoint:
         path, ema = self.path, self.ema
         if not resume:
             self.refuse_to_overwrite()
-            self.data_seed = shared_seed(seed)
-            return Start(epoch=0, batches=0, data_seed=self.data_seed)
+            return Start(epoch=0, batches=0)
         # this run's learning rate, before the checkpoint's replaces it
         lr = self.optim.param_groups[0]["lr"]
         try:
@@ -175,9 +166,12 @@ class Checkpoint:
             self.record.resume(state.get("record"), epoch)
         restore_rng(state["rng_cpu"], state["rng_cuda"], self.ddpm)
         say(f"resuming from {path}: {epoch} epoch(s) and {batches} batch(es) done")
-        # checkpoints from before the data order was seeded shuffled with seed 0
-        self.data_seed = int(state.get("data_seed", 0))
-        return Start(epoch=epoch, batches=batches, data_seed=self.data_seed)
+        # the order of the epoch under way; checkpoints from before the data order
+        # was seeded shuffled with seed 0
+        data_seed = state.get("data_seed")
+        if self.order and (batches or self.order.shared):
+            self.order.resume(int(data_seed or 0), batches)
+        return Start(epoch=epoch, batches=batches)
 
     def refuse_to_overwrite(self) -> None:
         """A new run writes nothing over what an earlier run left in its folder."""
@@ -193,7 +187,7 @@ class Checkpoint:
                 f"it cannot be resumed: move it away, or choose another --out"
             )
         # ddpm_sample_{}.png -> ddpm_sample_[0-9]*.png
-        pattern = re.sub(r"\{.*\}", "[0-9]*", GRIDS.get(name, ""))
+        pattern = re.sub(r"\{.*\}", "[0-9]*", self.grids or "")
         grids = glob.glob(os.path.join(folder or ".", pattern)) if pattern else []
         if grids:
             raise UserError(
@@ -255,7 +249,14 @@ RECIPE_FLAGS = {
 
 
 def refuse_an_export(path: str, state: dict) -> None:
-    """An export holds the weights alone: no optimizer, no random state to resume."""
+    """An export, or a notes' script's save, holds the weights alone: no optimizer,
+    no random state to resume."""
+    if "optimizer" not in state and "recipe" not in state:
+        raise UserError(
+            f"--resume: {path} holds the weights alone, as a notes' script saves "
+            f"them, and cannot be resumed: train with the trainer, whose checkpoint "
+            f"can"
+        )
     if "optimizer" not in state:
         raise UserError(
             f"--resume: {path} is an export (mindiffusion.export), which holds "

@@ -1,88 +1,70 @@
-"""Starting a training script's run: its command line, with each default in
---help and every mistake ending in one sentence and exit status 2, without a
-traceback; and `run_training`, which sets a run up as the command line does, for a
-notebook too.
-
-The flags of the notes' own settings are the training function's parameters; the
-feature flags are those of `run.Run`; flags.py lists them all.
+"""The trainer's command line, `python -m mindiffusion.train DATASET [flags]`: each
+flag with its default in --help, the recipe's settings as the defaults of the
+dataset named, the --laptop preset, and every mistake one sentence and exit status
+2, without a traceback. flags.py lists the flags.
 """
 import argparse
-import dataclasses
-import inspect
-import os
-import sys
-from collections.abc import Callable
 
-import torch
-import torch.distributed as dist
+from mindiffusion.training.devices import usable_cpus
+from mindiffusion.training.flags import FLAGS
+from mindiffusion.training.recipes import LAPTOP, RECIPES, recipe_settings
 
-from mindiffusion.ddpm import DDPM
-from mindiffusion.training import signals
-from mindiffusion.training.checkpoints import CHECKPOINTS
-from mindiffusion.training.devices import (
-    init_processes,
-    process_rank,
-    resolve_device,
-    say,
+# the settings that are not the recipe's: the notes' epochs and steps, and each
+# feature flag off
+DEFAULTS = dict(
+    n_epoch=100, n_T=1000, out="contents", seed=None,
+    num_workers=min(16, usable_cpus()), resume=False, fake_data=None, per_class=None,
+    fast=False, amp=None, channels_last=False, compile=False, ema=None,
+    ema_warmup=True, save_every=1000, grad_clip=None, grid_every=1, grid_minutes=None,
+    grid_sampler="ddpm", grid_steps=None, cond=False, p_uncond=0.1, guide_w=2.0,
 )
-from mindiffusion.training.files import output_folder
-from mindiffusion.training.flags import FLAGS, UserError
-from mindiffusion.training.run import Run
-from mindiffusion.training.signals import Stopped
 
 
-def parser_for(defaults: dict, description: str, presets: dict, given_only=False):
-    """The parser of a script whose settings and defaults are `defaults`; with
-    `given_only`, one that returns only the flags given."""
+def settings_of(dataset: str, **given) -> dict:
+    """Every setting of a run on `dataset`: those given, else the recipe's, else
+    the defaults."""
+    return {**DEFAULTS, **recipe_settings(dataset), **given}
+
+
+def parser_for(
+    dataset: str, description: str, given_only: bool = False
+) -> argparse.ArgumentParser:
+    """The parser whose defaults are those of `dataset`; with `given_only`, one that
+    returns only the flags given."""
     # a typo such as --lap is an error that names it, never another flag
     parser = argparse.ArgumentParser(
+        prog="python -m mindiffusion.train",
         allow_abbrev=False,
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS if given_only else None,
     )
+    parser.add_argument("dataset", choices=RECIPES,
+                        help="whose recipe to train: the notes' script of that name")
     for key, (flag, options, text) in FLAGS.items():
-        if key in defaults:
-            parser.add_argument(flag, dest=key, help=text, **options)
-    for name, (purpose, settings) in presets.items():
-        words = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items())
-        parser.add_argument(f"--{name}", action="store_true",
-                            help=f"{purpose}: {words}; flags given as well win")
+        parser.add_argument(flag, dest=key, help=text, **options)
+    words = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in LAPTOP.items())
+    parser.add_argument("--laptop", action="store_true",
+                        help=f"MNIST's lesson, a small UNet for a laptop's CPU or a "
+                        f"Mac's GPU: {words}; flags given as well win")
     if not given_only:
-        parser.set_defaults(**defaults)
+        parser.set_defaults(**settings_of(dataset))
     return parser
 
 
-def settings_of(train: Callable) -> dict:
-    """The training function's own settings and its run's flags, with defaults."""
-    params = dict(inspect.signature(train).parameters)
-    params.pop("run")
-    own = {name: param.default for name, param in params.items()}
-    return {**own, **dataclasses.asdict(Run())}
-
-
-def main(
-    train: Callable,
-    description: str,
-    argv: list[str] | None = None,
-    presets: dict[str, tuple[str, dict]] | None = None,
-) -> None:
-    """Run `train` with the command line's flags; their defaults are train's own.
-
-    Each preset, NAME: (what it is for, settings), is a flag --NAME that sets those
-    settings as the defaults, so that flags given as well win over it.
-    """
-    presets = presets or {}
-    words = sys.argv[1:] if argv is None else argv
-    defaults = settings_of(train)
-    parser = parser_for(defaults, description, presets)
-    parser.parse_args(words)
-    # the flags given, as argparse read them, abbreviations included
-    given = vars(parser_for(defaults, description, presets, True).parse_args(words))
-    settings = dict(defaults)
-    for name in presets:
-        if given.pop(name, False):
-            settings.update(presets[name][1])
+def parse(argv: list[str], description: str) -> tuple[argparse.ArgumentParser, dict]:
+    """The parser and the settings of the command line argv, checked."""
+    # the dataset named, whose recipe gives the defaults that --help shows
+    dataset = next((word for word in argv if word in RECIPES), "mnist")
+    parser = parser_for(dataset, description)
+    parser.parse_args(argv)
+    given = vars(parser_for(dataset, description, given_only=True).parse_args(argv))
+    settings = settings_of(dataset)
+    if given.pop("laptop", False):
+        if dataset != "mnist":
+            parser.error("--laptop is MNIST's lesson: python -m mindiffusion.train "
+                         "mnist --laptop")
+        settings.update(LAPTOP)
     settings.update(given)
     if not settings["cond"] and {"p_uncond", "guide_w"} & set(given):
         parser.error("--p-uncond and --guide-w are --cond's: add --cond, or drop them")
@@ -99,75 +81,12 @@ def main(
         if steps_given:
             parser.error(f"--grid-steps {steps} is more than --n-T {n_T}")
         settings["grid_steps"] = n_T
-    if "n_feat" in given and settings.get("eps_model") != "unet":
+    if settings["eps_model"] == "dummy" and dataset != "mnist":
+        parser.error("--eps-model dummy is MNIST's 28x28 CNN: drop it for "
+                     f"{dataset}, whose model is NaiveUnet")
+    if "n_feat" in given and settings["eps_model"] != "unet":
         parser.error("--n-feat is NaiveUnet's width: add --eps-model unet")
-    if settings.get("eps_model") == "unet" and settings["n_feat"] % 8:
-        n_feat = settings["n_feat"]
-        parser.error(f"--n-feat {n_feat}: NaiveUnet's GroupNorm(8, ...) needs a "
-                     f"multiple of 8")
-    try:
-        run_training(train, **settings)
-    except UserError as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-    except Stopped as stop:
-        parser.exit(128 + stop.signum, f"{stop}\n" if process_rank() == 0 else None)
-    except KeyboardInterrupt:
-        # a Ctrl-C while the run trains is a stop signal that saves; this one came
-        # before training began, or after it ended, and each save is whole or absent
-        out = settings["out"]
-        parser.exit(130, f"\ninterrupted: {out} holds what the saves before it wrote, "
-                    f"each file whole\n")
-
-
-def run_training(train: Callable, **settings) -> DDPM:
-    """Call `train` with these settings, its run's flags among them, set up as a run
-    from the command line is: torchrun, the device and the seed, stop signals; and
-    return the DDPM it trained."""
-    fields = {field.name for field in dataclasses.fields(Run)}
-    run = Run(**{k: v for k, v in settings.items() if k in fields})
-    own = {k: v for k, v in settings.items() if k not in fields}
-    params = inspect.signature(train).parameters
-    device, out = (own.get(k, params[k].default) for k in ("device", "out"))
-    try:
-        # torchrun's processes, each on its device, seeded, and the folder --out
-        own["device"] = init_processes(resolve_device(device))
-        if run.seed is not None:
-            # each rank its own noise; DDP starts every rank from rank 0's weights
-            torch.manual_seed(run.seed + process_rank())
-        output_folder(out)
-        # a script's own function, not a wrapper such as a functools.partial of it
-        name = CHECKPOINTS.get(getattr(train, "__name__", None))
-        if run.resume and name:
-            # before the dataset, which may be missing too
-            checkpoint = f"{out}/{name}"
-            if not os.path.exists(checkpoint):
-                raise UserError(f"--resume: there is no checkpoint at {checkpoint}")
-        with signals.stop_on_signals():
-            try:
-                train(**own, run=run)
-            except signals.Stopped as stop:
-                if run.finished():
-                    say(f"stopped by {signals.name(stop.signum)} during the last "
-                        f"grid: the run is finished, saved in "
-                        f"{run.checkpoint.path}, and only that grid is missing")
-                    return run.checkpoint.ddpm
-                if run.checkpoint is not None:
-                    run.grids.after_stop()
-                raise
-            except OSError as err:
-                grid = run.checkpoint and run.grids.being_written()
-                if grid is None:
-                    raise
-                # the script's save_image failed: no part of the grid is kept
-                if os.path.exists(grid):
-                    os.remove(grid)
-                raise UserError(
-                    f"the grid {grid} could not be written ({err.strerror}); its "
-                    f"epoch is saved in {run.checkpoint.path}: make room or "
-                    f"give another --out, then --resume"
-                ) from None
-        return run.checkpoint and run.checkpoint.ddpm
-    finally:
-        run.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if settings["eps_model"] == "unet" and settings["n_feat"] % 8:
+        parser.error(f"--n-feat {settings['n_feat']}: NaiveUnet's GroupNorm(8, ...) "
+                     f"needs a multiple of 8")
+    return parser, settings

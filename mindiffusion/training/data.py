@@ -1,7 +1,7 @@
-"""The training data: a dataset that is missing explained in one sentence, the
-loader that a prepared run trains from, rebuilt from the notes' DataLoader, and the
-classes of a class-conditional run (--cond): their names, the rows of the grids,
-and the classes a command line asks for by number or by name.
+"""The training data: a dataset that is missing explained in one sentence, the order
+in which an epoch takes the images, which a resume takes up again, and the classes
+of a class-conditional run (--cond): their names, the rows of the grids, and the
+classes a command line asks for by number or by name.
 
 The guided noise prediction itself, eq. 6 of Ho & Salimans (2021), is in
 `DDPM.guided_eps`.
@@ -9,26 +9,18 @@ The guided noise prediction itself, eq. 6 of Ho & Salimans (2021), is in
 import collections
 import contextlib
 import io
-import itertools
+import math
 import os
 import sys
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
-from tqdm import tqdm
+from torch.utils.data import Dataset, DistributedSampler, Sampler, Subset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from mindiffusion.training.devices import (
-    process_rank,
-    say,
-    split_batch,
-    world_size,
-)
+from mindiffusion.training.devices import process_rank, say, world_size
 from mindiffusion.training.flags import UserError
-from mindiffusion.training.signals import ignore_stop_signals
 
 
 # the 5,000 real MNIST digits that ship with the repository, in torchvision's layout
@@ -139,37 +131,48 @@ class FakeImages(Dataset):
         return image, self.targets[index]
 
 
-def real_images(x: torch.Tensor, dataset: Dataset, n: int = 8) -> torch.Tensor:
-    """The first n images of batch x; a shorter batch is topped up from the dataset."""
-    if len(x) >= n:
-        return x[:n]
-    top_up = [dataset[j % len(dataset)][0] for j in range(n - len(x))]
-    return torch.cat([x, torch.stack(top_up).to(x.device)])
+class EpochOrder(Sampler):
+    """The order in which an epoch takes the images. In one process, that of the
+    notes' DataLoader(shuffle=True): a permutation from a seed that RandomSampler
+    draws from torch's generator as the epoch starts. Under torchrun, this rank's
+    share of DistributedSampler's permutation, from a seed every rank holds and the
+    epoch. `seed` names the epoch's order in a save; `resume(seed, batches)` takes
+    that order up again, after the batches done, which are never loaded."""
 
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler, whose shuffle depends on its seed and the epoch alone, that
-    starts the epoch `epoch` after `batches` batches.
-
-    The batches done are skipped here, as indices: they are never loaded.
-    """
-
-    def __init__(
-        self, dataset: Dataset, batch_size: int, seed: int, epoch: int, batches: int
-    ) -> None:
-        super().__init__(dataset, world_size(), process_rank(), seed=seed)
-        self.batch_size, self.start, self.skip = batch_size, (epoch, batches), 0
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int | None) -> None:
+        self.size, self.batch_size = len(dataset), batch_size
+        self.seed, self.skip, self.shared = seed, 0, None
+        if world_size() > 1:
+            self.shared = DistributedSampler(
+                dataset, world_size(), process_rank(), seed=seed
+            )
+        # whole epochs, as a resume cuts the first one short
+        share = len(self.shared) if self.shared else self.size
+        self.batches_per_epoch = math.ceil(share / batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        start_epoch, batches = self.start
-        self.skip = batches * self.batch_size if epoch == start_epoch else 0
+        if self.shared:
+            self.shared.set_epoch(epoch)
+
+    def resume(self, seed: int, batches: int) -> None:
+        self.seed, self.skip = seed, batches * self.batch_size
+        if self.shared:
+            self.shared.seed = seed
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
+        if self.shared:
+            order = list(self.shared)
+        else:
+            if not self.skip:
+                # RandomSampler's own draw, as DataLoader(shuffle=True) makes it
+                self.seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            generator = torch.Generator().manual_seed(self.seed)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:])
 
     def __len__(self) -> int:
-        return super().__len__() - self.skip
+        return (len(self.shared) if self.shared else self.size) - self.skip
 
 
 def first_of_each_class(dataset: Dataset, n: int) -> Subset:
@@ -187,82 +190,8 @@ def first_of_each_class(dataset: Dataset, n: int) -> Subset:
     return Subset(dataset, kept)
 
 
-class PreparedLoader:
-    """The notes' DataLoader, rebuilt for a run: shuffled by the run's seed alone and
-    started where a resumed checkpoint stopped, shared out among torchrun's ranks,
-    with workers that leave stop signals to the training process and, on CUDA,
-    page-locked batches.
-
-    Each pass is the next epoch's, and calls epoch_started() before its first batch.
-    It yields the notes' (x, labels) pairs.
-    """
-
-    def __init__(
-        self,
-        dataloader: DataLoader,
-        device: torch.device,
-        num_workers: int,
-        seed: int,
-        epoch: int,
-        batches: int,
-        epoch_started: Callable[[], None],
-    ) -> None:
-        self.dataset, self.epoch_started = dataloader.dataset, epoch_started
-        # --batch-size is the global batch, shared out among the ranks
-        self.batch_size = split_batch(dataloader.batch_size)
-        self.sampler = ResumableSampler(
-            self.dataset, self.batch_size, seed, epoch, batches
-        )
-        on_cuda = device.type == "cuda"
-        self.loader = DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            sampler=self.sampler,
-            num_workers=num_workers,
-            # the workers' seeds come from a generator of their own, so that starting
-            # workers never draws from the one that makes the training noise
-            generator=torch.Generator(),
-            worker_init_fn=ignore_stop_signals,
-            # page-locked batches copy to the GPU while it computes
-            pin_memory=on_cuda,
-            # the workers start once, rather than at every epoch
-            persistent_workers=num_workers > 0,
-        )
-        # whole epochs, before the first one is cut short by a resume
-        self.batches_per_epoch = len(self.loader)
-        self.epoch, self.epoch_pass = epoch, None
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        # kept, so that `close` can end a pass cut short by a stop
-        self.epoch_pass = self.batches()
-        return self.epoch_pass
-
-    def close(self) -> None:
-        """End the loader's worker processes now. They ignore the SIGTERM with
-        which Python's exit would end them, and wait for it to no end otherwise."""
-        if self.epoch_pass is not None:
-            self.epoch_pass.close()
-        # the last reference to the loader: its workers end with it
-        self.loader = None
-
-    def batches(self):
-        """One epoch's (x, labels) batches."""
-        if process_rank() == 0:
-            # above the progress bar that tqdm(dataloader) has just drawn
-            tqdm.write(f"Epoch {self.epoch} : ")
-        self.epoch_started()
-        yield from self.loader
-        # a new shuffle at each epoch, the same one on every rank
-        self.epoch += 1
-        self.sampler.set_epoch(self.epoch)
-
-
 def data_range(normalize) -> tuple[float, float]:
-    """The range into which the training script's Normalize(mean, std) takes pixels
+    """The range into which the recipe's Normalize(mean, std) takes pixels
     in [0, 1], (low, high) over all channels: MNIST's [-0.5, 0.5], CIFAR-10's and
     CelebA's [-1, 1]."""
     mean, std = (torch.tensor(v, dtype=torch.float64) for v in normalize)
@@ -277,7 +206,7 @@ def kept_walk(normalize, raw: bool = False) -> dict:
 
 
 def denormalize(x: torch.Tensor, normalize) -> torch.Tensor:
-    """Undo the training script's Normalize(mean, std): back to pixels in [0, 1]."""
+    """Undo the recipe's Normalize(mean, std): back to pixels in [0, 1]."""
     mean, std = (torch.tensor(v, device=x.device).view(-1, 1, 1) for v in normalize)
     return (x * std + mean).clamp(0, 1)
 
@@ -297,15 +226,6 @@ def class_names(dataset) -> list[str]:
             f"put each class's images in a subfolder of its own"
         )
     return names
-
-
-def folder_classes(root: str | None, fake_data: int | None) -> int:
-    """How many classes --cond trains on: the image folder's subfolders, or the ten
-    of FakeImages."""
-    if fake_data:
-        return 10
-    with explain_image_folder(root):
-        return len(find_classes(root)[0])
 
 
 def grid_classes(n_classes: int, per_class: int, device) -> torch.Tensor:

@@ -164,7 +164,9 @@ def holder(path: str) -> str:
 
 
 def load_checkpoint(path: str) -> dict:
-    """The checkpoint at `path`, on the CPU, as tensors and plain values only."""
+    """The checkpoint at `path`, on the CPU, as tensors and plain values only. The
+    weights alone, as the notes' scripts save them, are a checkpoint with nothing
+    but its "model"."""
     if not os.path.exists(path):
         raise UserError(f"there is no checkpoint at {path}")
     unreadable = f"{path} is not a readable checkpoint"
@@ -181,6 +183,9 @@ def load_checkpoint(path: str) -> dict:
     except Exception:
         # another kind of file fails in many ways: an IndexError for a CSV, ...
         raise UserError(unreadable) from None
+    if isinstance(state, dict) and "sqrtab" in state:
+        # the notes' torch.save(ddpm.state_dict(), ...)
+        state = {"model": state}
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(unreadable)
     return state

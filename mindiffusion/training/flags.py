@@ -1,4 +1,4 @@
-"""The command line's words: the training scripts' flags, each with its argparse
+"""The command line's words: the trainer's flags, each with its argparse
 type and its help, which shows the default; the argparse types that the commands'
 flags share, each refusing a bad value with one sentence; and UserError, the one
 exception a user meets.
@@ -82,7 +82,7 @@ RAW_WALK_HELP = (
     "not kept at its scale (default: kept)"
 )
 DEVICE_HELP = (
-    "cpu, cuda, cuda:N or mps; falls back as the training scripts do "
+    "cpu, cuda, cuda:N or mps; falls back as the trainer does "
     "(default: %(default)s)"
 )
 

@@ -1,12 +1,11 @@
-"""The grids of a training run: what draws them (the model or its --ema average,
-DDPM's walk or DDIM's, --cond's rows of classes), where each goes, the random state
-the save before an epoch's grid keeps, and the grids the run draws itself: within
-an epoch under --grid-minutes, and after a stop signal.
+"""The trainer's grids: what draws them (the model or its --ema average, DDPM's walk
+or DDIM's, --cond's rows of classes), the walk itself with a bar over its steps and
+stop signals heard, the image each recipe makes of the samples, written whole, and
+the random state that an epoch's grid leaves, which the save before it keeps.
 """
 import contextlib
+import io
 import os
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -16,191 +15,85 @@ from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import progress, signals
 from mindiffusion.training.data import denormalize, grid_classes, kept_walk
-from mindiffusion.training.devices import largest, process_rank
-
-# the names of the grids each script writes beside its checkpoint, by epoch, which
-# a new run must not overwrite
-GRIDS = {
-    "ddpm_mnist.pth": "ddpm_sample_{}.png",
-    "ddpm_cifar.pth": "ddpm_sample_cifar{}.png",
-    "ddpm_celeba.pth": "ddpm_sample_celeba{:03d}.png",
-}
-# the samples of each script's grid, whose random draws the save before it keeps
-GRID_SAMPLES = {"ddpm_mnist.pth": 16, "ddpm_cifar.pth": 8, "ddpm_celeba.pth": 8}
+from mindiffusion.training.files import write_atomically
+from mindiffusion.training.flags import UserError
 
 
-class Grids:
-    """The grids of `run`, a prepared Run (run.py), whose flags, checkpoint, --ema
-    average and steps they follow."""
-
-    def __init__(self, run) -> None:
-        self.run = run
-        self.checkpoint = run.checkpoint
-        self.device = next(self.checkpoint.ddpm.parameters()).device
-        # the training steps after which the last grid came, and when it came (or
-        # the run began), for --grid-minutes
-        self.drawn_at, self.clock = None, time.monotonic()
-
-    def walk(self, ddpm: DDPM, n_sample: int) -> tuple[DDPM, int, torch.Tensor | None]:
-        """What draws a grid of ddpm, how many and of which classes: ddpm, or the
-        --ema average; as DDIM of --grid-steps under --grid-sampler ddim; n_sample
-        images with no class (None), or under --cond a row of 4 for each of the
-        first ten classes."""
-        run = self.run
-        if run.ema_model is not None:
-            ddpm = run.ema_model.module.eval()
-        if run.grid_sampler == "ddim":
-            # 50 steps by default, as mindiffusion.sample takes; eta 1, the noise
-            # of DDPM's posterior, which keeps a young model's samples clean; x_0
-            # kept within the data's range and eps at its scale, as sample keeps
-            steps = run.grid_steps or min(50, ddpm.n_T)
-            kept = kept_walk(self.checkpoint.recipe["normalize"])
-            ddpm = DDIM.of(ddpm, steps, eta=1.0, **kept)
-        if ddpm.n_classes is None:
-            return ddpm, n_sample, None
-        c = grid_classes(ddpm.n_classes, 4, self.device)
-        return ddpm, len(c), c
-
-    def sampler(
-        self,
-        ddpm: DDPM,
-        n_sample: int,
-        stopped: Callable[[int], str],
-        saved: str = "its epoch",
-    ):
-        """`walk(ddpm, n_sample)`, its sampler a GridSampler that a second signal
-        stops with the message stopped(signum), and whose first signal names what
-        the save before it kept, `saved`."""
-        sampler, n_sample, c = self.walk(ddpm, n_sample)
-        return GridSampler(sampler, stopped, self.drawn, saved), n_sample, c
-
-    def drawn(self) -> None:
-        """Note that a grid of the weights as they are has just been drawn."""
-        self.drawn_at, self.clock = self.run.steps, time.monotonic()
-
-    def save_before(self, epoch: int) -> None:
-        """Save `epoch` with the random state that its grid will leave, so that a run
-        resumed from this save draws what a straight run draws after the grid.
-
-        The sampler walks once with a noise model that predicts zeros: the same
-        draws as the grid's, without the network, on the same generators.
-        """
-        file = os.path.basename(self.checkpoint.path)
-        sampler, n_sample, c = self.walk(self.checkpoint.ddpm, GRID_SAMPLES[file])
-        size = self.checkpoint.recipe["image_size"]
-        on_cuda = self.device.type == "cuda"
-        cpu_state = torch.get_rng_state()
-        cuda_state = torch.cuda.get_rng_state(self.device) if on_cuda else None
-        with zeros_for(sampler):
-            sampler.sample(n_sample, size, self.device, c, self.run.guide_w)
-        self.checkpoint.save(epoch)
-        torch.set_rng_state(cpu_state)
-        if on_cuda:
-            torch.cuda.set_rng_state(cuda_state, self.device)
-
-    def being_written(self) -> str | None:
-        """The path of the epoch's grid while the script writes it: drawn from the
-        weights saved at the epoch's end, with no step since."""
-        epoch, batches = self.checkpoint.saved_at or (0, 0)
-        if self.drawn_at != self.run.steps or batches or epoch == 0:
-            return None
-        return grid_path(self.checkpoint.path, epoch - 1)
-
-    def after_stop(self) -> None:
-        """After a stop signal and its save, the grid of the weights just saved:
-        training may have stopped long before the next grid was due. A second
-        signal skips it, as does a grid already drawn from these weights."""
-        if signals.count > 1 or self.drawn_at == self.run.steps or process_rank() > 0:
-            return
-        epoch, batches = self.checkpoint.saved_at
-        # the script's name for the grid of the epoch saved, or of the step
-        path = step_grid_path(
-            self.checkpoint.path, epoch - 1 if batches == 0 else epoch, batches
-        )
-        if path is None or os.path.exists(path):
-            return
-
-        def stopped(signum: int) -> str:
-            return (
-                f"stopped by {signals.name(signum)} during the final grid: the run is "
-                f"saved in {self.checkpoint.path}; run the same command with --resume "
-                f"to go on"
-            )
-
-        print("drawing the grid of the weights saved (a second signal skips it)")
-        # the signal that stopped the run was acknowledged: no "noted" again
-        self.write(path, stopped, None)
-
-    def within_epoch(self, epoch: int, batches: int) -> bool:
-        """--grid-minutes: once the minutes have passed since the last grid, save
-        and draw the grid of this step's weights, leaving training's random numbers
-        as they were, so that the run trains the same whenever its grids come; and
-        return whether it did. Under torchrun every rank calls it after the same
-        steps and takes part in the save; rank 0, which draws every grid, keeps the
-        clock."""
-        minutes = self.run.grid_minutes
-        path = step_grid_path(self.checkpoint.path, epoch, batches)
-        if minutes is None or path is None:
-            return False
-        due = process_rank() == 0 and time.monotonic() - self.clock >= 60 * minutes
-        if not largest(int(due)):
-            return False
-        self.checkpoint.save(epoch, batches)
-        if process_rank() > 0:
-            return True
-
-        def stopped(signum: int) -> str:
-            return (
-                f"stopped by {signals.name(signum)} during the grid of epoch {epoch}, "
-                f"step {batches}: saved in {self.checkpoint.path}; run the same "
-                f"command with --resume to go on"
-            )
-
-        cuda = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            self.write(path, stopped, "its step")
-        self.run.model.train()
-        return True
-
-    def write(
-        self, path: str, stopped: Callable[[int], str], saved: str | None
-    ) -> None:
-        """Draw a grid of 16 samples of the weights as they are, in eval mode, and
-        write it to path; a first signal is acknowledged naming what was `saved`,
-        and a second raises Stopped with stopped(signum)."""
-        # the loop was training: BatchNorm draws with its running statistics
-        self.run.model.eval()
-        sampler, n_sample, c = self.sampler(self.checkpoint.ddpm, 16, stopped, saved)
-        recipe = self.checkpoint.recipe
-        xh = sampler.sample(n_sample, recipe["image_size"], self.device, c,
-                            self.run.guide_w)
-        save_image(make_grid(denormalize(xh, recipe["normalize"]), nrow=4), path)
-        print(f"wrote {path}")
+def sampler_for(ddpm: DDPM, args, normalize, n_sample: int, device):
+    """What draws a grid of `ddpm` (the model, or its --ema average) under the flags
+    `args`: ddpm itself, or under --grid-sampler ddim a DDIM of --grid-steps; and
+    how many images of which classes c: n_sample with no class (None), or under
+    --cond a row of 4 for each of the first ten classes."""
+    if args.grid_sampler == "ddim":
+        # 50 steps by default, as mindiffusion.sample takes; eta 1, the noise of
+        # DDPM's posterior, which keeps a young model's samples clean; x_0 kept
+        # within the data's range and eps at its scale, as sample keeps them
+        steps = args.grid_steps or min(50, ddpm.n_T)
+        ddpm = DDIM.of(ddpm, steps, eta=1.0, **kept_walk(normalize))
+    if ddpm.n_classes is None:
+        return ddpm, n_sample, None
+    c = grid_classes(ddpm.n_classes, 4, device)
+    return ddpm, len(c), c
 
 
-class GridSampler:
-    """A grid's sampler: `sample` is `sampler.sample`, the same samples, with a bar
-    over its steps (a 1000-step grid takes minutes, on a CPU hours); a stop signal
-    while it walks is acknowledged, naming what the save before the grid kept,
-    `saved` (None: the stop was acknowledged already), and a second one raises
-    Stopped with the message stopped(signum). drawn() is called once the samples
-    are there."""
+def walk(sampler: DDPM, n_sample: int, size, device, c, guide_w: float, stopped: str,
+         saved: str | None) -> torch.Tensor:
+    """`sampler.sample(...)`, the same samples, with a bar over its steps (a
+    1000-step grid takes minutes, on a CPU far more). A stop signal while it walks
+    is acknowledged, naming what the save before the grid kept, `saved` (None: a
+    stop acknowledged already); a second one stops the run with the sentence
+    `stopped`, whose {signal} names it."""
+    if signals.received and saved is not None:
+        # a signal on the epoch's last step waits for the grid's end
+        signals.noted(signals.received, saved)
+    with signals.grid_in_progress(stopped, saved):
+        with progress.timesteps(sampler, "grid"):
+            return sampler.sample(n_sample, size, device, c, guide_w)
 
-    def __init__(
-        self, sampler: DDPM, stopped: Callable, drawn: Callable, saved: str
-    ) -> None:
-        self.sampler, self.stopped, self.drawn = sampler, stopped, drawn
-        self.saved = saved
 
-    def sample(self, *args, **kwargs) -> torch.Tensor:
-        # a signal before the grid, on the epoch's last step, waits for its end
-        if signals.received and self.saved is not None:
-            signals.noted(signals.received, self.saved)
-        with signals.grid_in_progress(self.stopped, self.saved):
-            with progress.timesteps(self.sampler, "grid"):
-                xh = self.sampler.sample(*args, **kwargs)
-        self.drawn()
-        return xh
+def image(xh: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """The grid of samples xh as each script draws it, 4 a row: MNIST's shifted
+    back by its Normalize, [-0.5, 0.5] -> [0, 1]; CIFAR-10's and CelebA's above the
+    `real` images, rescaled from [-1, 1]."""
+    if real is None:
+        return make_grid(xh + 0.5, nrow=4)
+    xset = torch.cat([xh, real], dim=0)
+    return make_grid(xset, normalize=True, value_range=(-1, 1), nrow=4)
+
+
+def write(path: str, grid: torch.Tensor, checkpoint: str) -> None:
+    """Write the grid to path as a PNG, whole or not at all; a failure, such as a
+    full disk, is one sentence that says the `checkpoint` is kept."""
+    buffer = io.BytesIO()
+    save_image(grid, buffer, format="png")
+    try:
+        write_atomically(path, buffer.getvalue())
+    except OSError as err:
+        raise UserError(
+            f"the grid {path} could not be written ({err.strerror}); the weights are "
+            f"saved in {checkpoint}: make room or give another --out, then --resume"
+        ) from None
+    print(f"wrote {path}")
+
+
+def of_weights(sampler: DDPM, c, size, normalize, device, guide_w: float, path: str,
+               checkpoint: str, saved: str | None, stopped: str) -> None:
+    """The grid of the weights as they are, drawn within an epoch or after a stop:
+    16 samples, or under --cond the rows of classes c, undone from the data's
+    Normalize, written to path."""
+    n_sample = 16 if c is None else len(c)
+    xh = walk(sampler, n_sample, size, device, c, guide_w, stopped, saved)
+    write(path, make_grid(denormalize(xh, normalize), nrow=4), checkpoint)
+
+
+def step_path(template: str, folder: str, epoch: int, batches: int) -> str:
+    """The grid's path after `batches` steps of epoch: the script's own name for
+    the epoch's grid at its end (batches 0), else with the step added."""
+    path = os.path.join(folder, template.format(epoch))
+    if batches == 0:
+        return path
+    # ddpm_sample_3.png -> ddpm_sample_3_step40.png
+    return f"{os.path.splitext(path)[0]}_step{batches}.png"
 
 
 class ZeroEps(nn.Module):
@@ -208,6 +101,22 @@ class ZeroEps(nn.Module):
 
     def forward(self, x, t, c=None):
         return torch.zeros_like(x)
+
+
+def random_state_after(sampler: DDPM, n_sample: int, size, device, c,
+                       guide_w: float) -> tuple:
+    """The random state that the grid `sampler.sample(n_sample, size, device, c,
+    guide_w)` will leave, for the save before it; the state itself is left as it
+    was. How many numbers a walk draws only the sampler knows (DDPM's or DDIM's,
+    guided or not), so it walks once with a model of zeros: the same draws as the
+    grid's, on the same generators, with no network."""
+    on_cuda = torch.device(device).type == "cuda"
+    cuda = [torch.device(device)] if on_cuda else []
+    with torch.random.fork_rng(devices=cuda), zeros_for(sampler):
+        sampler.sample(n_sample, size, device, c, guide_w)
+        after_cpu = torch.get_rng_state()
+        after_cuda = torch.cuda.get_rng_state(device) if on_cuda else None
+    return after_cpu, after_cuda
 
 
 @contextlib.contextmanager
@@ -219,20 +128,3 @@ def zeros_for(ddpm: DDPM):
         yield
     finally:
         ddpm.eps_model = eps_model
-
-
-def step_grid_path(checkpoint_path: str, epoch: int, batches: int) -> str | None:
-    """The grid's path after `batches` steps of epoch: the script's own name for
-    the epoch's grid at its end (batches 0), else with the step added."""
-    path = grid_path(checkpoint_path, epoch)
-    if path is None or batches == 0:
-        return path
-    # ddpm_sample_3.png -> ddpm_sample_3_step40.png
-    return f"{os.path.splitext(path)[0]}_step{batches}.png"
-
-
-def grid_path(checkpoint_path: str, epoch: int) -> str | None:
-    """Where the script of the checkpoint at checkpoint_path writes epoch's grid."""
-    folder, file = os.path.split(checkpoint_path)
-    template = GRIDS.get(file)
-    return template and os.path.join(folder, template.format(epoch))

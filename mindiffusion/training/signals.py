@@ -57,7 +57,7 @@ def remember(signum: int, frame) -> None:
     count += 1
     again = previous != 0
     if during_grid is not None and again:
-        raise Stopped(signum, during_grid(signum))
+        raise Stopped(signum, during_grid.format(signal=name(signum)))
     if during_grid is not None:
         noted(signum, grid_saved)
     elif again:
@@ -70,7 +70,8 @@ def remember(signum: int, frame) -> None:
 
 class StopSafeStream:
     """sys.stdout or sys.stderr while a run lasts. Once a stop signal has come, a
-    reader that went away, such as the `tee` of `python train_mnist.py | tee log`
+    reader that went away, such as the `tee` of
+    `python -m mindiffusion.train mnist | tee log`
     that the terminal's Ctrl-C ended too, no longer raises BrokenPipeError before
     the save: the stream's descriptor then writes to nowhere."""
 
@@ -121,10 +122,10 @@ def stop_on_signals():
 
 
 @contextlib.contextmanager
-def grid_in_progress(message, saved: str):
+def grid_in_progress(message: str, saved: str | None):
     """While a grid is drawn: a first signal is acknowledged at once, naming what
     the save before the grid kept, `saved`, and a second raises Stopped with
-    message(signum)."""
+    `message`, whose {signal} names it."""
     global during_grid, grid_saved
     during_grid, grid_saved = message, saved
     try:
