@@ -1,14 +1,14 @@
-"""Train the notes' NaiveUnet DDPM on CIFAR-10 (notes, section 3.2).
-
-    python train_cifar10.py                                  # the notes' run, on cuda:1
-    python train_cifar10.py --fake-data 64 --epochs 1 --n-T 10   # a quick smoke run
-    python train_cifar10.py --cond --guide-w 3               # choose the class
-    torchrun --nproc_per_node=4 train_cifar10.py             # the same run on 4 GPUs
-
-Each epoch writes OUT/ddpm_sample_cifar{epoch}.png, 8 samples above 8 real images
-(with --cond, a row of 4 samples for each class, airplane to truck, above them),
-and the checkpoint OUT/ddpm_cifar.pth (OUT is --out, by default contents/).
+"""The notes' NaiveUnet DDPM on CIFAR-10 (section 3.2), as the notes write it:
+`python train_cifar10.py` trains 100 epochs on cuda:1. Each epoch writes 8 samples
+above 8 real images, OUT/ddpm_sample_cifar{epoch}.png, and the weights,
+OUT/ddpm_cifar.pth. Every other feature is the trainer's:
+python -m mindiffusion.train cifar10 --help.
 """
+import argparse
+import inspect
+import os
+import sys
+
 import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms
@@ -17,9 +17,6 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from mindiffusion.ddpm import DDPM
-from mindiffusion.training import cli
-from mindiffusion.training.data import FakeImages, explain_missing_dataset, real_images
-from mindiffusion.training.run import Run
 from mindiffusion.unet import NaiveUnet
 
 
@@ -31,48 +28,26 @@ def train_cifar10(
     n_T: int = 1000,
     data_root: str = "./data",
     out: str = "contents",
-    run: Run | None = None,
 ) -> None:
-    # the run's feature flags (mindiffusion/training/run.py), each off by default
-    run = run or Run()
-    if run.cond:
-        # --cond: the ten classes, airplane to truck, and the null class
-        eps_model = NaiveUnet(3, 3, n_feat=128, n_classes=10)
-        ddpm = DDPM(eps_model, (1e-4, 0.02), n_T, n_classes=10, p_uncond=run.p_uncond)
-    else:
-        ddpm = DDPM(eps_model=NaiveUnet(3, 3, n_feat=128), betas=(1e-4, 0.02), n_T=n_T)
+    ddpm = DDPM(eps_model=NaiveUnet(3, 3, n_feat=128), betas=(1e-4, 0.02), n_T=n_T)
     ddpm.to(device)
 
     # [0, 1] -> [-1, 1]
     tf = transforms.Compose(
         [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
     )
-    if run.fake_data:
-        dataset = FakeImages(run.fake_data, image_size=(3, 32, 32), transform=tf)
-    else:
-        with explain_missing_dataset("CIFAR-10", data_root):
-            dataset = CIFAR10(data_root, train=True, download=True, transform=tf)
+    dataset = CIFAR10(data_root, train=True, download=True, transform=tf)
     dataloader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
     optim = torch.optim.Adam(ddpm.parameters(), lr=lr)
-    # ready for the run's flags, as Accelerate's prepare: the device, torchrun, the
-    # precision, the data order and --resume change how the calls compute, not what
-    ddpm, optim, dataloader = run.prepare(
-        ddpm, optim, dataloader, n_epoch, f"{out}/ddpm_cifar.pth"
-    )
 
     for i in range(n_epoch):
-        # the epochs a resumed checkpoint has done
-        if i < run.start_epoch:
-            continue
         ddpm.train()
-
         pbar = tqdm(dataloader)
         loss_ema = None
-        # c: the classes, which only a --cond model reads
-        for x, c in pbar:
+        for x, _ in pbar:
             optim.zero_grad()
             x = x.to(device)
-            loss = ddpm(x, c)
+            loss = ddpm(x)
             loss.backward()
             # a running average, only to make the progress bar's loss readable
             if loss_ema is None:
@@ -80,33 +55,52 @@ def train_cifar10(
             else:
                 loss_ema = 0.9 * loss_ema + 0.1 * loss.item()
             pbar.set_description(f"loss: {loss_ema:.4f}")
-            # stop if the loss or a gradient is not finite; --grad-clip clips them
-            run.check_gradients()
             optim.step()
-            # --ema averages; --save-every saves; a stop signal saves and stops;
-            # --grid-minutes draws a grid
-            run.after_step()
+        ddpm.eval()
+        with torch.no_grad():
+            xh = ddpm.sample(8, (3, 32, 32), device)
+            xset = torch.cat([xh, x[:8]], dim=0)
+            # value_range undoes the Normalize above: [-1, 1] -> [0, 1]
+            grid = make_grid(xset, normalize=True, value_range=(-1, 1), nrow=4)
+            save_image(grid, f"{out}/ddpm_sample_cifar{i}.png")
+            torch.save(ddpm.state_dict(), f"{out}/ddpm_cifar.pth")
 
-        # the notes' torch.save(ddpm.state_dict(), ...), with all that --resume
-        # needs, before the grid: a stop while it is drawn loses no training
-        run.save(i + 1)
-        # after every --grid-every epochs and the last; rank 0 alone under torchrun
-        if run.grid_due(i):
-            ddpm.eval()
-            # the sampler: ddpm, or the --ema average, as DDIM under --grid-sampler
-            # ddim; 8 samples, or under --cond a row of 4 of each class
-            sampler, n_sample, c = run.sampler_for_grid(ddpm, 8)
-            with torch.no_grad():
-                xh = sampler.sample(n_sample, (3, 32, 32), device, c, run.guide_w)
-                # the last batch, topped up from the dataset where it is short of 8
-                x = real_images(x, dataset, 8)
-                xset = torch.cat([xh, x[:8]], dim=0)
-                # value_range undoes the Normalize above: [-1, 1] -> [0, 1]
-                grid = make_grid(xset, normalize=True, value_range=(-1, 1), nrow=4)
-                save_image(grid, f"{out}/ddpm_sample_cifar{i}.png")
-        # under torchrun, the ranks wait for the grid; a stop signal stops the run
-        run.end_epoch(i)
+
+def best_device(name: str) -> str:
+    """name, or where this machine lacks it, the nearest device it has."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fallback = "mps" if torch.backends.mps.is_available() else "cpu"
+        print(f"CUDA is not available here: using {fallback} instead of {name}")
+        return fallback
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        print(f"{name} does not exist here: using cuda:0 instead")
+        return "cuda:0"
+    return name
 
 
 if __name__ == "__main__":
-    cli.main(train_cifar10, __doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    # the function's own parameters, n_epoch as --epochs, and --seed
+    for name, param in inspect.signature(train_cifar10).parameters.items():
+        flag = "--epochs" if name == "n_epoch" else "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, default=param.default,
+                            type=type(param.default), help="default: %(default)s")
+    parser.add_argument("--seed", type=int, help="seed for torch's random numbers")
+    args = vars(parser.parse_args())
+    if (seed := args.pop("seed")) is not None:
+        torch.manual_seed(seed)
+    try:
+        args["device"] = best_device(args["device"])
+    except RuntimeError:
+        parser.error(f"unknown device {args['device']!r}: use cpu, cuda, cuda:N or mps")
+    os.makedirs(args["out"], exist_ok=True)
+    try:
+        CIFAR10(args["data_root"], train=True, download=True)
+    except (OSError, RuntimeError) as err:
+        reason = str(err).splitlines()[0]
+        sys.exit(f"CIFAR-10 is not in {args['data_root']} and could not be downloaded "
+                 f"({reason}): put it there, or pass --data-root DIR")
+    train_cifar10(**args)
