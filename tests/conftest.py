@@ -1,4 +1,5 @@
 import signal
+import struct
 import sys
 from pathlib import Path
 
@@ -11,8 +12,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mindiffusion import train  # noqa: E402
 from mindiffusion.ddpm import DDPM  # noqa: E402
-from mindiffusion.training import cli  # noqa: E402
+from mindiffusion.training import recipes  # noqa: E402
 from mindiffusion.training.grids import ZeroEps  # noqa: E402
 from mindiffusion.unet import NaiveUnet  # noqa: E402
 
@@ -73,10 +75,11 @@ def no_network(monkeypatch):
         monkeypatch.setenv(name, value)
 
 
-def run_script(train, argv, capsys):
-    """Run a training function through its command line; return (exit code, stderr)."""
+def run_script(dataset, argv, capsys):
+    """Run the trainer on `dataset` through its command line; return (exit code,
+    stderr)."""
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(train, "", argv)
+        train.main([dataset, *argv])
     return exit_info.value.code, capsys.readouterr().err
 
 
@@ -119,16 +122,18 @@ def grid_tiles(path, tile):
 
 
 def narrow_unets(patch, width=8):
-    """CIFAR-10's and CelebA's NaiveUnet at `width` while `patch` lasts: the
-    scripts' own lines, with a checkpoint a few hundred times smaller."""
+    """CIFAR-10's and CelebA's NaiveUnet at `width` while `patch` lasts, in the
+    trainer and in the scripts: their own lines, with a checkpoint a few hundred
+    times smaller. MNIST's keeps the width it is given."""
     import train_celeba
     import train_cifar10
 
     def narrow(in_channels, out_channels, n_feat=128, n_classes=None):
-        return NaiveUnet(in_channels, out_channels, width, n_classes)
+        n_feat = width if in_channels == 3 else n_feat
+        return NaiveUnet(in_channels, out_channels, n_feat, n_classes)
 
-    for script in (train_cifar10, train_celeba):
-        patch.setattr(script, "NaiveUnet", narrow)
+    for module in (train_cifar10, train_celeba, recipes):
+        patch.setattr(module, "NaiveUnet", narrow)
 
 
 @pytest.fixture
@@ -162,3 +167,31 @@ def stand_in(monkeypatch):
     monkeypatch.setattr(DDPM, "sample", sample)
     narrow_unets(monkeypatch)
     return plan
+
+
+def write_idx(path, array):
+    """An IDX file as MNIST ships it: magic 0x08 (unsigned byte) and the dimensions."""
+    header = struct.pack(">I", 0x0800 | array.dim())
+    header += b"".join(struct.pack(">I", n) for n in array.shape)
+    path.write_bytes(header + array.numpy().tobytes())
+
+
+def write_digits(root, n):
+    """n random 28x28 digits in torchvision's MNIST layout, as its files hold them,
+    for training and for testing alike."""
+    raw = Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g)
+    for split in ("train", "t10k"):
+        write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", torch.arange(n).byte() % 10)
+
+
+def write_faces(root, n):
+    """n flat-coloured 178x218 JPEGs, CelebA's size, one folder down."""
+    faces = Path(root) / "img_align_celeba"
+    faces.mkdir(parents=True)
+    for k in range(n):
+        colour = (20 * k, 200 - 15 * k, 40 + 10 * k)
+        Image.new("RGB", (178, 218), colour).save(faces / f"{k + 1:06d}.jpg")

@@ -14,9 +14,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mindiffusion.unet import NaiveUnet  # noqa: E402
-from train_mnist import DummyEpsModel  # noqa: E402
+from mindiffusion.dummy import DummyEpsModel  # noqa: E402
 from mindiffusion.training import devices  # noqa: E402
+from mindiffusion.unet import NaiveUnet  # noqa: E402
 
 
 class NoiseLoss(torch.nn.Module):

@@ -1,6 +1,6 @@
-"""Run a training script under torchrun, and keep what each rank ends with.
+"""Run the trainer under torchrun, and keep what each rank ends with.
 
-    torchrun --nproc_per_node=2 tests/ddp_worker.py train_cifar10 [the script's flags]
+    torchrun --nproc_per_node=2 tests/ddp_worker.py DATASET [the trainer's flags]
 
 Each rank writes OUT/rank{r}.pt (OUT is --out): its weights after training, the size
 of each batch it trained on, and its random generator's state at its first step.
@@ -11,7 +11,6 @@ Three variables of the environment change the run:
 """
 
 import functools
-import importlib
 import os
 import signal
 import sys
@@ -23,14 +22,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import mindiffusion.train as trainer  # noqa: E402
 from mindiffusion.ddpm import DDPM  # noqa: E402
-from mindiffusion.training import cli  # noqa: E402
 from mindiffusion.training import devices  # noqa: E402
 
 
 def main() -> None:
-    script, *flags = sys.argv[1:]
-    train = getattr(importlib.import_module(script), script)
+    dataset, *flags = sys.argv[1:]
+    train = trainer.train
     rank = devices.process_rank()
     batch_sizes, first_rng = [], []
     forward = DDPM.forward
@@ -61,14 +60,13 @@ def main() -> None:
 
         DDPM.sample = slow_sample
 
-    @functools.wraps(train)
     def train_and_keep(**settings):
-        train(**settings)
-        ddpm = settings["run"].model.ddpm
+        ddpm = train(**settings)
         kept = dict(model=ddpm.state_dict(), batch_sizes=batch_sizes, rng=first_rng[0])
         torch.save(kept, os.path.join(settings["out"], f"rank{rank}.pt"))
 
-    cli.main(train_and_keep, "", flags)
+    trainer.train = train_and_keep
+    trainer.main([dataset, *flags])
 
 
 if __name__ == "__main__":

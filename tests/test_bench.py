@@ -17,9 +17,8 @@ from mindiffusion.bench import rows as bench_rows
 from mindiffusion.bench import setups as bench_setups
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training.files import Record
+from mindiffusion.training.recipes import LAPTOP
 from mindiffusion.unet import NaiveUnet
-import train_cifar10
-import train_mnist
 
 WARMUP_S, STEP_S = 0.3, 0.05
 # the rows that run on a CPU without compiling, and those that a CPU skips
@@ -197,11 +196,11 @@ def tiny():
 
 
 def tiny_setup(name, size=(1, 32, 32), batch_size=64, n_sample=16, preset=None):
-    """A setup of the tiny UNet, whose loop rows would run train_mnist's --laptop
+    """A setup of the tiny UNet, whose loop rows would run "mnist"'s --laptop
     UNet without workers."""
     preset = preset or dict(eps_model="unet", n_feat=8, num_workers=0)
     return bench_setups.Setup(
-        name, tiny, size, batch_size, n_sample, train_mnist.train_mnist, preset
+        name, tiny, size, batch_size, n_sample, "mnist", preset
     )
 
 
@@ -445,13 +444,13 @@ def test_the_json_holds_every_row_before_an_interruption(
     assert rows[2]["ratio"] == 2.0
 
 
-def test_loop_rows_read_the_second_epoch_of_the_scripts_record(
+def test_loop_rows_read_the_second_epoch_of_the_trainer_s_record(
     tmp_path, monkeypatch, capsys
 ):
     narrow_unets(monkeypatch)
     setup = bench_setups.Setup(
         "Tiny CIFAR-10", lambda: NaiveUnet(3, 3, 8), (3, 32, 32), 512, 8,
-        train_cifar10.train_cifar10, dict(num_workers=0),
+        "cifar10", dict(num_workers=0),
     )
     monkeypatch.setattr(command, "SETUPS", [setup])
     original = Record.end_epoch
@@ -465,21 +464,22 @@ def test_loop_rows_read_the_second_epoch_of_the_scripts_record(
     monkeypatch.setattr(Record, "end_epoch", known_speed)
     seen = []
 
-    def spy(train, **settings):
-        seen.append(settings)
-        return bench_run_training(train, **settings)
+    train = speeds.train
 
-    bench_run_training = speeds.run_training
-    monkeypatch.setattr(speeds, "run_training", spy)
+    def spy(dataset, **settings):
+        seen.append(settings)
+        return train(dataset, **settings)
+
+    monkeypatch.setattr(speeds, "train", spy)
     path = tmp_path / "b.json"
     argv = ["--device", "cpu", "--batch-size", "2", "--steps", "2"]
     command.main(argv + ["--knobs", "default,loop_default", "--json", str(path)])
     default, _, loop = json.loads(path.read_text())["rows"]
     assert (loop["kind"], loop["name"], loop["value"]) == ("loop", "loop_default", 222)
     assert loop["ratio"] == pytest.approx(222 / default["value"])
-    # the table again at the end, without the script's lines between the rows
+    # the table again at the end, without the trainer's lines between the rows
     out = capsys.readouterr().out
-    tables = out.split("rows together, without the scripts' lines:\n")[1]
+    tables = out.split("rows together, without the trainer's lines:\n")[1]
     assert "Epoch" not in tables and bench_report.row_line(loop) in tables
     (settings,) = seen
     assert not os.path.exists(settings.pop("out"))
@@ -493,7 +493,7 @@ def test_loop_rows_read_the_second_epoch_of_the_scripts_record(
 def test_loop_settings_keep_the_scripts_own_workers_and_the_laptop_preset():
     cpu = torch.device("cpu")
     cifar, mnist, _, laptop = bench_setups.SETUPS
-    assert cifar.script is train_cifar10.train_cifar10
+    assert cifar.dataset == "cifar10"
     settings = speeds.loop_settings(cifar, dict(ema=0.999), cpu, 8, 3)
     assert settings["num_workers"] == min(16, len(os.sched_getaffinity(0)))
     assert settings["ema"] == 0.999 and settings["fake_data"] == 24
@@ -502,7 +502,7 @@ def test_loop_settings_keep_the_scripts_own_workers_and_the_laptop_preset():
     assert "eps_model" not in settings
     settings = speeds.loop_settings(laptop, dict(compile=True), cpu, 64, 10)
     assert (settings["eps_model"], settings["n_feat"]) == ("unet", 16)
-    assert settings["num_workers"] == 0 and settings["lr"] == train_mnist.LAPTOP["lr"]
+    assert settings["num_workers"] == 0 and settings["lr"] == LAPTOP["lr"]
     assert settings["device"] == "cpu" and settings["compile"] is True
     # each row's own precision and average, not the preset's
     assert "amp" not in settings and "ema" not in settings

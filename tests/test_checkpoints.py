@@ -5,12 +5,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from conftest import cheap_ddpm, narrow_unets, run_script
 from mindiffusion.training import checkpoints, data, devices
-from mindiffusion.training.cli import run_training
-from train_cifar10 import train_cifar10
+import mindiffusion.train as trainer
 
 # two steps of 2 fake CIFAR-10 images per epoch, on the CPU
 RUN = dict(device="cpu", batch_size=2, n_T=2, fake_data=4, seed=0)
@@ -29,7 +27,7 @@ def narrow():
 def ema_run(narrow, tmp_path_factory):
     """The folder of a 1-epoch CIFAR-10 run with --ema 0.9."""
     out = tmp_path_factory.mktemp("ema_run")
-    run_training(train_cifar10, n_epoch=1, out=str(out), ema=0.9, num_workers=0, **RUN)
+    trainer.train("cifar10", n_epoch=1, out=str(out), ema=0.9, num_workers=0, **RUN)
     return out
 
 
@@ -37,7 +35,7 @@ def test_a_resume_without_ema_refuses_to_drop_the_average(ema_run, capsys):
     checkpoint = ema_run / "ddpm_cifar.pth"
     before = checkpoint.read_bytes()
     code, err = run_script(
-        train_cifar10,
+        "cifar10",
         [*FLAGS, "--epochs", "2", "--resume", "--out", str(ema_run)],
         capsys,
     )
@@ -59,7 +57,7 @@ def test_a_resume_without_ema_refuses_to_drop_the_average(ema_run, capsys):
 def test_a_resume_names_the_setting_that_cannot_change(ema_run, flags, named, capsys):
     # the last --n-T given wins over FLAGS' own
     argv = [*FLAGS, "--ema", "0.9", "--epochs", "1", "--resume", "--out", str(ema_run)]
-    code, err = run_script(train_cifar10, [*argv, *flags], capsys)
+    code, err = run_script("cifar10", [*argv, *flags], capsys)
     assert code == 2
     sentence = err.splitlines()[-1].split("error: ", 1)[1]
     if named is None:
@@ -107,18 +105,12 @@ def test_a_checkpoint_from_more_gpus_restores_what_fits(monkeypatch, capsys):
     )
 
 
-def test_resume_is_exact_with_persistent_workers(stand_in, tmp_path, monkeypatch):
-    def persistent(*args, **kwargs):
-        # what the scripts' loader does on CUDA, forced on the CPU
-        return DataLoader(*args, **dict(kwargs, persistent_workers=True))
-
-    # the loader that the prepared run rebuilds from the script's
-    monkeypatch.setattr(data, "DataLoader", persistent)
+def test_resume_is_exact_with_worker_processes(stand_in, tmp_path):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    run_training(train_cifar10, n_epoch=2, out=str(straight), num_workers=1, **RUN)
-    run_training(train_cifar10, n_epoch=1, out=str(halves), num_workers=1, **RUN)
-    run_training(
-        train_cifar10, n_epoch=2, out=str(halves), num_workers=1, resume=True, **RUN
+    trainer.train("cifar10", n_epoch=2, out=str(straight), num_workers=1, **RUN)
+    trainer.train("cifar10", n_epoch=1, out=str(halves), num_workers=1, **RUN)
+    trainer.train(
+        "cifar10", n_epoch=2, out=str(halves), num_workers=1, resume=True, **RUN
     )
     a = torch.load(straight / "ddpm_cifar.pth", weights_only=True)["model"]
     b = torch.load(halves / "ddpm_cifar.pth", weights_only=True)["model"]
@@ -139,9 +131,10 @@ def test_the_data_order_follows_the_seed_and_splits_across_ranks(tmp_path, monke
             monkeypatch.setenv("RANK", str(rank))
             monkeypatch.setattr(devices, "world_size", lambda: 2)
             monkeypatch.setattr(data, "world_size", lambda: 2)
+            monkeypatch.setattr(trainer, "world_size", lambda: 2)
             run = dict(RUN, seed=seed, fake_data=8, batch_size=4, num_workers=0)
-            run_training(
-                train_cifar10, n_epoch=1, out=str(tmp_path / f"{seed}{rank}"), **run
+            trainer.train(
+                "cifar10", n_epoch=1, out=str(tmp_path / f"{seed}{rank}"), **run
             )
             orders[seed, rank] = torch.cat(seen).tolist()
     for seed in (0, 1):

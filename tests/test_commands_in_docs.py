@@ -1,10 +1,14 @@
 """The commands the README and the lab sheet give a student: each one line that bash
-and PowerShell run alike, and each of the repository's commands takes its flags, so
-that a renamed flag fails here rather than in a lesson."""
+and PowerShell run alike; and each of the repository's commands on every page takes
+its flags, checked against the parser of the door it names (a notes' script, or the
+trainer and the other `python -m mindiffusion...` commands), so that a renamed flag
+fails here rather than in a lesson."""
 import argparse
 import importlib
 import re
+import runpy
 import shlex
+import sys
 
 import pytest
 
@@ -16,11 +20,14 @@ DOCS = ["README.md", "docs/lab.md"]
 SHELL_ONLY = re.compile(r"\\$|\$|\||&&|;|`|^\s*\w+=|^\s*(timeout|export|sudo)\b")
 
 
-def fenced_lines(name: str) -> list[str]:
-    """Each line of the fenced code blocks of a Markdown file, comments dropped."""
+def fenced_lines(name: str, joined: bool = False) -> list[str]:
+    """Each line of the fenced code blocks of a Markdown file, comments dropped;
+    `joined`, each line continued with a backslash joined to the next."""
     text = (REPO / name).read_text()
     lines = []
     for block in re.findall(r"```(?:bash)?\n(.*?)```", text, re.S):
+        if joined:
+            block = block.replace("\\\n", " ")
         for line in block.splitlines():
             line = line.split(" #")[0].strip()
             if line and not line.startswith("#"):
@@ -29,6 +36,11 @@ def fenced_lines(name: str) -> list[str]:
 
 
 COMMANDS = [(name, line) for name in DOCS for line in fenced_lines(name)]
+# every page that gives commands
+PAGES = [*DOCS, "contents/README.md"] + sorted(
+    f"docs/{page.name}" for page in (REPO / "docs").glob("*.md")
+    if f"docs/{page.name}" not in DOCS
+)
 
 
 @pytest.mark.parametrize("name, line", COMMANDS)
@@ -54,12 +66,10 @@ def dry_parse(monkeypatch, words: list[str]) -> None:
             module = importlib.import_module(f"{words[2]}.command")
         main, argv = module.main, words[3:]
     else:
-        script = importlib.import_module(words[1].removesuffix(".py"))
-        presets = {"laptop": ("", script.LAPTOP)} if hasattr(script, "LAPTOP") else {}
-        train = getattr(script, script.__name__)
-
+        # a notes' script: its own parser, under `if __name__ == "__main__":`
         def main(argv):
-            script.cli.main(train, "", argv, presets=presets)
+            monkeypatch.setattr(sys, "argv", [words[1], *argv])
+            runpy.run_path(str(REPO / words[1]), run_name="__main__")
 
         argv = words[2:]
     with pytest.raises(Parsed):
@@ -67,7 +77,7 @@ def dry_parse(monkeypatch, words: list[str]) -> None:
 
 
 OURS = [
-    (name, line) for name, line in COMMANDS
+    (name, line) for name in PAGES for line in fenced_lines(name, joined=True)
     if line.startswith(("python -m mindiffusion", "python train_"))
 ]
 
@@ -78,9 +88,14 @@ def test_each_of_our_commands_takes_its_flags(name, line, monkeypatch):
 
 
 def test_a_renamed_flag_fails_the_dry_parse(monkeypatch):
-    dry_parse(monkeypatch, ["python", "train_mnist.py", "--laptop", "--cond"])
+    trainer = ["python", "-m", "mindiffusion.train", "mnist"]
+    dry_parse(monkeypatch, [*trainer, "--laptop", "--cond"])
     with pytest.raises(SystemExit):
-        dry_parse(monkeypatch, ["python", "train_mnist.py", "--lap-top"])
+        dry_parse(monkeypatch, [*trainer, "--lap-top"])
+    # each door its own parser: the trainer's flags are not the script's
+    dry_parse(monkeypatch, ["python", "train_mnist.py", "--epochs", "1"])
+    with pytest.raises(SystemExit):
+        dry_parse(monkeypatch, ["python", "train_mnist.py", "--laptop"])
 
 
 def test_the_docs_give_commands_to_check():

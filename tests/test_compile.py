@@ -12,7 +12,7 @@ import torch.nn as nn
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training.devices import compile_for_sampling
 from mindiffusion.unet import Conv3, NaiveUnet
-from train_mnist import DummyEpsModel, blk
+from mindiffusion.dummy import DummyEpsModel, blk
 
 NO_GPU = "CUDA graphs need a CUDA GPU, and this machine has none"
 # whole models through dynamo, AOTAutograd and inductor's decompositions, but not

@@ -11,23 +11,21 @@ from conftest import grid_tiles, narrow_unets
 from mindiffusion import sample
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
-from mindiffusion.training import cli
 from mindiffusion.training import steps
 from mindiffusion.training.data import FakeImages
 from mindiffusion.training.grids import ZeroEps
-from mindiffusion.training.cli import run_training
-import train_celeba
-import train_cifar10
-from train_mnist import train_mnist
+import mindiffusion.train as trainer
+
 
 QUICK = ["--epochs", "1", "--n-T", "1", "--device", "cpu", "--num-workers", "0"]
 # MNIST's own small UNet: digits padded to 32x32
 TINY_MNIST = ["--eps-model", "unet", "--n-feat", "8"]
-# script, its flags, its fake images' size, the grid's tile and its rows of real images
+# the dataset, its flags, its fake images' size, the grid's tile and its rows of real
+# images: at batches of 3, the last batch's 3 fill one row, as the scripts draw it
 SCRIPTS = {
-    "mnist": (train_mnist, [*TINY_MNIST, "--fake-data", "6"], (1, 28, 28), 32, 0),
-    "cifar10": (train_cifar10.train_cifar10, ["--fake-data", "6"], (3, 32, 32), 32, 2),
-    "celeba": (train_celeba.train_celeba, ["--fake-data", "3"], (3, 218, 178), 128, 2),
+    "mnist": ("mnist", [*TINY_MNIST, "--fake-data", "6"], (1, 28, 28), 32, 0),
+    "cifar10": ("cifar10", ["--fake-data", "6"], (3, 32, 32), 32, 1),
+    "celeba": ("celeba", ["--fake-data", "3"], (3, 218, 178), 128, 1),
 }
 # 4 of each class, in the order of the labels
 GRID_LABELS = [k for k in range(10) for _ in range(4)]
@@ -36,7 +34,7 @@ GRID_LABELS = [k for k in range(10) for _ in range(4)]
 def command(train, argv, capsys):
     """Run `train`'s command line; return its exit code and what it wrote to stderr."""
     try:
-        cli.main(train, "", argv)
+        trainer.main([train, *argv])
         code = 0
     except SystemExit as exit_info:
         code = exit_info.code
@@ -103,7 +101,7 @@ def test_an_image_folder_s_subfolders_are_the_classes(calls, tmp_path, capsys):
             image = Image.new("RGB", (12, 10), (40 * j, 90, 200))
             image.save(root / folder / f"{j}.png")
     argv = [*QUICK, "--data-root", str(root), "--out", str(tmp_path / "out"), "--cond"]
-    code, err = command(train_celeba.train_celeba, argv, capsys)
+    code, err = command("celeba", argv, capsys)
     assert code == 0, err
     recipe = torch.load(tmp_path / "out" / "ddpm_celeba.pth")["recipe"]
     # ImageFolder sorts the subfolders: frowning is 0, smiling 1
@@ -116,7 +114,7 @@ def test_an_image_folder_s_subfolders_are_the_classes(calls, tmp_path, capsys):
     (root / "frowning" / "0.png").rename(root / "smiling" / "9.png")
     (root / "frowning").rmdir()
     argv[argv.index("--out") + 1] = str(tmp_path / "other")
-    code, err = command(train_celeba.train_celeba, argv, capsys)
+    code, err = command("celeba", argv, capsys)
     assert code == 2
     assert err.splitlines()[-1].endswith(
         f"error: --cond: {root} has one subfolder, so one class (smiling): put each "
@@ -139,7 +137,7 @@ def test_an_image_folder_s_subfolders_are_the_classes(calls, tmp_path, capsys):
 )
 def test_bad_guidance_flags_are_one_sentence(flags, said, tmp_path, capsys):
     argv = [*QUICK, *TINY_MNIST, "--fake-data", "2", "--out", str(tmp_path), *flags]
-    code, err = command(train_mnist, argv, capsys)
+    code, err = command("mnist", argv, capsys)
     assert code == 2
     assert err.splitlines()[-1].endswith(f"error: {said}")
     assert not any(tmp_path.iterdir())
@@ -149,7 +147,7 @@ def test_resume_refuses_a_change_of_cond_or_p_uncond(tmp_path, capsys):
     base = [*QUICK, *TINY_MNIST, "--fake-data", "2", "--batch-size", "2"]
     with_cond, without = tmp_path / "with", tmp_path / "without"
     for out, flags in ((with_cond, ["--cond"]), (without, [])):
-        assert command(train_mnist, [*base, *flags, "--out", str(out)], capsys)[0] == 0
+        assert command("mnist", [*base, *flags, "--out", str(out)], capsys)[0] == 0
     before = (with_cond / "ddpm_mnist.pth").read_bytes()
     more = ["--epochs", "2", "--resume"]
     for out, flags, said in [
@@ -159,7 +157,7 @@ def test_resume_refuses_a_change_of_cond_or_p_uncond(tmp_path, capsys):
          "was trained with --p-uncond 0.1 (this run: 0.3): resume with the "
          "checkpoint's settings"),
     ]:
-        code, err = command(train_mnist, [*base, *more, *flags, "--out", str(out)],
+        code, err = command("mnist", [*base, *more, *flags, "--out", str(out)],
                                capsys)
         assert code == 2
         (line,) = err.strip().splitlines()
@@ -184,7 +182,7 @@ def conditional(tmp_path_factory):
         for cond in (True, False):
             out = tmp_path_factory.mktemp(f"cond{cond}")
             # two steps: the average starts as a copy of the first step's weights
-            run_training(train_mnist, n_epoch=1, device="cpu", batch_size=2, n_T=3,
+            trainer.train("mnist", n_epoch=1, device="cpu", batch_size=2, n_T=3,
                          fake_data=4, out=str(out), num_workers=0, eps_model="unet",
                          n_feat=8, ema=0.5, cond=cond)
             paths[cond] = out / "ddpm_mnist.pth"

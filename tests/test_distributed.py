@@ -12,13 +12,14 @@ import torch.nn as nn
 
 from conftest import OFFLINE, REPO
 from mindiffusion.ddpm import DDPM
-from mindiffusion.training import devices, run
+import mindiffusion.train as trainer
+from mindiffusion.training import devices
 from mindiffusion.training.flags import UserError
-from train_mnist import DummyEpsModel
+from mindiffusion.dummy import DummyEpsModel
 
 # global batches of 4, 2 images per rank each, with more steps to an epoch than the
 # steps between the ranks' checks for a stop signal
-STEPS_PER_EPOCH = run.SIGNAL_EVERY + 2
+STEPS_PER_EPOCH = trainer.SIGNAL_EVERY + 2
 FLAGS = (f"--device cpu --fake-data {4 * STEPS_PER_EPOCH} --batch-size 4 --n-T 2 "
          "--num-workers 0 --seed 0")
 # MNIST with a narrow UNet: most of each launch is then Python and torch starting up
@@ -46,10 +47,10 @@ def finish(process: subprocess.Popen, returncode=0) -> str:
 
 
 def start_mnist_on_2_ranks(out, *flags, env=None) -> subprocess.Popen:
-    """Start train_mnist under torchrun, through tests/ddp_worker.py."""
+    """Start "mnist" under torchrun, through tests/ddp_worker.py."""
     return start_torchrun(
         str(REPO / "tests" / "ddp_worker.py"),
-        "train_mnist",
+        "mnist",
         *FLAGS.split(),
         *SMALL_MNIST.split(),
         "--epochs",
@@ -111,7 +112,7 @@ def test_torchrun_trains_in_step_stops_together_and_resumes_exactly(no_network):
         assert torch.equal(ranks[1]["model"][name], value), name
 
     stdout = finish(STARTED["halves"], returncode=1)
-    at = run.SIGNAL_EVERY
+    at = trainer.SIGNAL_EVERY
     assert stdout.count(f"stopped by SIGTERM after epoch 0, step {at}:") == 1
     state = torch.load(halves / "ddpm_mnist.pth", weights_only=True)
     assert (state["epoch"], state["batches"]) == (0, at)

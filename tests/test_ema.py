@@ -1,8 +1,7 @@
 """--ema: the averaged weights against the closed-form moving average of the weights
 training went through, the grid drawn from them, and --resume carrying them on, for
-each of the three scripts, since each carries its own copy of the loop."""
+each of the three datasets' runs of the trainer."""
 
-import functools
 from fractions import Fraction
 
 import pytest
@@ -12,17 +11,14 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from conftest import cheap_ddpm, narrow_unets
 from mindiffusion.training.steps import averaged_copy, warmup_decay
-from mindiffusion.training.cli import run_training
-from train_celeba import train_celeba
-from train_cifar10 import train_cifar10
-from train_mnist import train_mnist
+import mindiffusion.train as trainer
+
 
 # two steps of 2 fake images per epoch, on the CPU; lr 0.1 makes each step show
 RUN = dict(device="cpu", batch_size=2, n_T=2, fake_data=4, num_workers=0, seed=0)
 RUN["lr"] = 0.1
-# MNIST with a narrow UNet: the loop is the script's own, the model far smaller
-small_mnist = functools.partial(train_mnist, eps_model="unet", n_feat=8)
-SCRIPTS = [small_mnist, train_cifar10, train_celeba]
+# MNIST with a narrow UNet: the loop is the same, the model far smaller
+SCRIPTS = [("mnist", dict(eps_model="unet", n_feat=8)), ("cifar10", {}), ("celeba", {})]
 
 
 @pytest.fixture
@@ -38,9 +34,9 @@ def sampled_by(monkeypatch):
 
 
 @pytest.mark.parametrize("warmup", [True, False])
-@pytest.mark.parametrize("train", SCRIPTS)
+@pytest.mark.parametrize("dataset, extra", SCRIPTS)
 def test_ema_is_the_moving_average_of_the_weights_and_draws_the_grid(
-    train, warmup, tmp_path, sampled_by
+    dataset, extra, warmup, tmp_path, sampled_by
 ):
     trajectory = []
 
@@ -51,9 +47,8 @@ def test_ema_is_the_moving_average_of_the_weights_and_draws_the_grid(
 
     handle = register_optimizer_step_post_hook(keep_weights)
     try:
-        ddpm = run_training(
-            train, n_epoch=1, out=str(tmp_path), ema=0.5, ema_warmup=warmup, **RUN
-        )
+        ddpm = trainer.train(dataset, n_epoch=1, out=str(tmp_path), ema=0.5,
+                             ema_warmup=warmup, **extra, **RUN)
     finally:
         handle.remove()
     assert len(trajectory) == 2
@@ -76,12 +71,13 @@ def test_ema_is_the_moving_average_of_the_weights_and_draws_the_grid(
     assert not torch.equal(sampler.get_parameter(last), ddpm.get_parameter(last))
 
 
-@pytest.mark.parametrize("train", SCRIPTS)
-def test_resume_carries_the_average_on(train, tmp_path, sampled_by, capsys):
+@pytest.mark.parametrize("dataset, extra", SCRIPTS)
+def test_resume_carries_the_average_on(dataset, extra, tmp_path, sampled_by, capsys):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    run_training(train, n_epoch=2, out=str(straight), ema=0.5, **RUN)
-    run_training(train, n_epoch=1, out=str(halves), ema=0.5, **RUN)
-    run_training(train, n_epoch=2, out=str(halves), ema=0.5, resume=True, **RUN)
+    run = dict(dataset=dataset, ema=0.5, **extra, **RUN)
+    trainer.train(n_epoch=2, out=str(straight), **run)
+    trainer.train(n_epoch=1, out=str(halves), **run)
+    trainer.train(n_epoch=2, out=str(halves), resume=True, **run)
     (path,) = straight.glob("*.pth")
     one_go = torch.load(path, weights_only=True)["ema"]
     resumed = torch.load(halves / path.name, weights_only=True)["ema"]
@@ -96,10 +92,10 @@ def test_resume_carries_the_average_on(train, tmp_path, sampled_by, capsys):
 def test_ema_turned_on_when_resuming_starts_from_the_resumed_weights(
     tmp_path, sampled_by, capsys
 ):
-    run_training(train_cifar10, n_epoch=1, out=str(tmp_path), **RUN)
+    trainer.train("cifar10", n_epoch=1, out=str(tmp_path), **RUN)
     assert torch.load(tmp_path / "ddpm_cifar.pth", weights_only=True)["ema"] is None
-    ddpm = run_training(
-        train_cifar10, n_epoch=2, out=str(tmp_path), ema=0.5, resume=True, **RUN
+    ddpm = trainer.train(
+        "cifar10", n_epoch=2, out=str(tmp_path), ema=0.5, resume=True, **RUN
     )
     assert (
         "--ema: the checkpoint has no average yet: it starts from these weights"

@@ -1,5 +1,6 @@
-"""Each script run as a user runs it, in a fresh process, on --fake-data; the runs
-start as the session begins (conftest.py's started_early)."""
+"""Each door run as a user runs it, in a fresh process: the notes' scripts on a few
+images in their datasets' own on-disk formats, and the trainer on --fake-data; the
+runs start as the session begins (conftest.py's started_early)."""
 
 import csv
 import math
@@ -11,38 +12,45 @@ from PIL import Image
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import OFFLINE, REPO, write_digits, write_faces
 from mindiffusion.ddpm import DDPM
+from mindiffusion.dummy import DummyEpsModel
 from mindiffusion.unet import NaiveUnet
-from train_mnist import DummyEpsModel
 
-# script, its flags, the grid it writes and its tile size, its checkpoint and model
-RUNS = [
-    (
-        "train_mnist.py",
-        ["--fake-data", "2", "--batch-size", "2"],
-        "ddpm_sample_0.png",
-        28,
-        "ddpm_mnist.pth",
-        lambda: DummyEpsModel(1),
+# the command, its flags, the grid it writes and its tile size, its checkpoint and
+# model, and the number of images in its grid
+RUNS = {
+    "train_mnist.py": (
+        ["train_mnist.py", "--batch-size", "2", "--data-root", "digits"],
+        "ddpm_sample_0.png", 28, "ddpm_mnist.pth", lambda: DummyEpsModel(1), 16,
     ),
-    (
-        "train_cifar10.py",
-        ["--fake-data", "3", "--batch-size", "2", "--device", "cpu"],
-        "ddpm_sample_cifar0.png",
-        32,
-        "ddpm_cifar.pth",
-        lambda: NaiveUnet(3, 3, n_feat=128),
+    "train_celeba.py": (
+        ["train_celeba.py", "--device", "cpu", "--data-root", "faces"],
+        "ddpm_sample_celeba000.png", 128, "ddpm_celeba.pth",
+        lambda: NaiveUnet(3, 3, n_feat=128), 9,
     ),
-    (
-        "train_celeba.py",
-        ["--fake-data", "1", "--device", "cpu"],
-        "ddpm_sample_celeba000.png",
-        128,
-        "ddpm_celeba.pth",
-        lambda: NaiveUnet(3, 3, n_feat=128),
+    "train mnist": (
+        ["-m", "mindiffusion.train", "mnist", "--fake-data", "2", "--batch-size", "2"],
+        "ddpm_sample_0.png", 28, "ddpm_mnist.pth", lambda: DummyEpsModel(1), 16,
     ),
-]
+    "train cifar10": (
+        ["-m", "mindiffusion.train", "cifar10", "--fake-data", "3", "--batch-size",
+         "2", "--device", "cpu"],
+        "ddpm_sample_cifar0.png", 32, "ddpm_cifar.pth",
+        lambda: NaiveUnet(3, 3, n_feat=128), 9,
+    ),
+    "train celeba": (
+        ["-m", "mindiffusion.train", "celeba", "--fake-data", "1", "--device", "cpu"],
+        "ddpm_sample_celeba000.png", 128, "ddpm_celeba.pth",
+        lambda: NaiveUnet(3, 3, n_feat=128), 9,
+    ),
+}
+# the sentences that a missing dataset gets, from each door
+MISSING = {
+    "cifar10 script offline": ["train_cifar10.py", "--device", "cpu"],
+    "celeba script without a folder": ["train_celeba.py"],
+    "celeba trainer without a folder": ["-m", "mindiffusion.train", "celeba"],
+}
 
 
 # each run's folder and process, started as the session begins (conftest.py)
@@ -54,14 +62,20 @@ def start_early(tmp_path_factory) -> list:
     env = {k: v for k, v in os.environ.items() if k != "CELEBA_PATH"}
     # one thread each, as torchrun gives its processes: these runs share two cores
     # with each other and with the in-process tests
-    env["OMP_NUM_THREADS"] = "1"
-    quick = ["--epochs", "1", "--n-T", "1", "--num-workers", "0", "--out", "results"]
-    commands = {script: [script, *quick, *flags] for script, flags, *_ in RUNS}
-    commands["without a folder"] = ["train_celeba.py"]
-    for name, (script, *argv) in commands.items():
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **OFFLINE)
+    quick = ["--epochs", "1", "--n-T", "1", "--out", "results"]
+    commands = {name: [*argv, *quick] for name, (argv, *_) in RUNS.items()}
+    for name in commands:
+        if name.startswith("train "):
+            commands[name] += ["--num-workers", "0"]
+    commands.update(MISSING)
+    for name, argv in commands.items():
         cwd = tmp_path_factory.mktemp("run")
+        write_digits(cwd / "digits", 2)
+        write_faces(cwd / "faces", 1)
+        script = [str(REPO / argv[0])] if argv[0].endswith(".py") else argv[:1]
         process = subprocess.Popen(
-            [sys.executable, str(REPO / script), *argv],
+            [sys.executable, *script, *argv[1:]],
             cwd=cwd,
             env=env,
             stdout=subprocess.PIPE,
@@ -79,40 +93,60 @@ def finished(name):
     return cwd, process.returncode, stdout, stderr
 
 
-@pytest.mark.parametrize("script, flags, grid, tile, checkpoint, make_model", RUNS)
-def test_script_runs_end_to_end_on_fake_data(
-    script, flags, grid, tile, checkpoint, make_model
-):
-    tmp_path, returncode, stdout, stderr = finished(script)
+@pytest.mark.parametrize("name", RUNS)
+def test_each_door_runs_end_to_end(name):
+    argv, grid, tile, checkpoint, make_model, n_images = RUNS[name]
+    tmp_path, returncode, stdout, stderr = finished(name)
     assert returncode == 0, stderr
     assert "Traceback" not in stderr
-    if "--device" not in flags and not torch.cuda.is_available():
+    if "--device" not in argv and not torch.cuda.is_available():
         assert "CUDA is not available here: using cpu instead of cuda:0" in stdout
 
     out = tmp_path / "results"
-    log = checkpoint.replace(".pth", "_log.csv")
-    assert sorted(p.name for p in out.iterdir()) == sorted([grid, checkpoint, log])
-    # the record: its columns, and one row for the one epoch
-    with open(out / log, newline="") as file:
-        rows = list(csv.reader(file))
-    assert rows[0] == ["epoch", "step", "loss", "lr", "images_per_s", "seconds"]
-    assert len(rows) == 2 and rows[1][0] == "0"
-    assert math.isfinite(float(rows[1][2])) and float(rows[1][3]) > 0
-    # 16 tiles in 4 rows of 4, with make_grid's 2-pixel padding around each
-    side = 4 * (tile + 2) + 2
-    assert Image.open(out / grid).size == (side, side)
+    written = [grid, checkpoint]
+    trainer = argv[0] == "-m"
+    if trainer:
+        # the record: its columns, and one row for the one epoch
+        log = checkpoint.replace(".pth", "_log.csv")
+        written.append(log)
+        with open(out / log, newline="") as file:
+            rows = list(csv.reader(file))
+        assert rows[0] == ["epoch", "step", "loss", "lr", "images_per_s", "seconds"]
+        assert len(rows) == 2 and rows[1][0] == "0"
+        assert math.isfinite(float(rows[1][2])) and float(rows[1][3]) > 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(written)
+    # rows of 4 tiles, with make_grid's 2-pixel padding around each
+    rows = math.ceil(n_images / 4)
+    size = (4 * (tile + 2) + 2, rows * (tile + 2) + 2)
+    assert Image.open(out / grid).size == size
 
     state = torch.load(out / checkpoint, map_location="cpu", weights_only=True)
-    assert state["epoch"] == 1
+    # the notes' torch.save(ddpm.state_dict(), ...), or the trainer's checkpoint
+    # with the same weights under "model"
+    weights = state["model"] if trainer else state
     ddpm = DDPM(eps_model=make_model(), betas=(1e-4, 0.02), n_T=1)
-    ddpm.load_state_dict(state["model"])
+    ddpm.load_state_dict(weights)
     assert not any(p.isnan().any() for p in ddpm.parameters())
 
 
-def test_celeba_without_a_folder_says_where_to_put_one():
-    _, returncode, _, stderr = finished("without a folder")
+def test_a_script_without_its_data_says_what_to_pass():
+    _, returncode, _, stderr = finished("cifar10 script offline")
+    assert returncode == 1
+    (line,) = stderr.splitlines()
+    assert line.startswith("CIFAR-10 is not in ./data and could not be downloaded (")
+    assert line.endswith("): put it there, or pass --data-root DIR")
+    _, returncode, _, stderr = finished("celeba script without a folder")
+    assert returncode == 1
+    assert stderr.splitlines() == [
+        "no images in no folder (no --data-root, no CELEBA_PATH): pass --data-root "
+        "DIR, DIR/<subfolder>/*.jpg"
+    ]
+
+
+def test_the_trainer_without_a_folder_says_where_to_put_one():
+    _, returncode, _, stderr = finished("celeba trainer without a folder")
     assert returncode == 2
     assert stderr.splitlines() == [
-        "train_celeba.py: error: no image folder given: pass --data-root DIR or set "
-        "CELEBA_PATH (or run with --fake-data N)"
+        "python -m mindiffusion.train: error: no image folder given: pass --data-root "
+        "DIR or set CELEBA_PATH (or run with --fake-data N)"
     ]

@@ -6,8 +6,8 @@ import torch
 
 from conftest import REPO, grid_tiles, narrow_unets
 from mindiffusion import export, sample
-from mindiffusion.training.cli import run_training
-from train_mnist import train_mnist
+import mindiffusion.train as trainer
+
 
 SHIPPED = REPO / "contents" / "mnist_laptop_cond.pth"
 
@@ -21,8 +21,8 @@ def trained(tmp_path_factory):
         narrow_unets(patch)
         for name, ema in (("ema", 0.9), ("plain", None)):
             out = tmp_path_factory.mktemp(name)
-            run_training(
-                train_mnist, n_epoch=1, device="cpu", batch_size=4, n_T=3,
+            trainer.train(
+                "mnist", n_epoch=1, device="cpu", batch_size=4, n_T=3,
                 fake_data=8, num_workers=0, seed=0, out=str(out), eps_model="unet",
                 n_feat=8, cond=True, ema=ema, grid_every=5,
             )

@@ -5,22 +5,19 @@ import pytest
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.data import DataLoader
+from types import SimpleNamespace
 
+import mindiffusion.train as trainer
 from conftest import cheap_ddpm
 from mindiffusion.ddpm import DDPM
-from mindiffusion.training import data, devices
-from mindiffusion.training.cli import run_training
-from mindiffusion.training.run import Run
+from mindiffusion.dummy import DummyEpsModel
+from mindiffusion.training import cli, devices
 from mindiffusion.unet import NaiveUnet
-import train_celeba
-import train_cifar10
-import train_mnist
 
 SCRIPTS = [
-    (train_mnist, train_mnist.train_mnist),
-    (train_cifar10, train_cifar10.train_cifar10),
-    (train_celeba, train_celeba.train_celeba),
+    ("mnist", "mnist"),
+    ("cifar10", "cifar10"),
+    ("celeba", "celeba"),
 ]
 # one step on two fake images, with a single diffusion step
 TINY_RUN = dict(n_epoch=1, device="cpu", batch_size=2, n_T=1, num_workers=0)
@@ -68,7 +65,7 @@ def test_the_default_run_is_float32_and_contiguous(
     module, train, seen_steps, tmp_path, monkeypatch
 ):
     native_bf16(monkeypatch, True)
-    run_training(train, out=str(tmp_path), fake_data=2, **TINY_RUN)
+    trainer.train(train, out=str(tmp_path), fake_data=2, **TINY_RUN)
     assert seen_steps[0]["compute_dtype"] == torch.float32
     assert not seen_steps[0]["batch_channels_last"]
     assert not seen_steps[0]["weight_channels_last"]
@@ -79,7 +76,7 @@ def test_amp_autocasts_the_forward_pass_to_bfloat16(
     module, train, seen_steps, tmp_path, monkeypatch, capsys
 ):
     native_bf16(monkeypatch, True)
-    run_training(train, out=str(tmp_path), fake_data=2, amp="auto", **TINY_RUN)
+    trainer.train(train, out=str(tmp_path), fake_data=2, amp="auto", **TINY_RUN)
     assert seen_steps[0]["compute_dtype"] == torch.bfloat16
     assert "bfloat16" not in capsys.readouterr().out
 
@@ -88,8 +85,8 @@ def test_amp_without_native_bfloat16_says_so_and_stays_float32(
     seen_steps, tmp_path, monkeypatch, capsys
 ):
     native_bf16(monkeypatch, False)
-    run_training(
-        train_cifar10.train_cifar10,
+    trainer.train(
+        "cifar10",
         out=str(tmp_path),
         fake_data=2,
         amp="auto",
@@ -125,7 +122,7 @@ def test_a_gpu_has_native_bfloat16_from_ampere_on(
 def test_channels_last_reaches_the_weights_and_leaves_the_batch_as_it_is(
     module, train, seen_steps, tmp_path
 ):
-    run_training(train, out=str(tmp_path), fake_data=2, channels_last=True, **TINY_RUN)
+    trainer.train(train, out=str(tmp_path), fake_data=2, channels_last=True, **TINY_RUN)
     assert not seen_steps[0]["batch_channels_last"]
     assert seen_steps[0]["weight_channels_last"]
 
@@ -134,7 +131,7 @@ def test_channels_last_reaches_the_weights_and_leaves_the_batch_as_it_is(
     "eps_model, x",
     [
         (NaiveUnet(3, 3, 8), torch.randn(2, 3, 32, 32)),
-        (train_mnist.DummyEpsModel(1), torch.randn(2, 1, 28, 28)),
+        (DummyEpsModel(1), torch.randn(2, 1, 28, 28)),
     ],
 )
 def test_channels_last_weights_make_every_activation_channels_last(eps_model, x):
@@ -157,7 +154,7 @@ def test_compile_compiles_the_noise_model_in_place(
 ):
     compiled = []
     monkeypatch.setattr(nn.Module, "compile", lambda self: compiled.append(self))
-    ddpm = run_training(train, out=str(tmp_path), fake_data=2, compile=True, **TINY_RUN)
+    ddpm = trainer.train(train, out=str(tmp_path), fake_data=2, compile=True, **TINY_RUN)
     # nn.Module.compile, unlike torch.compile, keeps the module and its state_dict
     assert compiled == [ddpm.eps_model]
     # the wait before the first step is announced
@@ -172,38 +169,33 @@ class StopBeforeTraining(Exception):
 
 @pytest.fixture
 def loader_options(monkeypatch):
-    """What the prepared run's DataLoader is given; it then stops the run."""
+    """What the trainer's DataLoader is given; it then stops the run."""
     options = {}
 
     def data_loader(dataset, **given):
         options.update(given)
         raise StopBeforeTraining
 
-    monkeypatch.setattr(data, "DataLoader", data_loader)
+    monkeypatch.setattr(trainer, "DataLoader", data_loader)
     return options
 
 
-@pytest.mark.parametrize(
-    "device, workers, pinned, persistent",
-    [("cuda", 2, True, True), ("cpu", 2, False, True), ("cpu", 0, False, False)],
-)
-def test_the_loader_pins_memory_on_cuda_and_keeps_its_workers_everywhere(
-    device, workers, pinned, persistent, loader_options
-):
-    notes_loader = DataLoader(range(8), batch_size=2, shuffle=True)
+@pytest.mark.parametrize("device, pinned", [("cuda", True), ("cpu", False)])
+def test_the_loader_pins_memory_on_cuda(device, pinned, loader_options, monkeypatch,
+                                        tmp_path):
+    monkeypatch.setattr(trainer, "resolve_device", lambda name: torch.device(device))
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: self)
+    monkeypatch.setattr(nn.Module, "to", lambda self, *args, **kwargs: self)
     with pytest.raises(StopBeforeTraining):
-        data.PreparedLoader(
-            notes_loader, torch.device(device, 0), workers, 0, 0, 0, lambda: None
-        )
+        trainer.train("cifar10", out=str(tmp_path), fake_data=2, **TINY_RUN)
     assert loader_options["pin_memory"] is pinned
-    assert loader_options["persistent_workers"] is persistent
 
 
 @pytest.mark.parametrize("module, train", SCRIPTS)
 def test_num_workers_reaches_the_loader(module, train, tmp_path, loader_options):
     with pytest.raises(StopBeforeTraining):
         run = dict(TINY_RUN, num_workers=2)
-        run_training(train, out=str(tmp_path), fake_data=2, **run)
+        trainer.train(train, out=str(tmp_path), fake_data=2, **run)
     assert loader_options["num_workers"] == 2
 
 
@@ -265,7 +257,7 @@ def test_fast_compiles_on_a_cpu_and_takes_bfloat16_where_it_is_native(
     native_bf16(monkeypatch, native)
     compiled = []
     monkeypatch.setattr(nn.Module, "compile", lambda self: compiled.append(self))
-    ddpm = run_training(train, out=str(tmp_path), fake_data=2, fast=True, **TINY_RUN)
+    ddpm = trainer.train(train, out=str(tmp_path), fake_data=2, fast=True, **TINY_RUN)
     assert compiled == [ddpm.eps_model]
     dtype = torch.bfloat16 if native else torch.float32
     assert seen_steps[0]["compute_dtype"] == dtype
@@ -287,8 +279,8 @@ def test_fast_compiles_on_a_cpu_and_takes_bfloat16_where_it_is_native(
 def test_fast_takes_the_device_s_knobs_and_keeps_the_flags_given(
     device, given, said, capsys
 ):
-    run = Run(fast=True, **given)
-    run.take_fast_path(torch.device(device))
+    args = SimpleNamespace(**{**cli.DEFAULTS, "fast": True, **given})
+    trainer.take_fast_path(args, torch.device(device))
     assert capsys.readouterr().out == said + "\n"
     for name, value in given.items():
-        assert getattr(run, name) == value
+        assert getattr(args, name) == value

@@ -16,9 +16,8 @@ from torchvision.utils import save_image
 from mindiffusion import fid, frechet
 from mindiffusion.ddim import DDIM
 from mindiffusion.training.flags import UserError
-from mindiffusion.training.cli import run_training
-from train_cifar10 import train_cifar10
-from train_mnist import train_mnist
+import mindiffusion.train as trainer
+
 
 
 def test_diagonal_covariances_give_the_closed_form():
@@ -95,7 +94,7 @@ class StandIn(nn.Module):
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("cifar")
     run = dict(device="cpu", batch_size=2, n_T=3, fake_data=2, num_workers=0)
-    run_training(train_cifar10, n_epoch=1, out=str(out), **run)
+    trainer.train("cifar10", n_epoch=1, out=str(out), **run)
     return str(out / "ddpm_cifar.pth")
 
 
@@ -175,7 +174,7 @@ def test_a_conditional_checkpoint_draws_its_classes_in_equal_numbers(
     stand_in, tmp_path, monkeypatch, capsys
 ):
     out = tmp_path / "mnist"
-    run_training(train_mnist, n_epoch=1, device="cpu", batch_size=2, n_T=2,
+    trainer.train("mnist", n_epoch=1, device="cpu", batch_size=2, n_T=2,
                  fake_data=2, out=str(out), num_workers=0, eps_model="unet", n_feat=8,
                  cond=True)
     drawn = []

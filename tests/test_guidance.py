@@ -13,7 +13,7 @@ from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
 from mindiffusion.unet import NaiveUnet
 from test_ddpm import BETAS
-from train_mnist import DummyEpsModel
+from mindiffusion.dummy import DummyEpsModel
 
 # classes 0 and 1, and the null class 2
 MUS, SDS = (0.5, -1.0, -0.25), (0.3, 0.6, 1.0)

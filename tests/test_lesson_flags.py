@@ -1,14 +1,13 @@
 """The lesson's flags: --per-class takes the first images of each class, --grid-minutes
 draws grids within long epochs without changing what the run trains, and --laptop
-reaches the run from train_mnist.py's command line; each wired in all three scripts."""
-import runpy
-import sys
-
+reaches the run from the trainer's command line; each wired in for all three
+datasets."""
 import pytest
 import torch
 
-from conftest import REPO, cheap_ddpm, narrow_unets
-from mindiffusion.training import data, grids
+import mindiffusion.train as trainer
+from conftest import cheap_ddpm, narrow_unets
+from mindiffusion.training import data
 from test_long_runs import FLAGS, SMALL_MNIST, train
 from test_prepared_run import SCRIPTS
 
@@ -42,7 +41,7 @@ def test_each_script_trains_on_the_first_images_of_each_class(
 
 
 class FakeClock:
-    """time.monotonic for grids.py, a minute later at each reading."""
+    """time.monotonic for the trainer, a minute later at each reading."""
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -53,8 +52,8 @@ class FakeClock:
 
 
 def run_with_clock(script, flags, out, capsys, monkeypatch, *more):
-    """The script's run of one epoch of 4 steps under the fake clock."""
-    monkeypatch.setattr(grids, "time", FakeClock())
+    """The trainer's run of one epoch of 4 steps under the fake clock."""
+    monkeypatch.setattr(trainer, "time", FakeClock())
     argv = [*FLAGS.split(), *flags, "--epochs", "1", "--out", str(out), *more]
     assert train(script, argv, capsys)[0] == 0
     return sorted(path.name for path in out.glob("*.png"))
@@ -63,16 +62,14 @@ def run_with_clock(script, flags, out, capsys, monkeypatch, *more):
 def test_grid_minutes_draws_within_the_epoch_and_trains_the_same(
     stand_in, tmp_path, capsys, monkeypatch
 ):
-    from train_mnist import train_mnist
-
     plain, timed = tmp_path / "plain", tmp_path / "timed"
-    assert run_with_clock(train_mnist, SMALL_MNIST, plain, capsys, monkeypatch) == [
+    assert run_with_clock("mnist", SMALL_MNIST, plain, capsys, monkeypatch) == [
         "ddpm_sample_0.png"
     ]
     # readings: a minute at the start, then one at each step's check; the check
     # after step 2 finds 2 minutes passed, and the grid's draw restarts the clock
     drawn = run_with_clock(
-        train_mnist, SMALL_MNIST, timed, capsys, monkeypatch, "--grid-minutes", "2"
+        "mnist", SMALL_MNIST, timed, capsys, monkeypatch, "--grid-minutes", "2"
     )
     assert drawn == ["ddpm_sample_0.png", "ddpm_sample_0_step2.png"]
     # the grid's random numbers are its own: the run trains and ends the same
@@ -99,13 +96,10 @@ def test_each_script_draws_its_grid_within_the_epoch(
     assert drawn == sorted([grid.format(0), step_grid])
 
 
-def test_train_mnist_hands_its_laptop_preset_to_the_run(monkeypatch):
+def test_the_command_line_hands_the_laptop_preset_to_the_run(monkeypatch):
     seen = {}
-    from mindiffusion.training import cli
-
-    monkeypatch.setattr(cli, "run_training", lambda train, **kw: seen.update(kw))
-    monkeypatch.setattr(sys, "argv", ["train_mnist.py", "--laptop"])
-    runpy.run_path(str(REPO / "train_mnist.py"), run_name="__main__")
+    monkeypatch.setattr(trainer, "train", lambda **kw: seen.update(kw))
+    trainer.main(["mnist", "--laptop"])
     expected = dict(
         eps_model="unet", n_feat=16, batch_size=16, lr=3e-3, ema=0.995,
         channels_last=True, grid_sampler="ddim", grid_steps=20, guide_w=2.0,
@@ -118,21 +112,19 @@ def test_under_torchrun_each_rank_saves_and_rank_0_alone_draws(
     stand_in, tmp_path, capsys, monkeypatch
 ):
     from mindiffusion.training import checkpoints
-    from train_mnist import train_mnist
 
     saves = []
     save = checkpoints.Checkpoint.save
 
-    def counted(self, epoch, batches=0):
+    def counted(self, epoch, batches=0, rng=None):
         saves.append((epoch, batches))
-        save(self, epoch, batches)
+        save(self, epoch, batches, rng)
 
     monkeypatch.setattr(checkpoints.Checkpoint, "save", counted)
-    # a rank other than 0, whose rank 0 finds a grid due after every step
-    monkeypatch.setattr(grids, "process_rank", lambda: 1)
-    monkeypatch.setattr(grids, "largest", lambda value: 1)
+    # a rank other than 0, whose clock finds a grid due after step 2
+    monkeypatch.setattr(trainer, "process_rank", lambda: 1)
     drawn = run_with_clock(
-        train_mnist, SMALL_MNIST, tmp_path, capsys, monkeypatch, "--grid-minutes", "2"
+        "mnist", SMALL_MNIST, tmp_path, capsys, monkeypatch, "--grid-minutes", "2"
     )
-    assert [s for s in saves if s[1]] == [(0, 1), (0, 2), (0, 3)]
+    assert [s for s in saves if s[1]] == [(0, 2)]
     assert not [name for name in drawn if "_step" in name]

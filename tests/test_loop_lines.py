@@ -1,7 +1,7 @@
-"""What you read is what runs: in each script's loop, the notes' calls do only what
+"""What you read is what runs: in the trainer's loop, the notes' calls do only what
 they say, with every flag on, and each file of the run comes from a line of the
-run's own; a script's function called twice in one process starts afresh each time
-and lets go of its folder when it returns."""
+loop's page (mindiffusion/train.py); the trainer called twice in one process starts
+afresh each time and lets go of its folder when it returns."""
 import os
 import subprocess
 import sys
@@ -10,25 +10,28 @@ import traceback
 import pytest
 import torch
 
+from torch.utils.data import DataLoader
+
 from conftest import REPO, narrow_unets
-from mindiffusion.training.data import PreparedLoader
-from mindiffusion.training.grids import GridSampler
-from mindiffusion.training.steps import PreparedDDPM, PreparedOptimizer
+from mindiffusion.ddim import DDIM
+from mindiffusion.ddpm import DDPM
+from mindiffusion.training import grids
 from test_long_runs import FLAGS, SMALL_MNIST, train
-from train_celeba import train_celeba
-from train_cifar10 import train_cifar10
-from train_mnist import train_mnist
+
+# the trainer's page, whose lines each file of a run is traced to
+LOOP = os.path.join("mindiffusion", "train.py")
+
 
 # while a notes' call runs, the depth of such calls: any write then is refused
 forbidden = []
-# each write under the folder watched: the script line on the stack behind it
+# each write under the folder watched: the loop's line on the stack behind it
 writes = {"folder": None, "lines": []}
 
 
-def innermost_script_line() -> str | None:
-    """The line of a train_*.py script that the stack passes through last."""
+def innermost_loop_line() -> str | None:
+    """The line of the trainer's page that the stack passes through last."""
     for frame in reversed(traceback.extract_stack()):
-        if os.path.basename(frame.filename).startswith("train_"):
+        if frame.filename.endswith(LOOP):
             return frame.line.strip()
     return None
 
@@ -47,7 +50,7 @@ def is_write(event: str, args: tuple) -> bool:
 
 
 def watch_writes(event: str, args: tuple) -> None:
-    """An audit hook: refuse every write during a notes' call, and note the script
+    """An audit hook: refuse every write during a notes' call, and note the loop's
     line behind each write under the folder watched."""
     if not is_write(event, args):
         return
@@ -56,7 +59,7 @@ def watch_writes(event: str, args: tuple) -> None:
     path = args[1] if event in ("os.rename", "os.replace") else args[0]
     folder = writes["folder"]
     if folder and isinstance(path, str) and os.path.abspath(path).startswith(folder):
-        writes["lines"].append((innermost_script_line(), os.path.basename(path)))
+        writes["lines"].append((innermost_loop_line(), os.path.basename(path)))
 
 
 sys.addaudithook(watch_writes)
@@ -75,15 +78,15 @@ def writing_refused(call):
     return refused
 
 
-def batches_with_writing_refused(batches):
-    """PreparedLoader.batches, each of whose batches is made with writes refused."""
+def batches_with_writing_refused(iterate):
+    """DataLoader.__iter__, each of whose batches is made with writes refused."""
 
     def refused(self):
-        epoch = batches(self)
+        batches = iterate(self)
         while True:
-            forbidden.append(batches)
+            forbidden.append(iterate)
             try:
-                x, c = next(epoch)
+                x, c = next(batches)
             except StopIteration:
                 return
             finally:
@@ -93,36 +96,35 @@ def batches_with_writing_refused(batches):
     return refused
 
 
-def grids_drawn(monkeypatch, wrap=lambda call: call) -> list:
-    """While monkeypatch lasts, each grid's (sampler, arguments, samples); `wrap`
-    wraps the grid's sample call."""
+def grids_drawn(monkeypatch) -> list:
+    """While monkeypatch lasts, each grid's (sampler, number of samples, samples)."""
     drawn = []
-    sample = GridSampler.sample
+    walk = grids.walk
 
-    def kept(self, *args):
-        xh = sample(self, *args)
-        drawn.append((self.sampler, args, xh))
+    def kept(sampler, n_sample, *args):
+        xh = walk(sampler, n_sample, *args)
+        drawn.append((sampler, n_sample, xh))
         return xh
 
-    monkeypatch.setattr(GridSampler, "sample", wrap(kept))
+    monkeypatch.setattr(grids, "walk", kept)
     return drawn
 
 
-SCRIPTS = [(train_mnist, SMALL_MNIST, 16), (train_cifar10, [], 8),
-           (train_celeba, [], 8)]
+SCRIPTS = [("mnist", SMALL_MNIST, 16), ("cifar10", [], 8),
+           ("celeba", [], 8)]
 
 
 @pytest.mark.parametrize("script, flags, n_grid", SCRIPTS)
-def test_the_notes_calls_write_nothing_and_the_run_s_lines_write_it_all(
+def test_the_notes_calls_write_nothing_and_the_loop_s_lines_write_it_all(
     script, flags, n_grid, tmp_path, monkeypatch, capsys
 ):
     narrow_unets(monkeypatch)
-    drawn = grids_drawn(monkeypatch, writing_refused)
-    for cls, name in [(PreparedDDPM, "forward"), (PreparedDDPM, "sample"),
-                      (PreparedOptimizer, "step")]:
+    drawn = grids_drawn(monkeypatch)
+    for cls, name in [(DDPM, "forward"), (DDPM, "sample"), (DDIM, "sample"),
+                      (torch.optim.Adam, "step")]:
         monkeypatch.setattr(cls, name, writing_refused(getattr(cls, name)))
     monkeypatch.setattr(
-        PreparedLoader, "batches", batches_with_writing_refused(PreparedLoader.batches)
+        DataLoader, "__iter__", batches_with_writing_refused(DataLoader.__iter__)
     )
     out = tmp_path / "out"
     monkeypatch.setitem(writes, "folder", str(out))
@@ -131,26 +133,25 @@ def test_the_notes_calls_write_nothing_and_the_run_s_lines_write_it_all(
     argv += ["--ema", "0.9", "--grid-sampler", "ddim", "--grid-steps", "2"]
     assert train(script, [*argv, "--save-every", "1"], capsys)[0] == 0
     # under --cond, a row of 4 for each of the ten classes, as many as asked
-    assert [(args[0], len(xh)) for _, args, xh in drawn] == [(40, 40), (40, 40)]
-    # before the script's function, run_training makes the folder --out
-    assert [name for line, name in writes["lines"] if line is None] == ["out"]
-    lines = {line for line, _ in writes["lines"] if line is not None}
-    # the lock, the checkpoint and the record from the run's own lines, the grids
-    # from the script's save_image: no notes' line writes
-    assert {line for line in lines if not line.startswith("save_image(grid, ")} == {
-        "ddpm, optim, dataloader = run.prepare(",
-        "run.after_step()",
-        "run.save(i + 1)",
-        "run.end_epoch(i)",
+    assert [(n, len(xh)) for _, n, xh in drawn] == [(40, 40), (40, 40)]
+    # the folder, the lock, the checkpoint, the record and the grids, each from a
+    # line of the loop's page that says it: no notes' line writes
+    lines = {line for line, _ in writes["lines"]}
+    assert lines == {
+        "output_folder(args.out)",
+        "stack.callback(release, hold_lock(path))",
+        "checkpoint.save(i, batches)",
+        "checkpoint.save(i + 1, rng=rng)",
+        "grids.write(os.path.join(args.out, recipe.grids.format(i)), grid,",
+        "with contextlib.ExitStack() as stack:",
     }
-    assert len(lines) == 5
     written = {name for _, name in writes["lines"]}
     assert {path.name for path in out.iterdir()} <= written
     assert len([name for name in written if name.endswith(".png")]) == 2
 
 
 @pytest.mark.parametrize("script, flags, n_grid", SCRIPTS)
-def test_the_prepared_sample_is_n_samples_of_the_model(
+def test_the_grid_is_n_samples_of_the_model(
     script, flags, n_grid, tmp_path, monkeypatch, capsys
 ):
     narrow_unets(monkeypatch)
@@ -158,10 +159,10 @@ def test_the_prepared_sample_is_n_samples_of_the_model(
     out = tmp_path / "out"
     argv = [*FLAGS.split(), *flags, "--epochs", "1", "--out", str(out)]
     assert train(script, argv, capsys)[0] == 0
-    ((sampler, args, xh),) = drawn
+    ((sampler, n_sample, xh),) = drawn
     # without flags, the grid's sampler is the model itself, asked for the notes'
     # number of samples, and what it returns is that model's own sample
-    assert args[0] == n_grid and len(xh) == n_grid
+    assert n_sample == n_grid and len(xh) == n_grid
     assert type(sampler).__name__ == "DDPM"
     (path,) = out.glob("*.pth")
     state = torch.load(path, weights_only=True)
@@ -173,33 +174,30 @@ def test_the_prepared_sample_is_n_samples_of_the_model(
 
 TWICE = """
 import subprocess, sys
-sys.path.insert(0, {repo!r})
-from mindiffusion.training.run import Run
-from train_mnist import train_mnist
+from mindiffusion.train import train
+
 
 def resume_from_another_process(out, *flags):
-    argv = [sys.executable, {script!r}, "--device", "cpu", "--batch-size", "2",
-            "--n-T", "2", "--fake-data", "8", "--eps-model", "unet", "--n-feat", "8",
-            "--num-workers", "0", "--epochs", "2", "--resume", "--out", out, *flags]
+    argv = [sys.executable, "-m", "mindiffusion.train", "mnist", "--device", "cpu",
+            "--batch-size", "2", "--n-T", "2", "--fake-data", "8", "--eps-model",
+            "unet", "--n-feat", "8", "--num-workers", "0", "--epochs", "2",
+            "--resume", "--out", out, *flags]
     done = subprocess.run(argv, capture_output=True, text=True)
     print("resumed", done.returncode, done.stderr.splitlines()[-1], flush=True)
 
 for k, flags in enumerate([dict(ema=0.5), dict()]):
     out = {tmp!r} + f"/call{{k}}"
-    train_mnist(n_epoch=1, device="cpu", batch_size=2, n_T=2, out=out,
-                eps_model="unet", n_feat=8,
-                run=Run(fake_data=8, num_workers=1, **flags))
+    train("mnist", n_epoch=1, device="cpu", batch_size=2, n_T=2, out=out,
+          eps_model="unet", n_feat=8, fake_data=8, num_workers=1, **flags)
     print("called", k, flush=True)
     resume_from_another_process(out, *(["--ema", "0.5"] if flags else []))
 """
 
 
-def test_a_script_called_twice_starts_afresh_and_lets_go_each_time(tmp_path):
-    code = TWICE.format(
-        repo=str(REPO), script=str(REPO / "train_mnist.py"), tmp=str(tmp_path)
-    )
+def test_the_trainer_called_twice_starts_afresh_and_lets_go_each_time(tmp_path):
+    code = TWICE.format(tmp=str(tmp_path))
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
         timeout=240,
     )
     assert done.returncode == 0, done.stderr

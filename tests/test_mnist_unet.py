@@ -1,8 +1,6 @@
 """train_mnist.py --eps-model unet: the notes' NaiveUnet on MNIST padded to 32x32, the
 --laptop preset, and --grid-every; the default run stays the notes' own."""
 
-import dataclasses
-import functools
 
 from PIL import Image
 import pytest
@@ -13,9 +11,10 @@ from conftest import cheap_ddpm, run_script
 from mindiffusion import sample
 from mindiffusion.training import cli
 from mindiffusion.training.data import FakeImages
-from mindiffusion.training.cli import run_training
+import mindiffusion.train as trainer
 from mindiffusion.unet import NaiveUnet
-from train_mnist import LAPTOP, DummyEpsModel, train_mnist
+from mindiffusion.training.recipes import LAPTOP
+from mindiffusion.dummy import DummyEpsModel
 
 RUN = dict(device="cpu", batch_size=2, n_T=2, fake_data=2, num_workers=0)
 
@@ -28,7 +27,7 @@ def seen_batches(monkeypatch):
 
 
 def test_the_default_run_is_the_notes(seen_batches, tmp_path):
-    ddpm = run_training(train_mnist, n_epoch=1, out=str(tmp_path), **RUN)
+    ddpm = trainer.train("mnist", n_epoch=1, out=str(tmp_path), **RUN)
     assert type(ddpm.eps_model) is DummyEpsModel
     notes_tf = transforms.Compose(
         [transforms.ToTensor(), transforms.Normalize((0.5,), (1.0,))]
@@ -52,8 +51,8 @@ def test_the_unet_trains_on_padded_digits_and_rebuilds_for_sampling(
         return forward(self, x, t)
 
     monkeypatch.setattr(NaiveUnet, "forward", recording_forward)
-    ddpm = run_training(
-        train_mnist, n_epoch=1, out=str(tmp_path), eps_model="unet", n_feat=8, **RUN
+    ddpm = trainer.train(
+        "mnist", n_epoch=1, out=str(tmp_path), eps_model="unet", n_feat=8, **RUN
     )
     assert isinstance(ddpm.eps_model, NaiveUnet) and ddpm.eps_model.n_feat == 8
     assert seen[0] == (2, 1, 32, 32)
@@ -69,8 +68,8 @@ def test_the_unet_trains_on_padded_digits_and_rebuilds_for_sampling(
 
 
 def test_padding_is_black_around_the_digit(seen_batches, tmp_path):
-    run_training(
-        train_mnist, n_epoch=1, out=str(tmp_path), eps_model="unet", n_feat=8, **RUN
+    trainer.train(
+        "mnist", n_epoch=1, out=str(tmp_path), eps_model="unet", n_feat=8, **RUN
     )
     (batch,) = seen_batches
     # black is 0, which the notes' Normalize((0.5,), (1.0,)) makes -0.5
@@ -92,47 +91,31 @@ def test_padding_is_black_around_the_digit(seen_batches, tmp_path):
 )
 def test_a_width_groupnorm_cannot_take_is_one_sentence(flags, sentence, capsys):
     flags = [*flags, "--device", "cpu", "--fake-data", "2"]
-    code, err = run_script(train_mnist, flags, capsys)
+    code, err = run_script("mnist", flags, capsys)
     assert code == 2
     assert err.strip().splitlines()[-1].split(": error: ", 1)[1] == sentence
 
 
 def test_the_laptop_preset_sets_its_flags_and_given_flags_win(capsys):
-    seen = {}
-
-    @functools.wraps(train_mnist)
-    def keep(run, **settings):
-        # the script's own settings, and the flags its run was given
-        seen.update(settings, **dataclasses.asdict(run), device=str(settings["device"]))
-
-    laptop = {"laptop": ("a small UNet", LAPTOP)}
-    cli.main(keep, "", ["--laptop", "--lr", "0.5"], presets=laptop)
+    _, seen = cli.parse(["mnist", "--laptop", "--lr", "0.5"], "")
     assert {k: seen[k] for k in LAPTOP if k != "lr"} == {
         k: v for k, v in LAPTOP.items() if k != "lr"
     }
     assert seen["lr"] == 0.5 and "laptop" not in seen
-    cli.main(keep, "", [], presets=laptop)
+    _, seen = cli.parse(["mnist"], "")
     assert (seen["eps_model"], seen["lr"]) == ("dummy", 2e-4)
 
 
 def test_the_laptop_preset_s_grid_steps_give_way_to_flags_given(capsys):
-    seen = {}
-
-    @functools.wraps(train_mnist)
-    def keep(run, **settings):
-        seen.update(settings, **dataclasses.asdict(run))
-
-    laptop = {"laptop": ("a small UNet", LAPTOP)}
     # the preset's 20 DDIM steps no longer fit 10 diffusion steps: they become 10
-    cli.main(keep, "", ["--laptop", "--n-T", "10"], presets=laptop)
+    _, seen = cli.parse(["mnist", "--laptop", "--n-T", "10"], "")
     assert (seen["n_T"], seen["grid_sampler"], seen["grid_steps"]) == (10, "ddim", 10)
     # DDPM's grids take no step count: the preset's is dropped
-    cli.main(keep, "", ["--laptop", "--grid-sampler", "ddpm"], presets=laptop)
+    _, seen = cli.parse(["mnist", "--laptop", "--grid-sampler", "ddpm"], "")
     assert (seen["grid_sampler"], seen["grid_steps"]) == ("ddpm", None)
     # a --grid-steps the user typed is still refused where it does not fit
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(keep, "", ["--laptop", "--n-T", "10", "--grid-steps", "20"],
-                 presets=laptop)
+        cli.parse(["mnist", "--laptop", "--n-T", "10", "--grid-steps", "20"], "")
     assert exit_info.value.code == 2
     assert "--grid-steps 20 is more than --n-T 10" in capsys.readouterr().err
 
@@ -141,14 +124,14 @@ def test_grid_every_keeps_its_rhythm_across_resume(tmp_path, monkeypatch):
     cheap_ddpm(monkeypatch)
     run = dict(RUN, eps_model="unet", n_feat=8, grid_every=2)
     straight, halves = tmp_path / "straight", tmp_path / "halves"
-    run_training(train_mnist, n_epoch=5, out=str(straight), **run)
+    trainer.train("mnist", n_epoch=5, out=str(straight), **run)
 
     def grids(out):
         return sorted(p.name for p in out.glob("*.png"))
 
     # after epochs 2 and 4, and after the last, 5 (files count epochs from 0)
     assert grids(straight) == [f"ddpm_sample_{i}.png" for i in (1, 3, 4)]
-    run_training(train_mnist, n_epoch=3, out=str(halves), **run)
+    trainer.train("mnist", n_epoch=3, out=str(halves), **run)
     assert grids(halves) == [f"ddpm_sample_{i}.png" for i in (1, 2)]
-    run_training(train_mnist, n_epoch=5, out=str(halves), resume=True, **run)
+    trainer.train("mnist", n_epoch=5, out=str(halves), resume=True, **run)
     assert grids(halves) == [f"ddpm_sample_{i}.png" for i in (1, 2, 3, 4)]

@@ -5,8 +5,8 @@ import torch
 
 from mindiffusion.unet import NaiveUnet
 import notes_code
-from mindiffusion.training.cli import run_training
-from train_mnist import DummyEpsModel, train_mnist
+import mindiffusion.train as trainer
+from mindiffusion.dummy import DummyEpsModel
 
 
 @pytest.mark.parametrize("size, batch", [(32, 2), (128, 1)])
@@ -85,8 +85,8 @@ def test_train_mnist_draws_its_grid_with_batchnorm_in_eval_mode(tmp_path, monkey
         return x * self.conv[-1].weight.sum()
 
     monkeypatch.setattr(DummyEpsModel, "forward", recording_forward)
-    run_training(
-        train_mnist, n_epoch=1, device="cpu", batch_size=2, n_T=2, fake_data=4,
+    trainer.train(
+        "mnist", n_epoch=1, device="cpu", batch_size=2, n_T=2, fake_data=4,
         num_workers=0, out=str(tmp_path),
     )
     assert {mode for mode in modes if not mode[0]} == {(False, True, True)}

@@ -14,8 +14,7 @@ import torch
 from conftest import REPO, gpu_first, narrow_unets
 from mindiffusion.frechet import Moments
 from mindiffusion.training import files, signals
-from mindiffusion.training.cli import run_training
-from train_cifar10 import train_cifar10
+import mindiffusion.train as trainer
 
 TINY = dict(device="cpu", batch_size=2, n_T=2, fake_data=4, num_workers=0, seed=0)
 
@@ -50,7 +49,7 @@ def test_on_windows_a_run_trains_and_saves_without_the_folder_fsync(
     windows, tmp_path, monkeypatch
 ):
     narrow_unets(monkeypatch)
-    run_training(train_cifar10, n_epoch=1, out=str(tmp_path), **TINY)
+    trainer.train("cifar10", n_epoch=1, out=str(tmp_path), **TINY)
     state = torch.load(tmp_path / "ddpm_cifar.pth", weights_only=True)
     assert state["epoch"] == 1
     assert (tmp_path / "ddpm_sample_cifar0.png").exists()
@@ -67,15 +66,15 @@ def test_a_failing_fsync_is_still_an_error_and_leaves_nothing(tmp_path, monkeypa
 
 
 def test_laptop_takes_mps_where_there_is_one():
-    # one process for both cases: the preset is read when train_mnist is imported;
-    # is_available is patched with a cached function, as torch's own is
+    # one process for both cases: the preset is read when the recipes are
+    # imported; is_available is patched with a cached function, as torch's own is
     code = (
         "import functools, importlib, torch\n"
         "for mps in (True, False):\n"
         "    torch.backends.mps.is_available = functools.cache(lambda: mps)\n"
-        "    import train_mnist\n"
-        "    importlib.reload(train_mnist)\n"
-        "    print(train_mnist.LAPTOP['device'])\n"
+        "    from mindiffusion.training import recipes\n"
+        "    importlib.reload(recipes)\n"
+        "    print(recipes.LAPTOP['device'])\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,

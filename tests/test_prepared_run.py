@@ -1,5 +1,5 @@
-"""The prepared run, in depth: where an epoch's end saves and stops, what a resume
-refuses or says, the lock on --out, and the flags each script hands on to it."""
+"""The trainer's run, in depth: where an epoch's end saves and stops, what a resume
+refuses or says, the lock on --out, and the flags each dataset's run takes up."""
 
 import multiprocessing
 import os
@@ -7,19 +7,16 @@ import signal
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from conftest import cheap_ddpm, narrow_unets
 from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
-from mindiffusion.training import cli, data, files, signals
+from mindiffusion.training import cli, files, signals
 from mindiffusion.training.grids import ZeroEps
 from mindiffusion.training.flags import UserError
-from mindiffusion.training.steps import Guard, StepReadings
+from mindiffusion.training.steps import Guard
 from test_long_runs import FLAGS, SMALL_MNIST, same_files, train
-import train_celeba
-import train_cifar10
-import train_mnist
+import mindiffusion.train as trainer
 
 MNIST = [*FLAGS.split(), *SMALL_MNIST]
 
@@ -30,12 +27,12 @@ def test_a_signal_on_an_epoch_s_last_step_draws_its_grid_and_resumes_exactly(
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     argv = [*MNIST, "--epochs", "2", "--ema", "0.5"]
     assert (
-        train(train_mnist.train_mnist, [*argv, "--out", str(straight)], capsys)[0] == 0
+        train("mnist", [*argv, "--out", str(straight)], capsys)[0] == 0
     )
     # the fourth step ends epoch 0
     stand_in["signal"] = (4, signal.SIGTERM)
     code, line, out = train(
-        train_mnist.train_mnist, [*argv, "--out", str(stopped)], capsys
+        "mnist", [*argv, "--out", str(stopped)], capsys
     )
     assert code == 128 + signal.SIGTERM
     assert "SIGTERM: noted; the run stops after this grid" in out
@@ -44,7 +41,7 @@ def test_a_signal_on_an_epoch_s_last_step_draws_its_grid_and_resumes_exactly(
     state = torch.load(stopped / "ddpm_mnist.pth", weights_only=True)
     assert (state["epoch"], state["batches"]) == (1, 0)
     resumed = train(
-        train_mnist.train_mnist, [*argv, "--out", str(stopped), "--resume"], capsys
+        "mnist", [*argv, "--out", str(stopped), "--resume"], capsys
     )
     assert resumed[0] == 0
     same_files(straight, stopped)
@@ -55,7 +52,7 @@ def test_the_last_epoch_s_grid_is_drawn_when_a_signal_ends_it(
 ):
     stand_in["signal"] = (4, signal.SIGTERM)
     argv = [*MNIST, "--epochs", "1", "--out", str(tmp_path)]
-    code, line, _ = train(train_mnist.train_mnist, argv, capsys)
+    code, line, _ = train("mnist", argv, capsys)
     # the last epoch is saved: a finished run
     assert code == 0
     assert (tmp_path / "ddpm_sample_0.png").exists()
@@ -68,7 +65,7 @@ def test_a_signal_during_a_grid_is_noted_at_once_and_the_run_stops_after_it(
 ):
     stand_in["grid_signals"] = [signal.SIGTERM]
     argv = [*MNIST, "--epochs", "2", "--out", str(tmp_path)]
-    code, line, out = train(train_mnist.train_mnist, argv, capsys)
+    code, line, out = train("mnist", argv, capsys)
     assert code == 128 + signal.SIGTERM
     assert "SIGTERM: noted; the run stops after this grid" in out
     assert line.startswith("stopped by SIGTERM after epoch 0: saved in")
@@ -81,9 +78,9 @@ def test_a_resume_mid_epoch_with_another_batch_size_is_one_sentence(
 ):
     argv = [*MNIST, "--epochs", "2", "--out", str(tmp_path)]
     stand_in["signal"] = (2, signal.SIGTERM)
-    assert train(train_mnist.train_mnist, argv, capsys)[0] == 128 + signal.SIGTERM
+    assert train("mnist", argv, capsys)[0] == 128 + signal.SIGTERM
     code, line, _ = train(
-        train_mnist.train_mnist, [*argv, "--resume", "--batch-size", "4"], capsys
+        "mnist", [*argv, "--resume", "--batch-size", "4"], capsys
     )
     assert code == 2
     assert line == (
@@ -92,16 +89,16 @@ def test_a_resume_mid_epoch_with_another_batch_size_is_one_sentence(
         f"an epoch's end"
     )
     # at an epoch's end the batch size may change
-    assert train(train_mnist.train_mnist, [*argv, "--resume"], capsys)[0] == 0
+    assert train("mnist", [*argv, "--resume"], capsys)[0] == 0
     more = [*argv, "--resume", "--batch-size", "4", "--epochs", "3"]
-    assert train(train_mnist.train_mnist, more, capsys)[0] == 0
+    assert train("mnist", more, capsys)[0] == 0
 
 
 def test_settings_a_resume_changes_are_said(stand_in, tmp_path, capsys):
     argv = [*MNIST, "--out", str(tmp_path), "--ema", "0.5"]
-    assert train(train_mnist.train_mnist, [*argv, "--epochs", "1"], capsys)[0] == 0
+    assert train("mnist", [*argv, "--epochs", "1"], capsys)[0] == 0
     changed = [*argv, "--epochs", "2", "--resume", "--ema", "0.9", "--amp", "bf16"]
-    code, _, out = train(train_mnist.train_mnist, [*changed, "--seed", "7"], capsys)
+    code, _, out = train("mnist", [*changed, "--seed", "7"], capsys)
     assert code == 0
     assert (
         "--ema: the checkpoint averaged with decay 0.5; this run goes on with 0.9"
@@ -116,9 +113,9 @@ def test_settings_a_resume_changes_are_said(stand_in, tmp_path, capsys):
 
 def test_a_record_without_its_checkpoint_is_no_dead_end(stand_in, tmp_path, capsys):
     argv = [*MNIST, "--epochs", "1", "--out", str(tmp_path)]
-    assert train(train_mnist.train_mnist, argv, capsys)[0] == 0
+    assert train("mnist", argv, capsys)[0] == 0
     os.remove(tmp_path / "ddpm_mnist.pth")
-    code, line, _ = train(train_mnist.train_mnist, argv, capsys)
+    code, line, _ = train("mnist", argv, capsys)
     assert code == 2
     assert line == (
         f"{tmp_path}/ddpm_mnist_log.csv is left from a run whose checkpoint is gone, "
@@ -129,7 +126,7 @@ def test_a_record_without_its_checkpoint_is_no_dead_end(stand_in, tmp_path, caps
 def test_a_new_run_never_overwrites_grids_already_there(stand_in, tmp_path, capsys):
     (tmp_path / "ddpm_sample_0.png").write_bytes(b"an earlier run's grid")
     argv = [*MNIST, "--epochs", "1", "--out", str(tmp_path)]
-    code, line, _ = train(train_mnist.train_mnist, argv, capsys)
+    code, line, _ = train("mnist", argv, capsys)
     assert code == 2
     assert line.startswith(f"{tmp_path}/ddpm_sample_0.png and the other grids in")
     assert (tmp_path / "ddpm_sample_0.png").read_bytes() == b"an earlier run's grid"
@@ -139,7 +136,7 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path, capsys):
     lock = files.hold_lock(str(tmp_path / "ddpm_mnist.pth"))
     try:
         argv = [*MNIST, "--epochs", "1", "--n-T", "1", "--out", str(tmp_path)]
-        code, line, _ = train(train_mnist.train_mnist, argv, capsys)
+        code, line, _ = train("mnist", argv, capsys)
     finally:
         files.release(lock)
     assert code == 2
@@ -153,10 +150,10 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path, capsys):
 
 def test_a_lock_is_released_for_the_next_run(stand_in, tmp_path, capsys):
     argv = [*MNIST, "--epochs", "1", "--out", str(tmp_path)]
-    assert train(train_mnist.train_mnist, argv, capsys)[0] == 0
+    assert train("mnist", argv, capsys)[0] == 0
     assert not (tmp_path / "ddpm_mnist.pth.lock").exists()
     resumed = train(
-        train_mnist.train_mnist, [*argv, "--epochs", "2", "--resume"], capsys
+        "mnist", [*argv, "--epochs", "2", "--resume"], capsys
     )
     assert resumed[0] == 0
 
@@ -164,21 +161,19 @@ def test_a_lock_is_released_for_the_next_run(stand_in, tmp_path, capsys):
 def test_the_guard_stops_on_a_finite_loss_with_an_infinite_gradient():
     ddpm = DDPM(torch.nn.Conv2d(1, 1, 3, padding=1), (1e-4, 0.02), 2)
     optim = torch.optim.Adam(ddpm.parameters())
-    readings = StepReadings(ddpm)
-    guard = Guard(optim, torch.amp.GradScaler("cpu", enabled=False), readings, None)
+    guard = Guard(optim, scaled=False)
     weight = ddpm.eps_model.weight
     # sqrt(w - w) is 0, and its derivative 1 / (2 sqrt(0)) infinite
     loss = (weight - weight.detach()).sqrt().sum()
-    readings.take_loss(loss)
     loss.backward()
     with pytest.raises(UserError, match="the loss is 0.0 and the gradient norm inf"):
-        guard.check(0, 1)
+        guard.check(loss, 0, 1)
 
 
 SCRIPTS = [
-    (train_mnist.train_mnist, SMALL_MNIST, "ddpm_sample_{}.png"),
-    (train_cifar10.train_cifar10, [], "ddpm_sample_cifar{}.png"),
-    (train_celeba.train_celeba, [], "ddpm_sample_celeba{:03d}.png"),
+    ("mnist", SMALL_MNIST, "ddpm_sample_{}.png"),
+    ("cifar10", [], "ddpm_sample_cifar{}.png"),
+    ("celeba", [], "ddpm_sample_celeba{:03d}.png"),
 ]
 
 
@@ -225,74 +220,65 @@ def test_each_script_keeps_the_grid_every_rhythm(
 
 
 @pytest.mark.parametrize("script, flags, grid", SCRIPTS)
-def test_each_script_hands_grad_clip_to_the_run(
+def test_each_dataset_s_run_clips_under_grad_clip(
     script, flags, grid, cheap, tmp_path, capsys, monkeypatch
 ):
     clips = []
-    init = Guard.__init__
-
-    def keep(self, *args):
-        init(self, *args)
-        clips.append(self.grad_clip)
-
-    monkeypatch.setattr(Guard, "__init__", keep)
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grad_norm_", lambda params, norm: clips.append(norm)
+    )
     argv = [*FLAGS.split(), *flags, "--fake-data", "2", "--n-T", "1", "--epochs", "1"]
     argv += ["--grad-clip", "0.5", "--out", str(tmp_path)]
     assert train(script, argv, capsys)[0] == 0
+    # one step of 2 images
     assert clips == [0.5]
 
 
 def test_eps_model_unet_without_n_feat_is_128_wide(cheap, tmp_path, capsys):
     argv = [*FLAGS.split(), "--eps-model", "unet", "--fake-data", "2", "--n-T", "1"]
     argv += ["--epochs", "1", "--out", str(tmp_path)]
-    assert train(train_mnist.train_mnist, argv, capsys)[0] == 0
+    assert train("mnist", argv, capsys)[0] == 0
     recipe = torch.load(tmp_path / "ddpm_mnist.pth", weights_only=True)["recipe"]
     assert recipe["eps_model"] == "NaiveUnet"
     assert tuple(recipe["eps_model_args"]) == (1, 1, 128)
 
 
-def test_the_laptop_preset_applies_and_no_abbreviation_does(monkeypatch, capsys):
-    seen = {}
-    monkeypatch.setattr(cli, "run_training", lambda train, **kw: seen.update(kw))
-    laptop = {"laptop": ("", train_mnist.LAPTOP)}
-    train_mnist.cli.main(train_mnist.train_mnist, "", ["--laptop"], presets=laptop)
-    assert (seen["eps_model"], seen["n_feat"], seen["ema"]) == ("unet", 16, 0.995)
+def test_the_laptop_preset_applies_and_no_abbreviation_does(capsys):
+    _, settings = cli.parse(["mnist", "--laptop"], "")
+    assert (settings["eps_model"], settings["n_feat"], settings["ema"]) == (
+        "unet", 16, 0.995
+    )
     # a typo is an error that names it, never another flag
     with pytest.raises(SystemExit) as exit_info:
-        train_mnist.cli.main(train_mnist.train_mnist, "", ["--lap"], presets=laptop)
+        cli.parse(["mnist", "--lap"], "")
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --lap" in capsys.readouterr().err
 
 
-def test_the_laptop_preset_takes_the_notes_model_when_asked(monkeypatch):
-    seen = {}
-    monkeypatch.setattr(
-        train_mnist.cli, "run_training", lambda t, **kw: seen.update(kw)
+def test_the_laptop_preset_takes_the_notes_model_when_asked():
+    _, settings = cli.parse(["mnist", "--laptop", "--eps-model", "dummy"], "")
+    assert (settings["eps_model"], settings["batch_size"], settings["lr"]) == (
+        "dummy", 16, 3e-3
     )
-    train_mnist.cli.main(
-        train_mnist.train_mnist,
-        "",
-        ["--laptop", "--eps-model", "dummy"],
-        presets={"laptop": ("", train_mnist.LAPTOP)},
+
+
+def test_the_laptop_preset_is_mnist_s(capsys):
+    code, line, _ = train("cifar10", ["--laptop"], capsys)
+    assert (code, line) == (
+        2, "--laptop is MNIST's lesson: python -m mindiffusion.train mnist --laptop"
     )
-    assert (seen["eps_model"], seen["batch_size"], seen["lr"]) == ("dummy", 16, 3e-3)
 
 
 def test_the_loader_s_workers_end_with_the_run(stand_in, tmp_path, monkeypatch):
-    """Persistent workers, as on CUDA, ignore the SIGTERM with which Python's exit
-    ends them: the run ends them itself, also when a signal stops it."""
-
-    def persistent(*args, **kwargs):
-        return DataLoader(*args, **dict(kwargs, persistent_workers=True))
-
-    monkeypatch.setattr(data, "DataLoader", persistent)
+    """The workers ignore stop signals, which are the training process's: they end
+    with the epoch's pass, also when a signal stops the run."""
     settings = dict(n_epoch=2, device="cpu", batch_size=2, n_T=2, fake_data=8)
     settings.update(num_workers=1, eps_model="unet", n_feat=8)
-    cli.run_training(train_mnist.train_mnist, out=str(tmp_path / "a"), **settings)
+    trainer.train("mnist", out=str(tmp_path / "a"), **settings)
     assert multiprocessing.active_children() == []
     stand_in["signal"] = (2, signal.SIGTERM)
     with pytest.raises(signals.Stopped):
-        cli.run_training(train_mnist.train_mnist, out=str(tmp_path / "b"), **settings)
+        trainer.train("mnist", out=str(tmp_path / "b"), **settings)
     assert multiprocessing.active_children() == []
 
 
@@ -310,7 +296,7 @@ def test_the_loader_s_workers_end_with_the_run(stand_in, tmp_path, monkeypatch):
 def test_grid_and_warmup_flags_without_their_feature_are_one_sentence(
     argv, expected, capsys
 ):
-    code, line, _ = train(train_cifar10.train_cifar10, argv, capsys)
+    code, line, _ = train("cifar10", argv, capsys)
     assert (code, line) == (2, expected)
 
 

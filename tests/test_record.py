@@ -7,8 +7,7 @@ from types import SimpleNamespace
 from conftest import cheap_ddpm, narrow_unets
 from mindiffusion.training import files
 from mindiffusion.training.files import FIELDS, Record
-from mindiffusion.training.cli import run_training
-from train_cifar10 import train_cifar10
+import mindiffusion.train as trainer
 
 
 def rows(path):
@@ -63,8 +62,8 @@ def test_an_epoch_s_time_leaves_out_the_grid_before_it(tmp_path, monkeypatch):
 
     narrow_unets(monkeypatch)
     cheap_ddpm(monkeypatch, on_sample=an_hour_long_grid)
-    run_training(
-        train_cifar10, device="cpu", batch_size=2, n_T=2, fake_data=4, n_epoch=2,
+    trainer.train(
+        "cifar10", device="cpu", batch_size=2, n_T=2, fake_data=4, n_epoch=2,
         num_workers=0, out=str(tmp_path),
     )
     written = rows(tmp_path / "ddpm_cifar_log.csv")

@@ -11,18 +11,16 @@ from conftest import cheap_ddpm, grid_tiles
 from mindiffusion import sample
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training.data import FakeImages
-from mindiffusion.training.cli import run_training
+import mindiffusion.train as trainer
 from mindiffusion.unet import NaiveUnet
-from train_celeba import train_celeba
-from train_cifar10 import train_cifar10
-from train_mnist import train_mnist
+
 
 # script, the sizes its FakeImages draws, and the transform before its Normalize
 SCRIPTS = {
-    "mnist": (train_mnist, (1, 28, 28), transforms.ToTensor()),
-    "cifar10": (train_cifar10, (3, 32, 32), transforms.ToTensor()),
+    "mnist": ("mnist", (1, 28, 28), transforms.ToTensor()),
+    "cifar10": ("cifar10", (3, 32, 32), transforms.ToTensor()),
     "celeba": (
-        train_celeba,
+        "celeba",
         (3, 218, 178),
         transforms.Compose([transforms.Resize((128, 128)), transforms.ToTensor()]),
     ),
@@ -44,7 +42,7 @@ def checkpoints(tmp_path_factory):
         for name, (train, _, _) in SCRIPTS.items():
             out = tmp_path_factory.mktemp(name)
             seen["batches"], seen["sizes"] = [], []
-            ddpm = run_training(train,
+            ddpm = trainer.train(train,
                 n_epoch=1,
                 device="cpu",
                 batch_size=2,

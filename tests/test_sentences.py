@@ -16,7 +16,7 @@ from mindiffusion.bench import command
 from mindiffusion.training import devices, files
 from test_long_runs import FLAGS, SCRIPTS, SMALL_MNIST, train
 from test_stops import CHECKPOINTS
-from train_mnist import train_mnist
+
 
 # the command-line entry points, each with a flag it has, abbreviated
 COMMANDS = [
@@ -29,7 +29,7 @@ COMMANDS = [
 
 
 def flags_of(script, *more):
-    return [*FLAGS.split(), *more] + (SMALL_MNIST if script is train_mnist else [])
+    return [*FLAGS.split(), *more] + (SMALL_MNIST if script == "mnist" else [])
 
 
 @pytest.mark.parametrize("main, argv, typo", COMMANDS)
@@ -143,10 +143,10 @@ def test_another_process_s_lock_is_refused_with_its_holder(tmp_path):
 
 
 def test_a_resume_says_none_of_python_s_none(stand_in, tmp_path, capsys):
-    argv = flags_of(train_mnist, "--out", str(tmp_path))
-    assert train(train_mnist, [*argv, "--epochs", "1", "--seed", "3"], capsys)[0] == 0
+    argv = flags_of("mnist", "--out", str(tmp_path))
+    assert train("mnist", [*argv, "--epochs", "1", "--seed", "3"], capsys)[0] == 0
     resumed = [*argv, "--epochs", "2", "--resume", "--ema", "0.9", "--amp", "bf16"]
-    code, _, out = train(train_mnist, resumed, capsys)
+    code, _, out = train("mnist", resumed, capsys)
     assert code == 0
     assert "None" not in out
     assert "--ema: the checkpoint has no average yet" in out
@@ -166,8 +166,8 @@ def test_torch_takes_the_largest_seed_the_flag_allows():
 
 
 def test_resuming_an_export_says_it_is_one(stand_in, tmp_path, capsys):
-    argv = flags_of(train_mnist, "--out", str(tmp_path / "run"), "--ema", "0.9")
-    assert train(train_mnist, [*argv, "--epochs", "1"], capsys)[0] == 0
+    argv = flags_of("mnist", "--out", str(tmp_path / "run"), "--ema", "0.9")
+    assert train("mnist", [*argv, "--epochs", "1"], capsys)[0] == 0
     first, second = tmp_path / "small.pth", tmp_path / "smaller.pth"
     export.main([str(tmp_path / "run" / "ddpm_mnist.pth"), str(first)])
     # an export of the export is still the averaged weights
@@ -177,8 +177,8 @@ def test_resuming_an_export_says_it_is_one(stand_in, tmp_path, capsys):
     assert torch.load(second, weights_only=True)["averaged"] is True
     (tmp_path / "again").mkdir()
     os.replace(second, tmp_path / "again" / "ddpm_mnist.pth")
-    argv = flags_of(train_mnist, "--out", str(tmp_path / "again"), "--ema", "0.9")
-    code, line, _ = train(train_mnist, [*argv, "--epochs", "2", "--resume"], capsys)
+    argv = flags_of("mnist", "--out", str(tmp_path / "again"), "--ema", "0.9")
+    code, line, _ = train("mnist", [*argv, "--epochs", "2", "--resume"], capsys)
     assert code == 2
     assert line == (
         f"--resume: {tmp_path / 'again' / 'ddpm_mnist.pth'} is an export "
@@ -191,8 +191,8 @@ def test_resuming_an_export_says_it_is_one(stand_in, tmp_path, capsys):
 def test_a_fake_data_checkpoint_with_a_data_root_names_what_it_trained_on(
     command_main, stand_in, tmp_path, capsys
 ):
-    argv = flags_of(train_mnist, "--out", str(tmp_path), "--epochs", "1")
-    assert train(train_mnist, argv, capsys)[0] == 0
+    argv = flags_of("mnist", "--out", str(tmp_path), "--epochs", "1")
+    assert train("mnist", argv, capsys)[0] == 0
     command = [str(tmp_path / "ddpm_mnist.pth"), "--data-root", str(tmp_path)]
     command += ["--device", "cpu"]
     if command_main is figures_command.main:

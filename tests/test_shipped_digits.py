@@ -6,8 +6,8 @@ import collections
 import pytest
 from torchvision.datasets import MNIST
 
-import train_mnist
 from mindiffusion.judge import command as judge_command
+from mindiffusion.training.recipes import LAPTOP
 from mindiffusion.training.data import (
     MNIST_FILES,
     SHIPPED_DIGITS,
@@ -57,4 +57,4 @@ def test_judge_train_learns_from_the_shipped_digits_without_mnist(
 
 
 def test_laptop_reads_mnist_where_it_is_else_the_shipped_digits():
-    assert train_mnist.LAPTOP["data_root"] == mnist_root("./data")
+    assert LAPTOP["data_root"] == mnist_root("./data")

@@ -14,22 +14,19 @@ from conftest import REPO
 from mindiffusion import export
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import signals
-from mindiffusion.training.checkpoints import GRIDS
-from test_long_runs import FLAGS, SCRIPTS, SMALL_MNIST, train
-from train_celeba import train_celeba
-from train_cifar10 import train_cifar10
-from train_mnist import train_mnist
+from test_long_runs import FLAGS, GRIDS, SCRIPTS, SMALL_MNIST, train
+
 
 # the checkpoint each script writes
 CHECKPOINTS = {
-    train_mnist: "ddpm_mnist.pth",
-    train_cifar10: "ddpm_cifar.pth",
-    train_celeba: "ddpm_celeba.pth",
+    "mnist": "ddpm_mnist.pth",
+    "cifar10": "ddpm_cifar.pth",
+    "celeba": "ddpm_celeba.pth",
 }
 
 
 def flags_of(script, *more):
-    return [*FLAGS.split(), *more] + (SMALL_MNIST if script is train_mnist else [])
+    return [*FLAGS.split(), *more] + (SMALL_MNIST if script == "mnist" else [])
 
 
 def test_a_second_ctrl_c_still_saves_and_skips_the_grid(
@@ -45,8 +42,8 @@ def test_a_second_ctrl_c_still_saves_and_skips_the_grid(
         return forward(self, x, c)
 
     monkeypatch.setattr(DDPM, "forward", two_ctrl_cs_in_step_2)
-    argv = flags_of(train_cifar10, "--epochs", "2", "--out", str(tmp_path))
-    code, line, out = train(train_cifar10, argv, capsys)
+    argv = flags_of("cifar10", "--epochs", "2", "--out", str(tmp_path))
+    code, line, out = train("cifar10", argv, capsys)
     assert code == 130
     path = tmp_path / "ddpm_cifar.pth"
     assert line == (
@@ -85,8 +82,8 @@ def test_a_second_signal_during_the_last_grid_leaves_a_finished_run(
     stand_in, tmp_path, capsys
 ):
     stand_in["grid_signals"] = [signal.SIGTERM, signal.SIGTERM]
-    argv = flags_of(train_cifar10, "--epochs", "1", "--out", str(tmp_path))
-    code, line, out = train(train_cifar10, argv, capsys)
+    argv = flags_of("cifar10", "--epochs", "1", "--out", str(tmp_path))
+    code, line, out = train("cifar10", argv, capsys)
     assert code == 0
     path = tmp_path / "ddpm_cifar.pth"
     assert (f"stopped by SIGTERM during the last grid: the run is finished, saved in "
@@ -96,14 +93,14 @@ def test_a_second_signal_during_the_last_grid_leaves_a_finished_run(
 
 
 def test_ctrl_c_after_the_reader_of_the_output_went_away_still_saves(tmp_path):
-    """`python train_mnist.py ... 2>&1 | tee log`, then Ctrl-C: the terminal signals
+    """`python -m mindiffusion.train mnist ... 2>&1 | tee log`, then Ctrl-C: the terminal signals
     the whole group, and tee is gone before the run writes again."""
-    argv = flags_of(train_mnist, "--epochs", "1", "--out", str(tmp_path))
+    argv = flags_of("mnist", "--epochs", "1", "--out", str(tmp_path))
     # 1,000 steps of 4 images, seconds in all: the signal comes while it trains
     argv[argv.index("--fake-data") + 1] = "4000"
     argv[argv.index("--batch-size") + 1] = "4"
     run = subprocess.Popen(
-        [sys.executable, "train_mnist.py", *argv], cwd=REPO,
+        [sys.executable, "-m", "mindiffusion.train", "mnist", *argv], cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     seen = b""
@@ -145,8 +142,8 @@ def test_a_checkpoint_and_an_export_are_written_as_the_umask_allows(
 ):
     previous = os.umask(umask)
     try:
-        argv = flags_of(train_cifar10, "--epochs", "1", "--out", str(tmp_path))
-        assert train(train_cifar10, argv, capsys)[0] == 0
+        argv = flags_of("cifar10", "--epochs", "1", "--out", str(tmp_path))
+        assert train("cifar10", argv, capsys)[0] == 0
         export.main([str(tmp_path / "ddpm_cifar.pth"), str(tmp_path / "small.pth")])
     finally:
         os.umask(previous)
@@ -179,10 +176,10 @@ def test_a_resume_mid_epoch_on_another_dataset_size_is_refused(
     images, stand_in, tmp_path, capsys
 ):
     stand_in["signal"] = (2, signal.SIGTERM)
-    argv = flags_of(train_cifar10, "--epochs", "1", "--out", str(tmp_path))
-    assert train(train_cifar10, argv, capsys)[0] == 128 + signal.SIGTERM
+    argv = flags_of("cifar10", "--epochs", "1", "--out", str(tmp_path))
+    assert train("cifar10", argv, capsys)[0] == 128 + signal.SIGTERM
     resumed = [*argv, "--resume", "--fake-data", str(images)]
-    code, line, _ = train(train_cifar10, resumed, capsys)
+    code, line, _ = train("cifar10", resumed, capsys)
     assert code == 2
     assert line == (
         f"--resume: {tmp_path / 'ddpm_cifar.pth'} stopped in the middle of an epoch "
@@ -194,10 +191,10 @@ def test_a_resume_mid_epoch_on_another_dataset_size_is_refused(
 def test_a_resume_at_an_epoch_s_end_says_the_dataset_changed(
     stand_in, tmp_path, capsys
 ):
-    argv = flags_of(train_cifar10, "--out", str(tmp_path))
-    assert train(train_cifar10, [*argv, "--epochs", "1"], capsys)[0] == 0
+    argv = flags_of("cifar10", "--out", str(tmp_path))
+    assert train("cifar10", [*argv, "--epochs", "1"], capsys)[0] == 0
     resumed = [*argv, "--epochs", "2", "--resume", "--fake-data", "12"]
-    code, _, said = train(train_cifar10, resumed, capsys)
+    code, _, said = train("cifar10", resumed, capsys)
     assert code == 0
     assert "the dataset: the checkpoint trained on 8 images; this run trains on 12" \
         in said
@@ -207,30 +204,33 @@ def test_a_resume_at_an_epoch_s_end_says_the_dataset_changed(
 def test_a_full_disk_while_a_grid_is_written_is_one_sentence_and_no_partial_png(
     script, stand_in, tmp_path, monkeypatch, capsys
 ):
-    def half_a_png(tensor, path, **kwargs):
-        with open(path, "wb") as file:
-            file.write(b"\x89PNG")
-        raise OSError(errno.ENOSPC, "No space left on device")
+    real_replace = os.replace
 
-    monkeypatch.setattr(sys.modules[script.__module__], "save_image", half_a_png)
+    def full_disk_for_a_png(source, target):
+        if str(target).endswith(".png"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", full_disk_for_a_png)
     argv = flags_of(script, "--epochs", "2", "--out", str(tmp_path))
     code, line, _ = train(script, argv, capsys)
     assert code == 2
     path = tmp_path / CHECKPOINTS[script]
     grid = tmp_path / GRIDS[path.name].format(0)
     assert line == (
-        f"the grid {grid} could not be written (No space left on device); its epoch "
-        f"is saved in {path}: make room or give another --out, then --resume"
+        f"the grid {grid} could not be written (No space left on device); the "
+        f"weights are saved in {path}: make room or give another --out, then --resume"
     )
-    assert not list(tmp_path.glob("*.png"))
+    # nor a temporary file of it
+    assert not list(tmp_path.glob("*.png*"))
     assert torch.load(path, weights_only=True)["epoch"] == 1
 
 
 def test_a_full_disk_while_the_record_is_written_keeps_its_rows(
     stand_in, tmp_path, monkeypatch, capsys
 ):
-    argv = flags_of(train_cifar10, "--out", str(tmp_path))
-    assert train(train_cifar10, [*argv, "--epochs", "1"], capsys)[0] == 0
+    argv = flags_of("cifar10", "--out", str(tmp_path))
+    assert train("cifar10", [*argv, "--epochs", "1"], capsys)[0] == 0
     record = tmp_path / "ddpm_cifar_log.csv"
     before = record.read_bytes()
     real_replace = os.replace
@@ -241,7 +241,7 @@ def test_a_full_disk_while_the_record_is_written_keeps_its_rows(
         real_replace(source, target)
 
     monkeypatch.setattr(os, "replace", full_disk)
-    code, line, _ = train(train_cifar10, [*argv, "--epochs", "2", "--resume"], capsys)
+    code, line, _ = train("cifar10", [*argv, "--epochs", "2", "--resume"], capsys)
     assert code == 2
     assert line.startswith(
         f"the record {record} could not be written (No space left on device): its "
@@ -269,9 +269,9 @@ def test_a_resume_mid_epoch_sees_the_rest_of_the_epoch_s_order(
     argv = FLAGS.replace(" --seed 0", "").split()
     argv += [*seed, "--epochs", "1", "--out", str(tmp_path)]
     stand_in["signal"] = (2, signal.SIGTERM)
-    assert train(train_cifar10, argv, capsys)[0] == 128 + signal.SIGTERM
+    assert train("cifar10", argv, capsys)[0] == 128 + signal.SIGTERM
     before = list(seen)
     seen.clear()
-    assert train(train_cifar10, [*argv, "--resume"], capsys)[0] == 0
+    assert train("cifar10", [*argv, "--resume"], capsys)[0] == 0
     assert len(before) == len(seen) == 4
     assert len(set(before + seen)) == 8

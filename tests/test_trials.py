@@ -12,7 +12,6 @@ import torch.nn as nn
 from PIL import Image
 from torchvision.utils import make_grid, save_image
 
-import train_mnist
 from conftest import REPO, grid_tiles, narrow_unets
 from mindiffusion import fid
 from mindiffusion.ddim import DDIM
@@ -23,9 +22,7 @@ from mindiffusion.frechet import to_uint8
 from mindiffusion.judge import command as judge_command
 from mindiffusion.judge import model as judge_model
 from mindiffusion.judge.scores import grid_images, rows_as_digits
-from mindiffusion.training import grids
-from mindiffusion.training.run import Run
-from mindiffusion.training.steps import Guard, StepReadings
+import mindiffusion.train as trainer
 from mindiffusion.unet import NaiveUnet
 from test_lesson_flags import FakeClock
 from test_long_runs import FLAGS, SMALL_MNIST, train
@@ -200,7 +197,7 @@ def test_a_second_signal_on_an_epoch_s_last_step_skips_its_grid(
 
     monkeypatch.setattr(DDPM, "forward", twice_on_the_fourth)
     argv = [*FLAGS.split(), *SMALL_MNIST, "--epochs", "2", "--out", str(tmp_path)]
-    code, line, out = train(train_mnist.train_mnist, argv, capsys)
+    code, line, out = train("mnist", argv, capsys)
     assert code == 128 + signal.SIGTERM
     assert line.startswith("stopped by SIGTERM after epoch 0: saved in")
     # the epoch saved, its grid and the final one skipped, and no third "noted"
@@ -214,12 +211,12 @@ def test_a_second_signal_on_an_epoch_s_last_step_skips_its_grid(
 def test_a_signal_during_a_grid_within_the_epoch_stops_right_after_it(
     stand_in, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr(grids, "time", FakeClock())
+    monkeypatch.setattr(trainer, "time", FakeClock())
     # the first grid is the one within the epoch, after step 2
     stand_in["grid_signals"] = [signal.SIGINT]
     argv = [*FLAGS.split(), *SMALL_MNIST, "--epochs", "1", "--grid-minutes", "2",
             "--out", str(tmp_path)]
-    code, line, out = train(train_mnist.train_mnist, argv, capsys)
+    code, line, out = train("mnist", argv, capsys)
     assert code == 128 + signal.SIGINT
     assert "the run stops after this grid, its step already saved" in out
     assert line.startswith("stopped by SIGINT after epoch 0, step 2: saved in")
@@ -231,11 +228,11 @@ def test_a_signal_during_a_grid_within_the_epoch_stops_right_after_it(
 
 
 # 12
-def test_a_script_called_directly_makes_its_out_folder(stand_in, tmp_path):
+def test_the_trainer_called_directly_makes_its_out_folder(stand_in, tmp_path):
     out = tmp_path / "runs" / "first"
-    train_mnist.train_mnist(
-        n_epoch=1, device="cpu", batch_size=2, n_T=2, out=str(out),
-        eps_model="unet", n_feat=8, run=Run(fake_data=4, num_workers=0),
+    trainer.train(
+        "mnist", n_epoch=1, device="cpu", batch_size=2, n_T=2, out=str(out),
+        eps_model="unet", n_feat=8, fake_data=4, num_workers=0,
     )
     assert (out / "ddpm_mnist.pth").exists()
     assert not (out / "ddpm_mnist.pth.lock").exists()
@@ -262,9 +259,8 @@ def test_fid_and_figures_each_name_their_own_flags(
 def test_the_readme_s_notebook_call_runs_as_written(tmp_path, monkeypatch):
     text = (REPO / "README.md").read_text()
     imports = re.findall(r"`(from \S+ import \S+)`", text)
-    assert "from train_cifar10 import train_cifar10" in imports
-    assert "from mindiffusion.training.cli import run_training" in imports
-    call = re.search(r"`(run_training\(train_cifar10,[^`]*\))`", text).group(1)
+    assert "from mindiffusion.train import train" in imports
+    call = re.search(r'`(train\("cifar10",[^`]*\))`', text).group(1)
     narrow_unets(monkeypatch)
     monkeypatch.chdir(tmp_path)
     scope = {}
@@ -361,20 +357,28 @@ def test_the_figures_pass_their_timesteps_in_the_walk_s_order(tmp_path, monkeypa
 
 
 # planted: under float16, the gradients are clipped after the scaler unscales them
-def test_clipping_under_a_real_grad_scaler_clips_the_true_gradients():
-    ddpm = DDPM(nn.Conv2d(1, 1, 3, padding=1, bias=False), (1e-4, 0.02), 2)
-    optim = torch.optim.SGD(ddpm.parameters(), lr=1.0)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    readings = StepReadings(ddpm)
-    guard = Guard(optim, scaler, readings, grad_clip=1.0)
-    weight = ddpm.eps_model.weight
-    loss = (weight * 10).sum()
-    readings.take_loss(loss)
-    scaler.scale(loss).backward()
-    guard.check(0, 1)
-    # the true gradient is 10 in each of 9 weights, norm 30: clipped to 1, not to
-    # 1 / 1024 of the scaled gradients
-    assert weight.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
+def test_clipping_under_a_real_grad_scaler_clips_the_true_gradients(
+    tmp_path, monkeypatch, capsys
+):
+    narrow_unets(monkeypatch)
+    # a loss whose gradient is 10 in every weight
+    monkeypatch.setattr(
+        DDPM, "forward", lambda self, x, c: 10 * sum(p.sum() for p in self.parameters())
+    )
+    clip, norms = torch.nn.utils.clip_grad_norm_, []
+
+    def seen(parameters, max_norm):
+        parameters = list(parameters)
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in parameters]))
+        return clip(parameters, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", seen)
+    argv = [*FLAGS.split(), "--epochs", "1", "--amp", "fp16", "--grad-clip", "1.0",
+            "--out", str(tmp_path)]
+    assert train("cifar10", argv, capsys)[0] == 0
+    n_weights = sum(p.numel() for p in NaiveUnet(3, 3, 8).parameters())
+    # the true norm, 10 sqrt(n): not 65536 times it, as the scaled gradients are
+    assert [float(n) for n in norms] == pytest.approx([10 * n_weights**0.5] * 4)
 
 
 # planted: MNIST's grid maps [-0.5, 0.5] to [0, 1], so a black sample is black
@@ -383,9 +387,9 @@ def test_a_black_sample_is_black_in_mnist_s_grid(tmp_path, monkeypatch):
         DDPM, "sample",
         lambda self, n, size, device, c=None, guide_w=0.0: torch.full((n, *size), -0.5),
     )
-    train_mnist.train_mnist(
-        n_epoch=1, device="cpu", batch_size=2, n_T=2, out=str(tmp_path),
-        eps_model="unet", n_feat=8, run=Run(fake_data=2, num_workers=0),
+    trainer.train(
+        "mnist", n_epoch=1, device="cpu", batch_size=2, n_T=2, out=str(tmp_path),
+        eps_model="unet", n_feat=8, fake_data=2, num_workers=0,
     )
     tiles = grid_tiles(tmp_path / "ddpm_sample_0.png", 32)
     assert len(tiles) == 16 and all(tile.max() == 0 for tile in tiles)
