@@ -10,10 +10,12 @@ import sys
 import pytest
 import torch
 
+import mindiffusion.train as trainer
 from conftest import REPO
 from mindiffusion import export
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import signals
+from test_lesson_flags import FakeClock
 from test_long_runs import FLAGS, GRIDS, SCRIPTS, SMALL_MNIST, train
 
 
@@ -224,6 +226,39 @@ def test_a_full_disk_while_a_grid_is_written_is_one_sentence_and_no_partial_png(
     # nor a temporary file of it
     assert not list(tmp_path.glob("*.png*"))
     assert torch.load(path, weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("grid", ["after a stop", "within the epoch"])
+def test_a_full_disk_at_a_grid_the_run_draws_itself_is_one_sentence(
+    grid, stand_in, tmp_path, monkeypatch, capsys
+):
+    """The grid after a stop signal, and --grid-minutes' grid: each step saved, and
+    the grid one sentence, with no part of it left."""
+    real_replace = os.replace
+
+    def full_disk_for_a_png(source, target):
+        if str(target).endswith(".png"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", full_disk_for_a_png)
+    argv = flags_of("mnist", "--epochs", "1", "--out", str(tmp_path))
+    if grid == "after a stop":
+        stand_in["signal"] = (2, signal.SIGTERM)
+    else:
+        monkeypatch.setattr(trainer, "time", FakeClock())
+        argv += ["--grid-minutes", "2"]
+    code, line, _ = train("mnist", argv, capsys)
+    assert code == 2
+    path = tmp_path / "ddpm_mnist.pth"
+    assert line == (
+        f"the grid {tmp_path / 'ddpm_sample_0_step2.png'} could not be written (No "
+        f"space left on device); the weights are saved in {path}: make room or give "
+        f"another --out, then --resume"
+    )
+    assert not list(tmp_path.glob("*.png*"))
+    state = torch.load(path, weights_only=True)
+    assert (state["epoch"], state["batches"]) == (0, 2)
 
 
 def test_a_full_disk_while_the_record_is_written_keeps_its_rows(
