@@ -202,10 +202,9 @@ def test_a_resume_at_an_epoch_s_end_says_the_dataset_changed(
         in said
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_a_full_disk_while_a_grid_is_written_is_one_sentence_and_no_partial_png(
-    script, stand_in, tmp_path, monkeypatch, capsys
-):
+def full_disk_for_pngs(monkeypatch):
+    """While monkeypatch lasts, a PNG's last step, the rename onto its name, finds
+    the disk full."""
     real_replace = os.replace
 
     def full_disk_for_a_png(source, target):
@@ -214,6 +213,13 @@ def test_a_full_disk_while_a_grid_is_written_is_one_sentence_and_no_partial_png(
         real_replace(source, target)
 
     monkeypatch.setattr(os, "replace", full_disk_for_a_png)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_full_disk_while_a_grid_is_written_is_one_sentence_and_no_partial_png(
+    script, stand_in, tmp_path, monkeypatch, capsys
+):
+    full_disk_for_pngs(monkeypatch)
     argv = flags_of(script, "--epochs", "2", "--out", str(tmp_path))
     code, line, _ = train(script, argv, capsys)
     assert code == 2
@@ -234,14 +240,7 @@ def test_a_full_disk_at_a_grid_the_run_draws_itself_is_one_sentence(
 ):
     """The grid after a stop signal, and --grid-minutes' grid: each step saved, and
     the grid one sentence, with no part of it left."""
-    real_replace = os.replace
-
-    def full_disk_for_a_png(source, target):
-        if str(target).endswith(".png"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_replace(source, target)
-
-    monkeypatch.setattr(os, "replace", full_disk_for_a_png)
+    full_disk_for_pngs(monkeypatch)
     argv = flags_of("mnist", "--epochs", "1", "--out", str(tmp_path))
     if grid == "after a stop":
         stand_in["signal"] = (2, signal.SIGTERM)
