@@ -38,6 +38,11 @@ def test_a_script_loads_only_the_ddpm_and_the_unet(script):
     assert set(loaded) <= {"mindiffusion", "mindiffusion.ddpm", "mindiffusion.unet"}
 
 
+def test_a_setting_the_trainer_does_not_have_is_refused():
+    with pytest.raises(TypeError, match="no such setting of a run: n_epochs"):
+        train.train("mnist", n_epochs=1)
+
+
 @pytest.mark.parametrize("dataset", list(SCRIPTS))
 def test_the_recipes_are_the_scripts_defaults(dataset):
     defaults = SCRIPTS[dataset].__defaults__

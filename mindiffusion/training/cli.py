@@ -22,8 +22,11 @@ DEFAULTS = dict(
 
 def settings_of(dataset: str, **given) -> dict:
     """Every setting of a run on `dataset`: those given, else the recipe's, else
-    the defaults."""
-    return {**DEFAULTS, **recipe_settings(dataset), **given}
+    the defaults; a name that is no setting, such as a typo, is refused."""
+    settings = {**DEFAULTS, **recipe_settings(dataset)}
+    if unknown := sorted(set(given) - set(settings)):
+        raise TypeError(f"no such setting of a run: {', '.join(unknown)}")
+    return {**settings, **given}
 
 
 def parser_for(
