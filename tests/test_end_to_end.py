@@ -1,10 +1,12 @@
 """Each door run as a user runs it, in a fresh process: the notes' scripts on a few
-images in their datasets' own on-disk formats, and the trainer on --fake-data; the
-runs start as the session begins (conftest.py's started_early)."""
+images in their datasets' own on-disk formats, and the trainer on --fake-data (the
+runs start as the session begins, conftest.py's started_early); and the sentence
+that a dataset missing gets from each door."""
 
 import csv
 import math
 import os
+import runpy
 import subprocess
 import sys
 
@@ -12,9 +14,10 @@ from PIL import Image
 import pytest
 import torch
 
-from conftest import OFFLINE, REPO, write_digits, write_faces
+from conftest import OFFLINE, REPO, run_script, write_digits, write_faces
 from mindiffusion.ddpm import DDPM
 from mindiffusion.dummy import DummyEpsModel
+from mindiffusion.training import recipes
 from mindiffusion.unet import NaiveUnet
 
 # the command, its flags, the grid it writes and its tile size, its checkpoint and
@@ -29,27 +32,12 @@ RUNS = {
         "ddpm_sample_celeba000.png", 128, "ddpm_celeba.pth",
         lambda: NaiveUnet(3, 3, n_feat=128), 9,
     ),
-    "train mnist": (
-        ["-m", "mindiffusion.train", "mnist", "--fake-data", "2", "--batch-size", "2"],
-        "ddpm_sample_0.png", 28, "ddpm_mnist.pth", lambda: DummyEpsModel(1), 16,
-    ),
     "train cifar10": (
         ["-m", "mindiffusion.train", "cifar10", "--fake-data", "3", "--batch-size",
          "2", "--device", "cpu"],
         "ddpm_sample_cifar0.png", 32, "ddpm_cifar.pth",
         lambda: NaiveUnet(3, 3, n_feat=128), 9,
     ),
-    "train celeba": (
-        ["-m", "mindiffusion.train", "celeba", "--fake-data", "1", "--device", "cpu"],
-        "ddpm_sample_celeba000.png", 128, "ddpm_celeba.pth",
-        lambda: NaiveUnet(3, 3, n_feat=128), 9,
-    ),
-}
-# the sentences that a missing dataset gets, from each door
-MISSING = {
-    "cifar10 script offline": ["train_cifar10.py", "--device", "cpu"],
-    "celeba script without a folder": ["train_celeba.py"],
-    "celeba trainer without a folder": ["-m", "mindiffusion.train", "celeba"],
 }
 
 
@@ -68,7 +56,6 @@ def start_early(tmp_path_factory) -> list:
     for name in commands:
         if name.startswith("train "):
             commands[name] += ["--num-workers", "0"]
-    commands.update(MISSING)
     for name, argv in commands.items():
         cwd = tmp_path_factory.mktemp("run")
         write_digits(cwd / "digits", 2)
@@ -129,24 +116,41 @@ def test_each_door_runs_end_to_end(name):
     assert not any(p.isnan().any() for p in ddpm.parameters())
 
 
-def test_a_script_without_its_data_says_what_to_pass():
-    _, returncode, _, stderr = finished("cifar10 script offline")
-    assert returncode == 1
-    (line,) = stderr.splitlines()
-    assert line.startswith("CIFAR-10 is not in ./data and could not be downloaded (")
-    assert line.endswith("): put it there, or pass --data-root DIR")
-    _, returncode, _, stderr = finished("celeba script without a folder")
-    assert returncode == 1
-    assert stderr.splitlines() == [
+def run_script_main(script, argv, monkeypatch):
+    """Run a notes' script's `__main__` in this process; return what it exits with."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    return exit_info.value.code
+
+
+def test_a_script_without_its_data_says_what_to_pass(
+    tmp_path, monkeypatch, no_network
+):
+    monkeypatch.chdir(tmp_path)
+    message = run_script_main("train_cifar10.py", ["--device", "cpu"], monkeypatch)
+    assert message.startswith("CIFAR-10 is not in ./data and could not be downloaded (")
+    assert message.endswith("): put it there, or pass --data-root DIR")
+    assert "\n" not in message
+    monkeypatch.delenv("CELEBA_PATH", raising=False)
+    assert run_script_main("train_celeba.py", ["--device", "cpu"], monkeypatch) == (
         "no images in no folder (no --data-root, no CELEBA_PATH): pass --data-root "
         "DIR, DIR/<subfolder>/*.jpg"
-    ]
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["--device", "cpu", "--data-root", str(empty)]
+    assert run_script_main("train_celeba.py", argv, monkeypatch) == (
+        f"no images in {empty}: pass --data-root DIR, DIR/<subfolder>/*.jpg"
+    )
 
 
-def test_the_trainer_without_a_folder_says_where_to_put_one():
-    _, returncode, _, stderr = finished("celeba trainer without a folder")
-    assert returncode == 2
-    assert stderr.splitlines() == [
+def test_the_trainer_without_a_folder_says_where_to_put_one(monkeypatch, capsys):
+    celeba = recipes.RECIPES["celeba"]
+    monkeypatch.setitem(recipes.RECIPES, "celeba", celeba._replace(data_root=None))
+    code, err = run_script("celeba", ["--device", "cpu"], capsys)
+    assert code == 2
+    assert err.splitlines() == [
         "python -m mindiffusion.train: error: no image folder given: pass --data-root "
         "DIR or set CELEBA_PATH (or run with --fake-data N)"
     ]
