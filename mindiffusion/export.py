@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> None:
         if os.path.exists(args.out):
             raise UserError(f"{args.out} already exists: choose another name")
         state = load_checkpoint(args.checkpoint)
+        if set(state) == {"model"}:
+            raise UserError(
+                f"{args.checkpoint} holds the weights alone, as a notes' script saves "
+                f"them: it is as small as an export, and mindiffusion.sample reads it"
+            )
         if not state.get("recipe"):
             raise UserError(
                 f"{args.checkpoint} has no recipe for its model, so an export of it "

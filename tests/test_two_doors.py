@@ -12,7 +12,7 @@ import train_celeba
 import train_cifar10
 import train_mnist
 from conftest import REPO, write_digits, write_faces
-from mindiffusion import sample, train
+from mindiffusion import export, sample, train
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import cli, recipes
 from mindiffusion.unet import NaiveUnet
@@ -139,4 +139,10 @@ def test_a_script_s_weights_sample_and_refuse_a_resume(
         f"--resume: {tmp_path / name} holds the weights alone, as a notes' script "
         f"saves them, and cannot be resumed: train with the trainer, whose "
         f"checkpoint can"
+    )
+    with pytest.raises(SystemExit):
+        export.main([str(tmp_path / name), str(tmp_path / "small.pth")])
+    assert capsys.readouterr().err.endswith(
+        "holds the weights alone, as a notes' script saves them: it is as small as an "
+        "export, and mindiffusion.sample reads it\n"
     )
