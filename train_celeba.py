@@ -84,7 +84,8 @@ def best_device(name: str) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     # the function's own parameters, n_epoch as --epochs, and --seed
     for name, param in inspect.signature(train_celeba).parameters.items():

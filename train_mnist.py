@@ -55,7 +55,6 @@ def train_mnist(
 ) -> None:
     ddpm = DDPM(eps_model=DummyEpsModel(1), betas=(1e-4, 0.02), n_T=n_T)
     ddpm.to(device)
-
     # [0, 1] -> [-0.5, 0.5]: centred, but not scaled to [-1, 1]
     tf = transforms.Compose(
         [transforms.ToTensor(), transforms.Normalize((0.5,), (1.0,))]
@@ -105,7 +104,8 @@ def best_device(name: str) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     # the function's own parameters, n_epoch as --epochs, and --seed
     for name, param in inspect.signature(train_mnist).parameters.items():
