@@ -262,6 +262,13 @@ def test_the_laptop_preset_takes_the_notes_model_when_asked():
     )
 
 
+def test_the_recipe_is_the_dataset_argparse_reads_wherever_it_stands():
+    # "mnist" is a folder here, the dataset cifar10
+    _, settings = cli.parse(["--out", "mnist", "cifar10"], "")
+    assert (settings["dataset"], settings["out"]) == ("cifar10", "mnist")
+    assert (settings["batch_size"], settings["lr"]) == (512, 1e-5)
+
+
 def test_the_laptop_preset_is_mnist_s(capsys):
     code, line, _ = train("cifar10", ["--laptop"], capsys)
     assert (code, line) == (

@@ -57,10 +57,12 @@ def parser_for(
 
 def parse(argv: list[str], description: str) -> tuple[argparse.ArgumentParser, dict]:
     """The parser and the settings of the command line argv, checked."""
-    # the dataset named, whose recipe gives the defaults that --help shows
-    dataset = next((word for word in argv if word in RECIPES), "mnist")
+    # the dataset named, whose recipe gives the defaults that --help shows: guessed
+    # from the words for --help, then read as argparse reads it, since a word such
+    # as --out mnist may come before it
+    guess = next((word for word in argv if word in RECIPES), "mnist")
+    dataset = parser_for(guess, description).parse_args(argv).dataset
     parser = parser_for(dataset, description)
-    parser.parse_args(argv)
     given = vars(parser_for(dataset, description, given_only=True).parse_args(argv))
     settings = settings_of(dataset)
     if given.pop("laptop", False):
