@@ -16,7 +16,6 @@ them, the record of each epoch, OUT/ddpm_mnist_log.csv. A stop signal (Ctrl-C,
 SIGTERM, SLURM's SIGUSR1) saves after the step under way and stops.
 """
 import contextlib
-import math
 import os
 import sys
 import time
@@ -37,6 +36,7 @@ from mindiffusion.training.data import (
 )
 from mindiffusion.training.devices import (
     autocast_dtype,
+    cuda_of,
     distribute,
     fast_settings,
     gather,
@@ -222,8 +222,10 @@ def train(dataset: str, **given) -> DDPM:
                     # step's weights, saved first; drawn from forked generators, so
                     # that the run trains the same whenever its grids come
                     minutes = (time.monotonic() - drawn_clock) / 60
-                    due = minutes >= (args.grid_minutes or math.inf)
-                    if largest(int(due and not signals.received)):
+                    due = bool(args.grid_minutes) and minutes >= args.grid_minutes
+                    due = due and not signals.received
+                    # under torchrun, the ranks meet for it only under --grid-minutes
+                    if args.grid_minutes and largest(int(due)):
                         checkpoint.save(i, batches)
                         if process_rank() == 0:
                             grid = grids.step_path(recipe.grids, args.out, i, batches)
@@ -324,11 +326,6 @@ def take_fast_path(args: SimpleNamespace, device: torch.device) -> None:
     ]
     taken = " ".join(words) or "nothing, for nothing measured pays there yet"
     say(f"--fast on {device.type}: {taken}")
-
-
-def cuda_of(device: torch.device) -> list:
-    """The CUDA devices whose generators a fork of the random state takes."""
-    return [device] if device.type == "cuda" else []
 
 
 if __name__ == "__main__":

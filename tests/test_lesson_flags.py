@@ -96,6 +96,21 @@ def test_each_script_draws_its_grid_within_the_epoch(
     assert drawn == sorted([grid.format(0), step_grid])
 
 
+@pytest.mark.parametrize("minutes", [[], ["--grid-minutes", "60"]])
+def test_the_ranks_meet_for_grid_minutes_only_under_it(
+    minutes, stand_in, tmp_path, capsys, monkeypatch
+):
+    # what the ranks compare, in the order they compare it: signals are 0, grids 0/1
+    met = []
+    monkeypatch.setattr(trainer, "largest", lambda value: met.append(value) or value)
+    argv = [*FLAGS.split(), *SMALL_MNIST, "--epochs", "1", "--out", str(tmp_path)]
+    assert train("mnist", [*argv, *minutes], capsys)[0] == 0
+    # steps 1 to 3 of 4 meet for a stop signal, and under --grid-minutes first for
+    # the grid; the epoch's end meets for a signal once more
+    per_step = [0, 0] if minutes else [0]
+    assert met == per_step * 3 + [0]
+
+
 def test_the_command_line_hands_the_laptop_preset_to_the_run(monkeypatch):
     seen = {}
     monkeypatch.setattr(trainer, "train", lambda **kw: seen.update(kw))

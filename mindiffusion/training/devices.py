@@ -166,6 +166,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cuda_of(device: torch.device) -> list[torch.device]:
+    """The CUDA devices whose generators a fork of the random state takes: the
+    device itself on CUDA, none elsewhere."""
+    return [device] if device.type == "cuda" else []
+
+
 def usable_cpus() -> int:
     """The CPU cores this process may run on, which a SLURM job or a container may
     hold to fewer than the machine has; the machine's where the system cannot say."""

@@ -15,6 +15,7 @@ from mindiffusion.ddim import DDIM
 from mindiffusion.ddpm import DDPM
 from mindiffusion.training import progress, signals
 from mindiffusion.training.data import denormalize, grid_classes, kept_walk
+from mindiffusion.training.devices import cuda_of
 from mindiffusion.training.files import write_atomically
 from mindiffusion.training.flags import UserError
 
@@ -110,12 +111,11 @@ def random_state_after(sampler: DDPM, n_sample: int, size, device, c,
     was. How many numbers a walk draws only the sampler knows (DDPM's or DDIM's,
     guided or not), so it walks once with a model of zeros: the same draws as the
     grid's, on the same generators, with no network."""
-    on_cuda = torch.device(device).type == "cuda"
-    cuda = [torch.device(device)] if on_cuda else []
+    cuda = cuda_of(torch.device(device))
     with torch.random.fork_rng(devices=cuda), zeros_for(sampler):
         sampler.sample(n_sample, size, device, c, guide_w)
         after_cpu = torch.get_rng_state()
-        after_cuda = torch.cuda.get_rng_state(device) if on_cuda else None
+        after_cuda = torch.cuda.get_rng_state(device) if cuda else None
     return after_cpu, after_cuda
 
 
