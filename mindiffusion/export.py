@@ -14,7 +14,11 @@ import os
 
 import torch
 
-from mindiffusion.training.files import load_checkpoint, write_atomically
+from mindiffusion.training.files import (
+    load_checkpoint,
+    weights_alone,
+    write_atomically,
+)
 from mindiffusion.training import flags
 from mindiffusion.training.flags import UserError
 
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         if os.path.exists(args.out):
             raise UserError(f"{args.out} already exists: choose another name")
         state = load_checkpoint(args.checkpoint)
-        if set(state) == {"model"}:
+        if weights_alone(state):
             raise UserError(
                 f"{args.checkpoint} holds the weights alone, as a notes' script saves "
                 f"them: it is as small as an export, and mindiffusion.sample reads it"

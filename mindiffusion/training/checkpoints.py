@@ -18,7 +18,12 @@ from torch.optim.swa_utils import AveragedModel
 
 from mindiffusion.training.devices import gather, process_rank, say, world_size
 from mindiffusion.training.data import EpochOrder
-from mindiffusion.training.files import Record, load_checkpoint, write_atomically
+from mindiffusion.training.files import (
+    Record,
+    load_checkpoint,
+    weights_alone,
+    write_atomically,
+)
 from mindiffusion.training.flags import UserError
 
 
@@ -251,7 +256,7 @@ RECIPE_FLAGS = {
 def refuse_an_export(path: str, state: dict) -> None:
     """An export, or a notes' script's save, holds the weights alone: no optimizer,
     no random state to resume."""
-    if "optimizer" not in state and "recipe" not in state:
+    if weights_alone(state):
         raise UserError(
             f"--resume: {path} holds the weights alone, as a notes' script saves "
             f"them, and cannot be resumed: train with the trainer, whose checkpoint "

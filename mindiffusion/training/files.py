@@ -191,6 +191,12 @@ def load_checkpoint(path: str) -> dict:
     return state
 
 
+def weights_alone(state: dict) -> bool:
+    """Whether a checkpoint that load_checkpoint read is the weights alone, as a
+    notes' script saves them: no recipe, optimizer or random state beside them."""
+    return set(state) == {"model"}
+
+
 FIELDS = ("epoch", "step", "loss", "lr", "images_per_s", "seconds")
 
 
