@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         "paper (default: 50, or n_T if less)")
     add("--eta", type=flags.eta, help="DDIM's noise, 0 to 1 (default: 0)")
     add("--raw-walk", action="store_true", help=flags.RAW_WALK_HELP)
+    add("--unit-eps", action="store_true", help=flags.UNIT_EPS_HELP)
     add("--guide-w", type=flags.guidance_weight, metavar="W",
         help=f"for a --cond checkpoint: the guidance weight; the paper's best FIDs "
         f"came at small weights (default: {GUIDE_W})")
@@ -243,10 +244,10 @@ def main(argv: list[str] | None = None) -> None:
         help="where the training set's statistics are kept (default: %(default)s)")
     add("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     args = parser.parse_args(argv)
-    ddim_flags = (args.steps, args.eta, args.raw_walk) != (None, None, False)
-    if args.sampler == "ddpm" and ddim_flags:
-        parser.error("--steps, --eta and --raw-walk are DDIM's: add --sampler "
-                     "ddim, or drop them")
+    ddim_flags = (args.steps, args.eta, args.raw_walk, args.unit_eps)
+    if args.sampler == "ddpm" and ddim_flags != (None, None, False, False):
+        parser.error("--steps, --eta, --raw-walk and --unit-eps are DDIM's: add "
+                     "--sampler ddim, or drop them")
     if args.features == "digits" and args.inception_weights:
         parser.error("--inception-weights: --features digits reads no Inception")
     if args.json and not os.path.isdir(os.path.dirname(args.json) or "."):
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         device = resolve_device(args.device)
         ddpm, recipe = load_ddpm(
             args.checkpoint, args.sampler, None, args.eta or 0.0, args.use_ema,
-            args.raw_walk,
+            args.raw_walk, args.unit_eps,
         )
         if args.features == "digits" and recipe["image_size"][0] != 1:
             raise UserError(f"--features digits: {args.checkpoint} has no MNIST digits")
@@ -323,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         figures = dict(
             checkpoint=args.checkpoint, n=args.n, sampler=args.sampler,
             eta=getattr(ddpm, "eta", None), raw_walk=args.raw_walk,
+            unit_eps=args.unit_eps,
             ema=recipe["averaged"], guide_w=guide_w if conditional else None,
             reference=name, reference_images=len(dataset), extractor=extractor.name,
             results=results,
@@ -334,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"{parser.prog}: error: {err}\n")
     walk = f", eta={ddpm.eta}" if args.sampler == "ddim" else ""
     walk += ", raw walk" if args.raw_walk else ""
+    walk += ", unit eps" if args.unit_eps else ""
     guidance = f", guide_w={guide_w}" if conditional else ""
     print(f"FID: {last['fid']:.4f} (n={args.n}, sampler={args.sampler}, "
           f"steps={last['steps']}{walk}{guidance})")

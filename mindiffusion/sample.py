@@ -13,9 +13,10 @@ From a checkpoint trained with --cond, --class draws the classes it names, a row
 --n images each, with classifier-free guidance; without --class it draws from the
 null class, unconditionally. DDIM walks 50 steps unless --steps says otherwise, at
 eta 0, the deterministic walk, by default. Each of its steps keeps the model's x_0
-within the data's range and eps at the scale of a noise draw, without which
-NaiveUnet, blind to its input's scale, drifts into static at eta 0; --raw-walk shows
-that walk (docs/sampling.md).
+within the data's range, as the papers' released samplers do (--raw-walk: as the
+model alone walks). --unit-eps adds a rule of this repository's own, eps scaled to
+the deviation of a noise draw, which keeps NaiveUnet, blind to its input's scale,
+out of static at eta 0 (docs/sampling.md).
 """
 import argparse
 import itertools
@@ -51,11 +52,12 @@ def load_ddpm(
     eta: float,
     use_ema: bool,
     raw_walk: bool = False,
+    unit_eps: bool = False,
 ) -> tuple[DDPM, dict]:
     """The checkpoint's DDPM (or, for sampler "ddim", a DDIM of `steps` steps, by
     default 50 or n_T if it has fewer) and its recipe, with "averaged" added: whether
-    the weights are an --ema average. The DDIM keeps x_0 within the data's range and
-    eps at its scale, unless `raw_walk`."""
+    the weights are an --ema average. The DDIM keeps x_0 within the data's range,
+    unless `raw_walk`, and with `unit_eps` each sample's eps at unit deviation."""
     state = load_checkpoint(path)
     recipe = state.get("recipe") or notes_recipe(path, state["model"])
     if not recipe or recipe.get("eps_model") not in EPS_MODELS:
@@ -72,8 +74,9 @@ def load_ddpm(
         steps = min(50, n_T) if steps is None else steps
         if steps > n_T:
             raise UserError(f"--steps {steps} is more than the model's n_T = {n_T}")
+        walk = kept_walk(recipe["normalize"], raw_walk, unit_eps)
         ddpm = DDIM(eps_model, betas, n_T, eta=eta, n_steps=steps,
-                    n_classes=n_classes, **kept_walk(recipe["normalize"], raw_walk))
+                    n_classes=n_classes, **walk)
     else:
         ddpm = DDPM(eps_model, betas, n_T, n_classes=n_classes)
 
@@ -159,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         help="DDIM's noise, from 0 (none) to 1 (the posterior variance of the DDPM "
         "paper, a little below the beta_t that --sampler ddpm adds) (default: 0)")
     add("--raw-walk", action="store_true", help=flags.RAW_WALK_HELP)
+    add("--unit-eps", action="store_true", help=flags.UNIT_EPS_HELP)
     add("--device", default="cuda", metavar="NAME", help=flags.DEVICE_HELP)
     add("--seed", type=flags.seed, metavar="N",
         help="seed for torch's random numbers (default: unseeded)")
@@ -178,8 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.sampler == "ddpm" and (args.steps, args.eta) != (None, None):
         parser.error("--steps and --eta are DDIM's: add --sampler ddim, or drop them")
-    if args.sampler == "ddpm" and args.raw_walk:
-        parser.error("--raw-walk is DDIM's: add --sampler ddim, or drop it")
+    if args.sampler == "ddpm" and (args.raw_walk or args.unit_eps):
+        parser.error("--raw-walk and --unit-eps are DDIM's: add --sampler ddim, or "
+                     "drop them")
     if args.eta is None:
         args.eta = 0.0
     if not 0 <= args.eta <= 1:
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         device = resolve_device(args.device)
         ddpm, recipe = load_ddpm(
             args.checkpoint, args.sampler, args.steps, args.eta, args.use_ema,
-            args.raw_walk,
+            args.raw_walk, args.unit_eps,
         )
         labels = classes_wanted(args, recipe)
         stem = os.path.splitext(args.checkpoint)[0]

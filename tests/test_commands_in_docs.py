@@ -1,9 +1,10 @@
-"""The commands the README and the lab sheet give a student: each one line that bash
+"""The commands the pages and the scripts' docstrings give: each one line that bash
 and PowerShell run alike; and each of the repository's commands on every page takes
 its flags, checked against the parser of the door it names (a notes' script, or the
 trainer and the other `python -m mindiffusion...` commands), so that a renamed flag
 fails here rather than in a lesson."""
 import argparse
+import ast
 import importlib
 import re
 import runpy
@@ -14,38 +15,73 @@ import pytest
 
 from conftest import REPO
 
-DOCS = ["README.md", "docs/lab.md"]
-# what only one shell reads: a line continued, a variable, a pipe or a chain, and
-# the commands a Windows student lacks
-SHELL_ONLY = re.compile(r"\\$|\$|\||&&|;|`|^\s*\w+=|^\s*(timeout|export|sudo)\b")
+# what only one shell reads: a line continued, a variable, a substitution, a pipe or
+# a chain, a variable set before a command, and the commands PowerShell lacks
+SHELL_ONLY = re.compile(r"\\$|\$|\||&&|;|`|^\s*\w+=\S*|^\s*(timeout|export|sudo)\b")
+# the blocks of commands: plain, bash or PowerShell; not Python, CSV or output text
+SHELLS = ("", "bash", "sh", "console", "powershell")
+# every page that gives commands, and the scripts, whose docstrings give theirs
+PAGES = ["README.md", "contents/README.md"] + sorted(
+    f"docs/{page.name}" for page in (REPO / "docs").glob("*.md")
+)
+SCRIPTS = ["train_mnist.py", "train_cifar10.py", "train_celeba.py"]
 
 
-def fenced_lines(name: str, joined: bool = False) -> list[str]:
-    """Each line of the fenced code blocks of a Markdown file, comments dropped;
-    `joined`, each line continued with a backslash joined to the next."""
-    text = (REPO / name).read_text()
-    lines = []
-    for block in re.findall(r"```(?:bash)?\n(.*?)```", text, re.S):
-        if joined:
-            block = block.replace("\\\n", " ")
-        for line in block.splitlines():
-            line = line.split(" #")[0].strip()
-            if line and not line.startswith("#"):
-                lines.append(line)
+def fenced_lines(text: str) -> list[str]:
+    """Each line of the shell blocks of Markdown text, comments dropped; a block
+    that starts with #! is a file's text, such as a SLURM batch file, not lines to
+    paste."""
+    lines, language, block = [], None, []
+    for line in text.splitlines():
+        fence = re.match(r"\s*```(\w*)", line)
+        if fence and language is None:
+            language, block = fence.group(1), []
+        elif fence:
+            if language in SHELLS and not (block and block[0].startswith("#!")):
+                lines += [kept for kept in map(command_of, block) if kept]
+            language = None
+        else:
+            block.append(line)
     return lines
 
 
-COMMANDS = [(name, line) for name in DOCS for line in fenced_lines(name)]
-# every page that gives commands
-PAGES = [*DOCS, "contents/README.md"] + sorted(
-    f"docs/{page.name}" for page in (REPO / "docs").glob("*.md")
-    if f"docs/{page.name}" not in DOCS
-)
+def command_of(line: str) -> str:
+    """A line of a block without its comment: empty for a comment line."""
+    return "" if line.lstrip().startswith("#") else line.split(" #")[0].strip()
+
+
+def docstring_lines(name: str) -> list[str]:
+    """The commands a script's docstring gives, in backquotes or on lines of their
+    own: each from `python` to the quote or the line's end."""
+    doc = ast.get_docstring(ast.parse((REPO / name).read_text()))
+    commands = re.findall(r"(?:^|`)\s*(python [^`\n]*)", doc, re.M)
+    return [command.strip() for command in commands]
+
+
+COMMANDS = [
+    *((name, line) for name in PAGES
+      for line in fenced_lines((REPO / name).read_text())),
+    *((name, line) for name in SCRIPTS for line in docstring_lines(name)),
+]
 
 
 @pytest.mark.parametrize("name, line", COMMANDS)
 def test_each_command_is_one_line_for_any_shell(name, line):
     assert not SHELL_ONLY.search(line), (name, line)
+
+
+def test_a_planted_continuation_or_prefix_is_caught():
+    page = (REPO / "docs/guidance.md").read_text()
+    assert not any(SHELL_ONLY.search(line) for line in fenced_lines(page))
+    # a flag moved to a line of its own, as a bash user would write it
+    planted = page.replace(" --guide-w 0\n", " \\\n    --guide-w 0\n", 1)
+    assert planted != page
+    assert any(SHELL_ONLY.search(line) for line in fenced_lines(planted))
+    assert SHELL_ONLY.search("CELEBA_PATH=faces python train_celeba.py")
+    assert SHELL_ONLY.search("timeout 300 python -m mindiffusion.train mnist")
+    assert not SHELL_ONLY.search(".venv\\Scripts\\Activate.ps1")
+    # a SLURM batch file is a file's text, not lines to paste
+    assert fenced_lines("```bash\n#!/bin/bash\nX=$(date)\n```\n") == []
 
 
 class Parsed(Exception):
@@ -77,8 +113,8 @@ def dry_parse(monkeypatch, words: list[str]) -> None:
 
 
 OURS = [
-    (name, line) for name in PAGES for line in fenced_lines(name, joined=True)
-    if line.startswith(("python -m mindiffusion", "python train_"))
+    (name, line) for name, line in COMMANDS
+    if name in PAGES and line.startswith(("python -m mindiffusion", "python train_"))
 ]
 
 

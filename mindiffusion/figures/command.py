@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--seed", type=flags.seed, default=0, metavar="N",
         help="seed of the noise and the samples (default: %(default)s)")
     add("--raw-walk", action="store_true", help=flags.RAW_WALK_HELP)
+    add("--unit-eps", action="store_true", help=flags.UNIT_EPS_HELP)
     add("--device", default="cuda", metavar="NAME", help=flags.DEVICE_HELP)
     args = parser.parse_args(argv)
     record = args.record or os.path.splitext(args.checkpoint)[0] + "_log.csv"
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     size, normalize = recipe["image_size"], recipe["normalize"]
     ts = timesteps(ddpm.n_T)
-    kept = kept_walk(normalize, args.raw_walk)
+    kept = kept_walk(normalize, args.raw_walk, args.unit_eps)
     n_classes = recipe.get("n_classes")
     # the rows' labels: MNIST's "3 - three" as 3
     names = [str(name).split(" - ")[0] for name in recipe.get("classes") or []]
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         ddim = DDIM.of(ddpm, min(50, ddpm.n_T), eta=1.0, **kept)
         with progress.timesteps(ddim, "samples to noise"):
             x0 = ddim.sample(N_IMAGES, size, device, c, GUIDE_W)
-        source = f"samples of the model (DDIM, {ddim.n_steps} steps, eta 1{guided})"
+        source = (f"samples of the model (DDIM, {ddim.n_steps} steps, eta 1, "
+                  f"{walk_rule(ddim)}{guided})")
     rows = None if c is None else [names[k] for k in c.tolist()]
     x_t, _ = forward_noising(x0, ddpm, ts, args.seed)
     write(plot_walk, denormalize(x_t, normalize), ts,
@@ -180,9 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     walk_ts = sorted(set(ts) | set(gif_ts), reverse=True)
     with torch.no_grad(), progress.timesteps(ddpm, "reverse walk"):
         walk = reverse_walk(ddpm, GIF_IMAGES, size, device, walk_ts, labels(GIF_IMAGES))
-        picked = [walk_ts.index(t) for t in sorted(ts, reverse=True)]
-        # x_t beside the model's x_0 at each t, for the first images of the walk
-        states = walk[picked, :X0_IMAGES]
+    picked = [walk_ts.index(t) for t in sorted(ts, reverse=True)]
+    # x_t beside the model's x_0 at each t, for the first images of the walk, after
+    # the walk's bar, which counts the walk's calls alone
+    states = walk[picked, :X0_IMAGES]
+    with torch.no_grad():
         guesses = predicted_x0(ddpm, states, sorted(ts, reverse=True),
                                labels(GIF_IMAGES)[:X0_IMAGES] if n_classes else None)
     side_by_side = torch.stack([states, guesses], dim=2).flatten(1, 2)
@@ -216,6 +220,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {path}")
 
 
+def walk_rule(ddim: DDIM) -> str:
+    """Which of DDIM's walks drew a panel, for its title: the papers' own, which
+    keeps x_0 within the data's range, or the raw one, and --unit-eps's rule."""
+    rule = "x_0 kept in range" if ddim.x0_range is not None else "raw, x_0 not kept"
+    return rule + (", eps at unit deviation" if ddim.unit_eps else "")
+
+
 def guidance_figure(ddim: DDIM, recipe: dict, device) -> tuple:
     """The guidance sweep of a conditional model, walked by `ddim`: the first class
     at each weight of SWEEP_WEIGHTS, a row each, labelled with the share the digit
@@ -234,7 +245,8 @@ def guidance_figure(ddim: DDIM, recipe: dict, device) -> tuple:
                   for label, share in zip(labels, shares)]
     name = (recipe.get("classes") or ["0"])[0]
     title = (f"class {name}, guided with w = {', '.join(map(str, SWEEP_WEIGHTS))}: "
-             f"(1 + w) eps(x, c) - w eps(x, null)")
+             f"(1 + w) eps(x, c) - w eps(x, null)\n(DDIM, eta 0, {ddim.n_steps} "
+             f"steps, {walk_rule(ddim)})")
     # (weights, n, C, H, W) -> a column for each sample, a row for each weight
     return images.transpose(0, 1), [""] * SWEEP_SAMPLES, title, labels
 
@@ -252,12 +264,12 @@ def deterministic_figures(
     labels to invert; the interpolation draws from the null class, unguided."""
     normalize = recipe["normalize"]
     size = recipe["image_size"]
-    raw = "" if ddim.x0_range is not None else ", raw"
-    walk = f"DDIM, eta 0, {ddim.n_steps} steps{raw}"
+    walk = f"DDIM, eta 0, {ddim.n_steps} steps, {walk_rule(ddim)}"
     guide_w = 0.0 if c is None else GUIDE_W
     # the null class for a conditional model, as conditioning gives it with no class
     null, _ = ddim.conditioning(PAIRS, None, 0.0, device)
-    counts = [k for k in deterministic.STEP_COUNTS if k <= ddim.n_T]
+    # the counts that fit the model's n_T, which stands in for those above it
+    counts = sorted({min(k, ddim.n_T) for k in deterministic.STEP_COUNTS})
     # the model's calls: each frame's walk, each count's, and the walk up and down
     calls = (deterministic.FRAMES + 2) * ddim.n_steps + sum(counts)
     with progress.timesteps(ddim, "deterministic walks", calls=calls):
@@ -277,7 +289,8 @@ def deterministic_figures(
         ),
         "consistency.png": (
             denormalize(same, normalize), [f"{k} steps" for k in counts],
-            f"the same x_T in {', '.join(map(str, counts))} steps (DDIM, eta 0)",
+            f"the same x_T in {', '.join(map(str, counts))} steps\n(DDIM, eta 0, "
+            f"{walk_rule(ddim)})",
         ),
         "inversion.png": (
             denormalize(torch.stack([x0, found, back]), normalize),

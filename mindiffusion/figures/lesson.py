@@ -235,7 +235,9 @@ def plot_loss_per_t(
     fig = Figure(figsize=(10, 4), dpi=DPI, layout="constrained")
     left, right = fig.subplots(1, 2)
     left.plot(ts, losses.cpu(), marker=".")
-    left.set_ylabel(r"$\| \epsilon - \epsilon_\theta(x_t, t) \|^2$ (log scale)")
+    left.set_ylabel(
+        r"per-pixel mean of $(\epsilon - \epsilon_\theta(x_t, t))^2$ (log scale)"
+    )
     left.set_title(title)
     # SNR(t) = \bar\alpha_t / (1 - \bar\alpha_t), from t = 1: infinite at t = 0
     t = torch.arange(1, len(alphabar))
@@ -255,5 +257,7 @@ def plot_loss(epochs: list[int], losses: list[float], path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("mean training loss (log scale)")
-    ax.set_title(r"$\| \epsilon - \epsilon_\theta(x_t, t) \|^2$ over training")
+    ax.set_title(
+        r"per-pixel mean of $(\epsilon - \epsilon_\theta(x_t, t))^2$ over training"
+    )
     fig.savefig(path)

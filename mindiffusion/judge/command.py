@@ -41,7 +41,7 @@ def sample_checkpoint(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Ten
     was trained with --cond, and the digits asked for (None: unconditional)."""
     steps = args.steps if args.sampler == "ddim" else None
     ddpm, recipe = load_ddpm(
-        args.input, args.sampler, steps, args.eta, True, args.raw_walk
+        args.input, args.sampler, steps, args.eta, True, args.raw_walk, args.unit_eps
     )
     if args.sampler == "ddim" and steps is None:
         # the default's steps, or the model's n_T where it has fewer
@@ -73,10 +73,11 @@ def sample_checkpoint(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Ten
 
 
 # the flags of each use of the command, which the other uses refuse, not ignore
-SAMPLING = ("n", "sampler", "steps", "eta", "raw_walk", "guide_w", "seed", "device")
+SAMPLING = ("n", "sampler", "steps", "eta", "raw_walk", "unit_eps", "guide_w", "seed",
+            "device")
 TRAINING = ("per_class", "epochs", "out")
-DEFAULTS = dict(sampler="ddim", eta=0.0, raw_walk=False, seed=0, device="cpu",
-                epochs=25)
+DEFAULTS = dict(sampler="ddim", eta=0.0, raw_walk=False, unit_eps=False, seed=0,
+                device="cpu", epochs=25)
 # DDIM's steps where --steps is not given, or the model's n_T if fewer
 STEPS = 20
 
@@ -104,7 +105,7 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     refuse(SAMPLING if args.train or grid else (), "is for sampling a checkpoint")
     refuse(() if args.train else TRAINING, "is for --train")
     if args.sampler == "ddpm":
-        refuse(("steps", "eta", "raw_walk"),
+        refuse(("steps", "eta", "raw_walk", "unit_eps"),
                "is DDIM's: add --sampler ddim, or drop it")
     for name, value in DEFAULTS.items():
         if getattr(args, name) is None:
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--steps", type=flags.at_least(1), help="DDIM's steps (default: 20)")
     add("--eta", type=flags.eta, help="DDIM's noise, 0 to 1 (default: 0)")
     add("--raw-walk", action="store_true", default=None, help=flags.RAW_WALK_HELP)
+    add("--unit-eps", action="store_true", default=None, help=flags.UNIT_EPS_HELP)
     add("--guide-w", type=flags.guidance_weight, metavar="W",
         help=f"the guidance weight, for a --cond checkpoint (default: {GUIDE_W})")
     add("--seed", type=flags.seed, metavar="N",

@@ -16,7 +16,7 @@ DEFAULTS = dict(
     num_workers=min(16, usable_cpus()), resume=False, fake_data=None, per_class=None,
     fast=False, amp=None, channels_last=False, compile=False, ema=None,
     ema_warmup=True, save_every=1000, grad_clip=None, grid_every=1, grid_minutes=None,
-    grid_sampler="ddpm", grid_steps=None, cond=False, p_uncond=0.1, guide_w=2.0,
+    grid_sampler="ddpm", grid_steps=None, unit_eps=False, cond=False, p_uncond=0.1, guide_w=2.0,
 )
 
 
@@ -46,7 +46,11 @@ def parser_for(
                         help="whose recipe to train: the notes' script of that name")
     for key, (flag, options, text) in FLAGS.items():
         parser.add_argument(flag, dest=key, help=text, **options)
-    words = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in LAPTOP.items())
+    # the preset as flags that parse: a switch alone, other flags with their value
+    words = " ".join(
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        for k, v in LAPTOP.items()
+    )
     parser.add_argument("--laptop", action="store_true",
                         help=f"MNIST's lesson, a small UNet for a laptop's CPU or a "
                         f"Mac's GPU: {words}; flags given as well win")
@@ -81,6 +85,8 @@ def parse(argv: list[str], description: str) -> tuple[argparse.ArgumentParser, d
         if steps_given:
             parser.error("--grid-steps is DDIM's: add --grid-sampler ddim, or drop it")
         settings["grid_steps"] = None
+    if settings["grid_sampler"] == "ddpm" and settings["unit_eps"]:
+        parser.error("--unit-eps is DDIM's: add --grid-sampler ddim, or drop it")
     if (settings["grid_steps"] or 0) > settings["n_T"]:
         steps, n_T = settings["grid_steps"], settings["n_T"]
         if steps_given:

@@ -198,11 +198,14 @@ def data_range(normalize) -> tuple[float, float]:
     return float(((0 - mean) / std).min()), float(((1 - mean) / std).max())
 
 
-def kept_walk(normalize, raw: bool = False) -> dict:
-    """A DDIM's arguments for the kept walk of a model trained with Normalize(mean,
-    std): x_0 within the data's range and eps at the scale of a noise draw
-    (ddim.py); with `raw`, none, the walk as the model alone takes it."""
-    return {} if raw else dict(x0_range=data_range(normalize), unit_eps=True)
+def kept_walk(normalize, raw: bool = False, unit_eps: bool = False) -> dict:
+    """A DDIM's arguments for the walk of a model trained with Normalize(mean, std):
+    by default the published one, x_0 kept within the data's range and eps
+    re-derived from it; with `raw`, the walk as the model alone takes it; with
+    `unit_eps`, this repository's own rule on top, each sample's eps scaled to the
+    deviation of a noise draw (ddim.py)."""
+    x0_range = None if raw else data_range(normalize)
+    return dict(x0_range=x0_range, unit_eps=unit_eps)
 
 
 def denormalize(x: torch.Tensor, normalize) -> torch.Tensor:

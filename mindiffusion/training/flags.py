@@ -78,8 +78,13 @@ def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 # the help of the flags that the sampling commands share
 RAW_WALK_HELP = (
-    "DDIM as the model alone walks it: x_0 not kept within the data's range, eps "
-    "not kept at its scale (default: kept)"
+    "DDIM as the model alone walks it: x_0 not kept within the data's range "
+    "(default: kept, as the papers' released samplers keep it)"
+)
+UNIT_EPS_HELP = (
+    "this repository's own rule, not a paper's: also scale each sample's eps to "
+    "the deviation 1 of a noise draw at every DDIM step, which keeps NaiveUnet "
+    "on the walk at eta 0 (default: off)"
 )
 DEVICE_HELP = (
     "cpu, cuda, cuda:N or mps; falls back as the trainer does "
@@ -171,6 +176,8 @@ FLAGS = {
     "grid_steps": ("--grid-steps", dict(type=at_least(1), metavar="N"),
                    "with --grid-sampler ddim, its steps, at most --n-T (default: 50, "
                    "or n_T if less)"),
+    "unit_eps": ("--unit-eps", dict(action="store_true"),
+                 "with --grid-sampler ddim, " + UNIT_EPS_HELP),
     "cond": ("--cond", dict(action="store_true"),
              "train class-conditionally, with classifier-free guidance: on the "
              "dataset's labels (an image folder's subfolders) (default: off)"),

@@ -28,9 +28,10 @@ def sampler_for(ddpm: DDPM, args, normalize, n_sample: int, device):
     if args.grid_sampler == "ddim":
         # 50 steps by default, as mindiffusion.sample takes; eta 1, the noise of
         # DDPM's posterior, which keeps a young model's samples clean; x_0 kept
-        # within the data's range and eps at its scale, as sample keeps them
+        # within the data's range, as sample keeps it
         steps = args.grid_steps or min(50, ddpm.n_T)
-        ddpm = DDIM.of(ddpm, steps, eta=1.0, **kept_walk(normalize))
+        kept = kept_walk(normalize, unit_eps=args.unit_eps)
+        ddpm = DDIM.of(ddpm, steps, eta=1.0, **kept)
     if ddpm.n_classes is None:
         return ddpm, n_sample, None
     c = grid_classes(ddpm.n_classes, 4, device)
