@@ -1,8 +1,8 @@
 """The notes' NaiveUnet DDPM on CelebA at 128x128 (section 3.1), as the notes write
-it: `python train_celeba.py --data-root DIR` (or the environment variable CELEBA_PATH
-set to DIR), the images in DIR/<subfolder>/*.jpg, trains 100 epochs on cuda:1. Each epoch writes 8 samples above
-8 real faces, OUT/ddpm_sample_celeba{epoch:03d}.png, and OUT/ddpm_celeba.pth. The
-rest is the trainer's: python -m mindiffusion.train celeba --help."""
+it: `python train_celeba.py --data-root DIR` (or CELEBA_PATH set in the environment),
+the images in DIR/<subfolder>/*.jpg, trains 100 epochs on cuda:1. Each epoch writes
+8 samples above 8 real faces, OUT/ddpm_sample_celeba{epoch:03d}.png, and
+OUT/ddpm_celeba.pth. The rest is the trainer's: python -m mindiffusion.train -h"""
 import argparse
 import inspect
 import os

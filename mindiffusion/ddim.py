@@ -5,11 +5,13 @@ it walks a few evenly spaced timesteps from n_T down to 0, and with eta = 0 no n
 is added on the way. A DDPM checkpoint loads into `DDIM` as it is.
 
 With `x0_range`, the data's range, each step keeps the model's x_0 within it and
-re-derives eps from the kept x_0, as Ho et al.'s released sampler clips x_0
-(`clip_denoised`) and lucidrains' `ddim_sample` re-derives the noise; with
-`unit_eps`, the eps of each sample is then scaled to the standard deviation 1 that a
-draw of N(0, I) has. A noise model that cannot see its input's scale, such as the
-notes' NaiveUnet, then stays on the walk at eta 0 (docs/sampling.md).
+re-derives eps from the kept x_0: the published walk, as Ho et al.'s released
+sampler clips x_0 (`clip_denoised`), diffusers' DDIMScheduler with `clip_sample` and
+`use_clipped_model_output`, and lucidrains' `ddim_sample`. With `unit_eps`, a rule of
+this repository's own, the eps of each sample is then scaled to the standard
+deviation 1 that a draw of N(0, I) has: a noise model that cannot see its input's
+scale, such as the notes' NaiveUnet, then stays on the walk at eta 0
+(docs/sampling.md).
 """
 import torch
 import torch.nn as nn

@@ -98,6 +98,11 @@ class DDPM(nn.Module):
         if self.n_classes is None:
             # || \epsilon - \epsilon_\theta(x_t, t) ||^2, with t scaled to (0, 1]
             return self.criterion(eps, self.eps_model(x_t, t / self.n_T))
+        if c is None:
+            raise ValueError(
+                f"this DDPM has n_classes={self.n_classes}: pass the labels, "
+                f"ddpm(x, c) with c of shape (B,)"
+            )
         # each label becomes the null class with probability p_uncond, so that one
         # model learns both \epsilon(x_t, c) and \epsilon(x_t, \varnothing)
         dropped = torch.rand(c.shape, device=c.device) < self.p_uncond

@@ -40,7 +40,7 @@ from mindiffusion.training.data import (
 )
 from mindiffusion.training.devices import resolve_device
 from mindiffusion.training.flags import UserError
-from mindiffusion.training.files import write_or_explain
+from mindiffusion.training.files import cannot_write_in, write_or_explain
 
 # where torch-fidelity's download of the Inception weights comes from
 INCEPTION_URL = (
@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--json {args.json}: its folder does not exist")
     if args.json and os.path.exists(args.json):
         parser.error(f"--json {args.json} already exists: choose another file")
+    # before the sampling, which takes hours at the papers' --n
+    if args.json and (why := cannot_write_in(os.path.dirname(args.json) or ".")):
+        parser.error(f"--json {args.json}: its folder cannot be written in ({why})")
     # the cache's folder before any work, not after the training set's features
     if os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
         parser.error(f"--cache-dir {args.cache_dir} is a file: give a folder")
@@ -343,4 +346,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    flags.run_command(main, "python -m mindiffusion.fid")

@@ -31,6 +31,7 @@ from mindiffusion.training import cli, grids, signals
 from mindiffusion.training.checkpoints import Checkpoint
 from mindiffusion.training.data import (
     EpochOrder,
+    UnreadableImage,
     class_names,
     first_of_each_class,
 )
@@ -42,6 +43,7 @@ from mindiffusion.training.devices import (
     gather,
     init_processes,
     largest,
+    precision_of,
     process_rank,
     resolve_device,
     say,
@@ -143,6 +145,7 @@ def train(dataset: str, **given) -> DDPM:
         # gradients do not round to zero, and a disabled scaler passes all through
         dtype = autocast_dtype(args.amp, device)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        say(f"training on {device} in {precision_of(dtype)}")
 
         if process_rank() == 0:
             # while this run lasts, no other run can take the same checkpoint
@@ -282,6 +285,17 @@ def train(dataset: str, **given) -> DDPM:
                 elif signum:
                     raise Stopped(signum, stopping(f"after epoch {i}: saved in {path}",
                                                    signum))
+        except UnreadableImage as err:
+            # an image of the folder that cannot be read: the epoch's steps before
+            # it are saved, then the file is named. The error's traceback holds the
+            # loader's iterator, whose workers, deaf to SIGTERM, would outlive it
+            err.__traceback__ = None
+            if checkpoint.saved_at != (i, batches):
+                checkpoint.save(i, batches)
+            raise UserError(
+                f"{err.path()} is not an image that can be read: replace it with one "
+                f"that can, then go on with --resume (saved in {path})"
+            ) from None
         except Stopped as stop:
             if checkpoint.saved_at == (args.n_epoch, 0):
                 say(f"stopped by {signals.name(stop.signum)} during the last grid: the "

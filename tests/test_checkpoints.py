@@ -107,7 +107,9 @@ def test_a_checkpoint_from_more_gpus_restores_what_fits(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("batches", [0, 1])
-def test_resume_is_exact_with_worker_processes(batches, stand_in, tmp_path, monkeypatch):
+def test_resume_is_exact_with_worker_processes(
+    batches, stand_in, tmp_path, monkeypatch
+):
     """From an epoch's end, and from the middle of one, whose DataLoader drew its
     seed before the save."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"

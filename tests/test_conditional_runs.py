@@ -208,9 +208,10 @@ def test_sample_rebuilds_the_trained_average_with_its_classes(conditional):
 
 
 def sample_command(checkpoint, tmp_path, flags):
-    """Draw a grid with mindiffusion.sample; return its path."""
+    """Draw a grid with mindiffusion.sample, at its native size; return its path."""
     out = tmp_path / f"grid{len(list(tmp_path.iterdir()))}.png"
-    sample.main([str(checkpoint), "--device", "cpu", "--out", str(out), *flags])
+    sample.main([str(checkpoint), "--device", "cpu", "--out", str(out), "--native",
+                 *flags])
     return out
 
 

@@ -83,7 +83,7 @@ def test_a_two_step_ddim_grid_of_the_shipped_model_has_a_row_per_digit(
     out = tmp_path / "grid.png"
     sample.main([
         str(SHIPPED), "--class", "all", "--sampler", "ddim", "--steps", "2",
-        "--n", "3", "--device", "cpu", "--seed", "0", "--out", str(out),
+        "--n", "3", "--device", "cpu", "--seed", "0", "--out", str(out), "--native",
     ])
     # 10 rows of 3 digits, 32x32 each, padded by 2
     tiles = grid_tiles(out, 32)

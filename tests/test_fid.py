@@ -111,7 +111,19 @@ def fid_command(checkpoint, tmp_path, *flags, capsys):
     return capsys.readouterr()
 
 
-def test_the_command_end_to_end(checkpoint, stand_in, tmp_path, capsys):
+def test_the_command_end_to_end(checkpoint, stand_in, tmp_path, capsys, monkeypatch):
+    # each call of the noise model, by how many batches the stand-in had seen then
+    calls = []
+    load_ddpm = fid.load_ddpm
+
+    def counted(*args):
+        ddpm, recipe = load_ddpm(*args)
+        ddpm.eps_model.register_forward_pre_hook(
+            lambda module, inputs: calls.append(len(stand_in.seen))
+        )
+        return ddpm, recipe
+
+    monkeypatch.setattr(fid, "load_ddpm", counted)
     printed = fid_command(
         checkpoint, tmp_path, "--fake-data", "4", "--seed", "0", "--steps", "1,3",
         "--eta", "1", "--json", str(tmp_path / "fid.json"), capsys=capsys,
@@ -120,6 +132,8 @@ def test_the_command_end_to_end(checkpoint, stand_in, tmp_path, capsys):
     # the training set in 2 batches, then 5 samples in batches of 2, 2 and 1 for
     # each of the two step counts
     assert [shape[0] for _, shape in stand_in.seen] == [2, 2] + [2, 2, 1] * 2
+    # each entry sampled in its own steps: 1 model call a batch, then 3
+    assert [calls.count(k) for k in range(2, 8)] == [1, 1, 1, 3, 3, 3]
     assert all(
         dtype == torch.uint8 and shape[1:] == (3, 32, 32)
         for dtype, shape in stand_in.seen
@@ -370,7 +384,9 @@ def test_each_step_count_is_seeded_alone(checkpoint, stand_in, tmp_path, capsys)
     assert fid_of_3_steps("1,3") == fid_of_3_steps("3")
 
 
-@pytest.mark.parametrize("flag", [["--steps", "5"], ["--eta", "1"], ["--raw-walk"]])
+@pytest.mark.parametrize(
+    "flag", [["--steps", "5"], ["--eta", "1"], ["--raw-walk"], ["--unit-eps"]]
+)
 def test_ddim_s_flags_with_the_ddpm_sampler_are_refused_before_any_work(
     flag, tmp_path, no_work, capsys
 ):
@@ -378,5 +394,6 @@ def test_ddim_s_flags_with_the_ddpm_sampler_are_refused_before_any_work(
     code, line = refused(argv, capsys)
     assert code == 2
     assert line.endswith(
-        "--steps, --eta and --raw-walk are DDIM's: add --sampler ddim, or drop them"
+        "--steps, --eta, --raw-walk and --unit-eps are DDIM's: add --sampler ddim, "
+        "or drop them"
     )

@@ -158,6 +158,7 @@ def test_offline_data_root_says_what_figures_can_do_instead(
                   image_size=(3, 32, 32), normalize=((0.5,) * 3, (0.5,) * 3))
     model = DDPM(NaiveUnet(3, 3, 8), RECIPE["betas"], N_T).state_dict()
     torch.save({"model": model, "recipe": recipe, "averaged": False}, path)
+    (tmp_path / "none").mkdir()
     with pytest.raises(SystemExit):
         figures_command.main([str(path), "--data-root", str(tmp_path / "none"),
                               "--device", "cpu", "--out", str(tmp_path / "out")])
@@ -180,11 +181,11 @@ def images_noised(monkeypatch) -> list:
     return noised
 
 
-def test_an_mnist_model_s_figures_noise_the_shipped_digits_where_none_are_given(
+def test_an_mnist_model_s_figures_noise_the_shipped_digits_when_given_them(
     checkpoint, tmp_path, monkeypatch, capsys, no_network
 ):
     noised = images_noised(monkeypatch)
-    figures_command.main([str(checkpoint), "--data-root", str(tmp_path / "none"),
+    figures_command.main([str(checkpoint), "--data-root", SHIPPED_DIGITS,
                           "--device", "cpu", "--out", str(tmp_path / "out")])
     assert f"MNIST: the 5,000 digits that ship in {SHIPPED_DIGITS}" in (
         capsys.readouterr().out
@@ -203,17 +204,19 @@ def test_a_read_only_out_is_refused_before_any_sampling(
 ):
     out = tmp_path / "read_only"
     out.mkdir()
-    real_access = os.access
     monkeypatch.setattr(
-        figures_command.os, "access",
-        lambda path, mode: False if str(path) == str(out) else real_access(path, mode),
+        figures_command, "cannot_write_in",
+        lambda folder: "Read-only file system" if folder == str(out) else None,
     )
     monkeypatch.setattr(DDPM, "sample", lambda *args, **kwargs: pytest.fail("sampled"))
     with pytest.raises(SystemExit) as exit_info:
         figures_command.main([str(checkpoint), "--out", str(out), "--device", "cpu"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.endswith(f"error: --out {out} is not writable: choose another --out\n")
+    assert err.endswith(
+        f"error: --out {out} cannot be written in (Read-only file system): choose "
+        f"another --out\n"
+    )
 
 
 def test_without_data_the_images_noised_are_ddim_samples_with_posterior_noise(
@@ -223,10 +226,10 @@ def test_without_data_the_images_noised_are_ddim_samples_with_posterior_noise(
     figures_command.main([str(checkpoint), "--out", str(tmp_path), "--device", "cpu",
                           "--seed", "3"])
     # eta 1: a young model's deterministic walk can end in static; x_0 kept within
-    # MNIST's range and eps at its scale, as every DDIM of the commands
+    # MNIST's range, as every DDIM of the commands keeps it by default
     ddpm = tiny_ddpm()
     ddim = DDIM(ddpm.eps_model, RECIPE["betas"], N_T, eta=1.0, n_steps=N_T,
-                x0_range=(-0.5, 0.5), unit_eps=True).eval()
+                x0_range=(-0.5, 0.5)).eval()
     torch.manual_seed(3)
     expected = ddim.sample(figures.N_IMAGES, RECIPE["image_size"], "cpu")
     assert torch.allclose(noised[0], expected, atol=1e-6)

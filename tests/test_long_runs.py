@@ -373,6 +373,8 @@ def test_a_sigterm_to_every_process_of_the_job_still_saves(tmp_path):
     run = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     # the worker starts with the epoch; a few steps later, it is surely running
+    # the device and precision first, then the epoch
+    assert run.stdout.readline() == "training on cpu in float32\n"
     assert run.stdout.readline().startswith("Epoch 0")
     time.sleep(1)
     os.killpg(run.pid, signal.SIGTERM)

@@ -50,10 +50,16 @@ def test_judge_train_learns_from_the_shipped_digits_without_mnist(
     roots = []
     monkeypatch.setattr(judge_command, "train", lambda root, *args: roots.append(root))
     out = str(tmp_path / "judge.pth")
-    judge_command.main(["--train", "--out", out, "--data-root", str(tmp_path)])
+    # by default ./data, here without MNIST: the shipped digits
+    monkeypatch.chdir(tmp_path)
+    judge_command.main(["--train", "--out", out])
+    # a --data-root given is taken as it is, MNIST there or to be downloaded there
     full = fake_mnist(tmp_path / "full")
     judge_command.main(["--train", "--out", out, "--data-root", str(full)])
-    assert roots == [SHIPPED_DIGITS, str(full)]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    judge_command.main(["--train", "--out", out, "--data-root", str(empty)])
+    assert roots == [SHIPPED_DIGITS, str(full), str(empty)]
 
 
 def test_laptop_reads_mnist_where_it_is_else_the_shipped_digits():

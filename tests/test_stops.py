@@ -95,8 +95,8 @@ def test_a_second_signal_during_the_last_grid_leaves_a_finished_run(
 
 
 def test_ctrl_c_after_the_reader_of_the_output_went_away_still_saves(tmp_path):
-    """`python -m mindiffusion.train mnist ... 2>&1 | tee log`, then Ctrl-C: the terminal signals
-    the whole group, and tee is gone before the run writes again."""
+    """`python -m mindiffusion.train mnist ... 2>&1 | tee log`, then Ctrl-C: the
+    terminal signals the whole group, and tee is gone before the run writes again."""
     argv = flags_of("mnist", "--epochs", "1", "--out", str(tmp_path))
     # 1,000 steps of 4 images, seconds in all: the signal comes while it trains
     argv[argv.index("--fake-data") + 1] = "4000"

@@ -28,7 +28,8 @@ SCRIPTS = {
 def test_a_script_loads_only_the_ddpm_and_the_unet(script):
     code = (
         f"import sys; import {script}; "
-        f"print(' '.join(sorted(m for m in sys.modules if m.startswith('mindiffusion'))))"
+        "print(' '.join(sorted(m for m in sys.modules "
+        "if m.startswith('mindiffusion'))))"
     )
     loaded = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
@@ -94,7 +95,9 @@ def both_doors(dataset, tmp_path, monkeypatch):
     for door in ("script", "trainer"):
         saved = torch.load(tmp_path / door / recipe.checkpoint, weights_only=True)
         weights = saved.get("model", saved)
-        grids = [(tmp_path / door / recipe.grids.format(i)).read_bytes() for i in (0, 1)]
+        grids = [
+            (tmp_path / door / recipe.grids.format(i)).read_bytes() for i in (0, 1)
+        ]
         results.append((weights, grids))
     return results
 

@@ -21,9 +21,11 @@ and three that only DDIM's deterministic walk (eta 0, 20 steps) draws:
 For an MNIST model, the digit judge reads each image of those three. The images
 noised and inverted are the dataset's first ones with --data-root, else samples of
 the checkpoint. The same --seed on the same device gives the same figures, and an
-existing file is never replaced: a new name gets _2, _3, ...
+existing file is never replaced: a run whose names are taken gives all of its files
+the same suffix, _2, _3, ...
 """
 
+import itertools
 import os
 
 import torch
@@ -56,21 +58,44 @@ from mindiffusion.figures.lesson import (
 from mindiffusion.fid import reference_dataset
 from mindiffusion.judge.model import load_judge, read
 from mindiffusion.judge.scores import figures as figures_of
-from mindiffusion.sample import GUIDE_W, free_path, load_ddpm
+from mindiffusion.sample import GUIDE_W, load_ddpm
 from mindiffusion.training import flags, progress
 from mindiffusion.training.data import (
     data_range,
     denormalize,
     kept_walk,
-    mnist_root,
 )
 from mindiffusion.training.devices import resolve_device
+from mindiffusion.training.files import cannot_write_in
 from mindiffusion.training.flags import UserError
 
 # the deterministic walk's steps, and the rows of its interpolation
 DDIM_STEPS, PAIRS = 20, 4
 # the images whose x_t and x_0 the walk figure sets side by side
 X0_IMAGES = 3
+# every file a run may write, by its name without a suffix
+NAMES = (
+    "forward_noising.png", "schedules.png", "loss_per_t.png", "walk_and_x0.png",
+    "reverse_walk.png", "reverse_walk.gif", "loss_curve.png", "guidance_sweep.png",
+    "interpolation.png", "consistency.png", "inversion.png",
+)
+
+
+def suffixed(name: str, suffix: str) -> str:
+    """name with suffix before its extension: reverse_walk_2.png."""
+    stem, extension = os.path.splitext(name)
+    return stem + suffix + extension
+
+
+def run_suffix(out: str) -> str:
+    """The suffix of every name this run writes into `out`: "", or _2, _3, ...,
+    the first that no file of NAMES there has yet, chosen once, so that the files
+    of two runs never mix."""
+    for k in itertools.count(1):
+        suffix = "" if k == 1 else f"_{k}"
+        taken = (os.path.join(out, suffixed(name, suffix)) for name in NAMES)
+        if not any(os.path.exists(path) for path in taken):
+            return suffix
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,12 +126,11 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--record {record} does not exist")
         losses = loss_curve(record) if os.path.exists(record) else None
         dataset = None
+        if args.data_root and not os.path.isdir(args.data_root):
+            raise UserError(f"--data-root {args.data_root} does not exist")
         if args.data_root:
-            # an MNIST model's real digits: without MNIST there, those that ship here
-            mnist = recipe.get("dataset") == "MNIST"
-            root = mnist_root(args.data_root) if mnist else args.data_root
             dataset, _ = reference_dataset(
-                recipe, root, None,
+                recipe, args.data_root, None,
                 instead="leave --data-root out to noise the model's own samples",
             )
             if len(dataset) < N_IMAGES:
@@ -117,8 +141,9 @@ def main(argv: list[str] | None = None) -> None:
                 )
         os.makedirs(args.out, exist_ok=True)
         # before the sampling, which takes minutes on a CPU
-        if not os.access(args.out, os.W_OK):
-            raise UserError(f"--out {args.out} is not writable: choose another --out")
+        if why := cannot_write_in(args.out):
+            raise UserError(f"--out {args.out} cannot be written in ({why}): choose "
+                            f"another --out")
     except UserError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     except OSError as err:
@@ -139,10 +164,10 @@ def main(argv: list[str] | None = None) -> None:
 
     c = labels(N_IMAGES)
     guided = "" if n_classes is None else f", guided with w = {GUIDE_W}"
-    written = []
+    written, suffix = [], run_suffix(args.out)
 
     def write(plot, *data, name: str, **options) -> None:
-        path = free_path(os.path.join(args.out, name))
+        path = os.path.join(args.out, suffixed(name, suffix))
         plot(*data, path, **options)
         written.append(path)
 

@@ -159,14 +159,15 @@ def loss_per_timestep(
 def loss_curve(path: str) -> tuple[list[int], list[float]]:
     """The epochs and their mean losses from a run's record."""
     try:
-        with open(path, newline="") as file:
+        # a record that a spreadsheet saved may start with a byte-order mark
+        with open(path, newline="", encoding="utf-8-sig") as file:
             rows = list(csv.DictReader(file))
         if not rows:
             raise ValueError("no rows")
         return [int(r["epoch"]) for r in rows], [float(r["loss"]) for r in rows]
     except (OSError, KeyError, ValueError, TypeError, csv.Error):
         raise UserError(
-            f"--record {path} is not a run's record: give the _log.csv that a "
+            f"{path} is not a run's record: give --record the _log.csv that a "
             f"trainer wrote beside its checkpoint"
         ) from None
 

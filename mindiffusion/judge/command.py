@@ -1,7 +1,10 @@
 """The judge's command line, python -m mindiffusion.judge."""
 import argparse
+import glob
+import os
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import MNIST
@@ -112,6 +115,24 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             setattr(args, name, value)
 
 
+def check_input(path: str) -> None:
+    """Refuse, in one sentence, an input that is not there, naming the newest grid
+    of its folder, or an image other than a PNG."""
+    if not os.path.exists(path):
+        folder = os.path.dirname(path) or "."
+        grids = glob.glob(os.path.join(glob.escape(folder), "*.png"))
+        if grids:
+            newest = max(grids, key=os.path.getmtime)
+            raise UserError(f"{path} does not exist: the newest grid there is {newest}")
+        raise UserError(f"{path} does not exist")
+    extension = os.path.splitext(path)[1].lower()
+    if extension != ".png" and extension in Image.registered_extensions():
+        raise UserError(
+            f"{path} is a {extension} image: the judge reads grids as PNG, whose "
+            f"pixels are exact, as `sample` writes them"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = flags.command_parser("python -m mindiffusion.judge", judge.__doc__)
     add = parser.add_argument
@@ -137,10 +158,11 @@ def main(argv: list[str] | None = None) -> None:
         help="where a checkpoint samples (default: cpu)")
     add("--weights", default=WEIGHTS, metavar="PTH",
         help="the judge's weights (default: the shipped contents/mnist_judge.pth)")
-    add("--data-root", default="./data", metavar="DIR",
+    add("--data-root", metavar="DIR",
         help="MNIST's folder: its test digits for the Frechet distance (left out "
-        "where they are not there), its training digits for --train "
-        "(default: %(default)s)")
+        "where they are not there), its training digits for --train, downloaded "
+        "into it where they are not there (default: ./data, or without MNIST "
+        "there, for --train, the 5,000 digits that ship in contents/mnist-subset)")
     add("--train", action="store_true",
         help="train a judge on MNIST, downloading it if need be, and write its "
         "weights to --out (default: off)")
@@ -152,13 +174,17 @@ def main(argv: list[str] | None = None) -> None:
     add("--out", metavar="PTH", help="with --train, where its weights go")
     args = parser.parse_args(argv)
     check_flags(parser, args)
+    if args.data_root is not None and not os.path.isdir(args.data_root):
+        parser.error(f"--data-root {args.data_root} does not exist")
     try:
         if args.train:
             check_out(args.out, image=False)
-            # without MNIST there, the 5,000 digits that ship with the repository
-            train(mnist_root(args.data_root), args.per_class, args.epochs, args.out)
+            # by default, without MNIST in ./data, the digits that ship here
+            root = args.data_root or mnist_root("./data")
+            train(root, args.per_class, args.epochs, args.out)
             return
         classifier = load_judge(args.weights)
+        check_input(args.input)
         if args.input.lower().endswith(".png"):
             images, rows = grid_images(args.input)
             # black cells at the end: black samples, or a short row's empty cells
@@ -185,9 +211,10 @@ def main(argv: list[str] | None = None) -> None:
     if asked is not None:
         print(f"drawn as the digit asked for: {result['as_asked'] / n:.2f} "
               f"({result['as_asked']} of {n})")
-    real = real_digit_moments(classifier, args.data_root)
+    data_root = args.data_root or "./data"
+    real = real_digit_moments(classifier, data_root)
     if real is None:
-        print(f"Frechet distance: left out, no MNIST in {args.data_root}")
+        print(f"Frechet distance: left out, no MNIST in {data_root}")
         return
     samples = frechet.Moments()
     samples.add(features)

@@ -2,7 +2,6 @@
 ten digits or as junk, its shipped weights, and its features for Frechet distances."""
 import hashlib
 import os
-import pickle
 
 import torch
 import torch.nn as nn
@@ -64,12 +63,15 @@ def as_digits(images: torch.Tensor) -> torch.Tensor:
 def load_judge(path: str = WEIGHTS) -> DigitJudge:
     """The judge with the weights at path, ready to read."""
     judge = DigitJudge()
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder: give the judge's weights, a .pth file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         judge.load_state_dict(state["model"])
     except FileNotFoundError:
         raise UserError(f"no judge weights at {path}: train some, --train") from None
-    except (RuntimeError, KeyError, TypeError, pickle.UnpicklingError):
+    except Exception:
+        # an empty file ends early (EOFError), another kind fails its own way
         raise UserError(f"{path} holds no weights of the digit judge") from None
     return judge.eval()
 

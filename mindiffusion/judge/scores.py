@@ -44,8 +44,9 @@ def figures(probs: torch.Tensor, asked: torch.Tensor | None) -> dict:
 def grid_images(path: str) -> tuple[torch.Tensor, int]:
     """The images of a grid PNG that make_grid wrote, row by row: (N, 1, S, S) in
     [0, 1] for S of 32 or 28, every cell of the grid counted, a black one as well as
-    the empty cells that end a short row; and the grid's number of rows."""
-    grid = grey_pixels(path)
+    the empty cells that end a short row; and the grid's number of rows. A grid
+    that `sample` enlarged is read at its native size."""
+    grid = native_size(grey_pixels(path))
     height, width = grid.shape[1:]
     # a side S fits when both sides are PAD + k (S + PAD) pixels
     sides = [
@@ -68,17 +69,39 @@ def grid_images(path: str) -> tuple[torch.Tensor, int]:
 
 
 def grey_pixels(path: str) -> torch.Tensor:
-    """The PNG at path as grey pixels (1, H, W) in [0, 1]: 8-bit and 16-bit alike."""
+    """The PNG at path as grey pixels (1, H, W) in [0, 1]: 8-bit and 16-bit alike.
+    A colour image, whose channels differ, holds no MNIST digits."""
     try:
         image = Image.open(path)
         # 16-bit grey opens as I;16 (or I), which convert("L") would clip to white
         if image.mode.startswith("I"):
             pixels = np.asarray(image, dtype=np.float64) / 65535
             return torch.from_numpy(pixels).float().unsqueeze(0)
+        rgb = transforms.functional.pil_to_tensor(image.convert("RGB"))
         grid = transforms.functional.pil_to_tensor(image.convert("L"))
     except OSError:
         raise UserError(f"{path} is not an image that can be read") from None
+    # (3, H, W): a grey image has the same value in each channel
+    if (rgb.amax(0) - rgb.amin(0)).max() > 0:
+        raise UserError(
+            f"{path} is in colour, such as CIFAR-10's or CelebA's grids: the judge "
+            f"reads MNIST digits"
+        )
     return grid.float() / 255
+
+
+def native_size(grid: torch.Tensor) -> torch.Tensor:
+    """grid (1, H, W) at its native size: where each pixel of it is a block of k x k
+    equal pixels, as `sample` enlarges a grid by a whole factor, one of each."""
+    height, width = grid.shape[1:]
+    for k in range(min(height, width) // PAD, 1, -1):
+        if height % k or width % k:
+            continue
+        small = grid[:, ::k, ::k]
+        # each pixel of the small grid back as a k x k block
+        if torch.equal(small.repeat_interleave(k, 1).repeat_interleave(k, 2), grid):
+            return small
+    return grid
 
 
 def padding_of(grid: torch.Tensor, side: int) -> torch.Tensor:

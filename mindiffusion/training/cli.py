@@ -10,13 +10,15 @@ from mindiffusion.training.flags import FLAGS
 from mindiffusion.training.recipes import LAPTOP, RECIPES, recipe_settings
 
 # the settings that are not the recipe's: the notes' epochs and steps, and each
-# feature flag off
+# feature flag off but two, which change no number: a save every 1000 steps, and
+# worker processes for the loader (docs/layout.md lists each default and why)
 DEFAULTS = dict(
     n_epoch=100, n_T=1000, out="contents", seed=None,
     num_workers=min(16, usable_cpus()), resume=False, fake_data=None, per_class=None,
     fast=False, amp=None, channels_last=False, compile=False, ema=None,
     ema_warmup=True, save_every=1000, grad_clip=None, grid_every=1, grid_minutes=None,
-    grid_sampler="ddpm", grid_steps=None, unit_eps=False, cond=False, p_uncond=0.1, guide_w=2.0,
+    grid_sampler="ddpm", grid_steps=None, unit_eps=False, cond=False, p_uncond=0.1,
+    guide_w=2.0,
 )
 
 

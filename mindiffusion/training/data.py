@@ -96,7 +96,43 @@ def explain_image_folder(root: str | None):
                 f"{root} holds {len(loose)} images directly, but {layout}: move them "
                 f"into a subfolder such as {os.path.join(root, 'all')}"
             ) from None
+        # ImageFolder takes every subfolder for a class, a hidden one too, and
+        # refuses a class without images
+        folders = sorted(e.path for e in os.scandir(root) if e.is_dir())
+        empty = [folder for folder in folders if not holds_images(folder)]
+        if empty and len(empty) < len(folders):
+            raise UserError(
+                f"{empty[0]} holds no images, and ImageFolder takes each subfolder "
+                f"of {root} for a class: remove it, or move it out of {root}"
+            ) from None
         raise UserError(f"no images found under {root}: {layout}") from None
+
+
+def holds_images(folder: str) -> bool:
+    """Whether an image file is in folder or in a folder below it."""
+    return any(
+        name.lower().endswith(IMG_EXTENSIONS)
+        for _, _, names in os.walk(folder, followlinks=True) for name in names
+    )
+
+
+class UnreadableImage(UserError):
+    """A file of an image folder that PIL cannot read. Its text is the file's path,
+    or where a DataLoader worker passes it on, the worker's traceback, whose last
+    line ends with the path."""
+
+    def path(self) -> str:
+        return str(self).strip().rpartition("UnreadableImage: ")[2]
+
+
+def read_image(path: str) -> Image.Image:
+    """ImageFolder's loader, as torchvision's own opens a file in RGB, but naming
+    the file that cannot be read, such as a text saved as .jpg."""
+    try:
+        with open(path, "rb") as file:
+            return Image.open(file).convert("RGB")
+    except OSError:
+        raise UnreadableImage(path) from None
 
 
 class FakeImages(Dataset):

@@ -220,7 +220,7 @@ def autocast_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if has_native_bf16(device) else None
 
 
-# the Run flags --fast turns on, by device type; a flag given as well keeps its value
+# the flags --fast turns on, by device type; a flag given as well keeps its value
 FAST_PATHS = {
     # bfloat16 autocast (float16 on GPUs without it), compiled: without compile each
     # GroupNorm casts to float32 and back, and an H200 trained slower in bfloat16
@@ -237,8 +237,16 @@ FAST_PATHS = {
 }
 
 
+def precision_of(dtype: torch.dtype | None) -> str:
+    """The precision a run trains in, as autocast_dtype gave it, in words."""
+    if dtype is None:
+        return "float32"
+    scaled = " with loss scaling" if dtype == torch.float16 else ""
+    return f"{dtype}".removeprefix("torch.") + f" autocast{scaled} (--amp)"
+
+
 def fast_settings(device: torch.device) -> dict:
-    """What --fast sets on `device`: a dict of Run fields and their values."""
+    """What --fast sets on `device`: a dict of settings and their values."""
     return dict(FAST_PATHS[device.type])
 
 

@@ -16,6 +16,7 @@ stopped, timings aside. The file is rewritten whole at each row, so that a full
 disk leaves the rows before it as they were.
 """
 import csv
+import errno
 import glob
 import io
 import os
@@ -37,6 +38,19 @@ def output_folder(out: str) -> None:
         os.makedirs(out, exist_ok=True)
     except OSError as err:
         raise UserError(f"--out {out} cannot be made ({err.strerror})") from None
+    if why := cannot_write_in(out):
+        raise UserError(f"--out {out} cannot be written in ({why}): choose another "
+                        f"--out")
+
+
+def cannot_write_in(folder: str) -> str | None:
+    """Why no file can be written in `folder`, such as "Read-only file system", found
+    by writing one that goes at once; None where one can."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as err:
+        return err.strerror or str(err)
 
 
 def write_or_explain(path: str, data: bytes, what: str) -> None:
@@ -128,6 +142,11 @@ def hold_lock(checkpoint: str) -> filelock.FileLock:
             f"this user can write"
         ) from None
     except OSError as err:
+        if err.errno == errno.EROFS:
+            raise UserError(
+                f"{path} cannot be written: --out is on a read-only file system, "
+                f"choose another --out"
+            ) from None
         # Lustre or NFS mounted without locks: ENOLCK
         raise UserError(
             f"the file system of {path} cannot lock files ({err.strerror}), which "
@@ -262,11 +281,19 @@ class Record:
             self.write([row for row in self.rows() if int(row["epoch"]) < epoch])
 
     def rows(self) -> list[dict]:
-        """The rows written so far."""
+        """The rows written so far, also from a record that a spreadsheet saved
+        with a byte-order mark (Excel's "CSV UTF-8")."""
         if not os.path.exists(self.path):
             return []
-        with open(self.path, newline="") as file:
-            return list(csv.DictReader(file))
+        with open(self.path, newline="", encoding="utf-8-sig") as file:
+            reader = csv.DictReader(file)
+            rows = list(reader)
+        if "epoch" not in (reader.fieldnames or ["epoch"]):
+            raise UserError(
+                f"{self.path} is not the record this trainer writes (its columns: "
+                f"{', '.join(reader.fieldnames)}): move it away, or give another --out"
+            )
+        return rows
 
     def write(self, rows: list[dict]) -> None:
         """Write the record with these rows, whole or not at all."""

@@ -4,6 +4,8 @@ flags share, each refusing a bad value with one sentence; and UserError, the one
 exception a user meets.
 """
 import argparse
+import math
+import sys
 from collections.abc import Callable
 
 
@@ -25,11 +27,12 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
 
 def bounded_float(test: Callable[[float], bool], wanted: str) -> Callable[[str], float]:
-    """An argparse type: a float for which test(value) holds, as `wanted` says."""
+    """An argparse type: a finite float for which test(value) holds, as `wanted`
+    says; inf and nan are no number a flag can use."""
 
     def number(text: str) -> float:
         value = float(text)
-        if not test(value):
+        if not math.isfinite(value) or not test(value):
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
         return value
 
@@ -63,6 +66,16 @@ guidance_weight = bounded_float(
     lambda v: v >= 0, "at least 0, plain conditional sampling"
 )
 positive_float = bounded_float(lambda v: v > 0, "positive")
+
+
+def run_command(main: Callable[[], None], prog: str) -> None:
+    """Run a command's main: a Ctrl-C ends it in one line with status 130, as it
+    ends the trainer, not in a traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted by Ctrl-C", file=sys.stderr)
+        sys.exit(130)
 
 
 def command_parser(prog: str, description: str) -> argparse.ArgumentParser:

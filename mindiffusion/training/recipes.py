@@ -18,6 +18,7 @@ from mindiffusion.training.data import (
     explain_image_folder,
     explain_missing_dataset,
     mnist_root,
+    read_image,
 )
 from mindiffusion.unet import NaiveUnet
 
@@ -68,12 +69,13 @@ RECIPES = {
 }
 
 # MNIST's --laptop: a small NaiveUnet that draws digits in minutes on two CPU cores,
-# or on a Mac's GPU: many small steps at a high learning rate, grids of 20 DDIM
-# steps, and within epochs of the full MNIST a grid every 2 minutes
-# (docs/performance.md says what each setting was measured to give); without MNIST
-# in ./data, the 5,000 digits that ship in contents/mnist-subset
+# or on a Mac's GPU: many small steps at a high learning rate, in float32 (bfloat16
+# was slower even on a CPU with it natively), grids of 20 DDIM steps, and within
+# epochs of the full MNIST a grid every 2 minutes (docs/performance.md says what
+# each setting was measured to give); without MNIST in ./data, the 5,000 digits
+# that ship in contents/mnist-subset
 LAPTOP = dict(eps_model="unet", n_feat=16, batch_size=16, lr=3e-3, ema=0.995,
-              amp="auto", channels_last=True, grid_sampler="ddim", grid_steps=20,
+              channels_last=True, grid_sampler="ddim", grid_steps=20,
               grid_minutes=2.0, num_workers=0, data_root=mnist_root("./data"),
               device="mps" if torch.backends.mps.is_available() else "cpu")
 
@@ -116,7 +118,8 @@ def load_dataset(dataset: str, root: str | None, tf, fake_data: int | None):
         return FakeImages(fake_data, image_size=recipe.stored, transform=tf)
     if dataset == "celeba":
         with explain_image_folder(root):
-            return ImageFolder(root=root, transform=tf)
+            # the loader names a file that cannot be read
+            return ImageFolder(root=root, transform=tf, loader=read_image)
     name, kind = {"mnist": ("MNIST", MNIST), "cifar10": ("CIFAR-10", CIFAR10)}[dataset]
     with explain_missing_dataset(name, root):
         return kind(root, train=True, download=True, transform=tf)
