@@ -335,7 +335,7 @@ def test_the_laptop_preset_in_help_parses_to_the_preset():
 
 def test_the_trainer_says_its_device_and_precision_first(tmp_path, capsys):
     trainer.train("mnist", device="cpu", n_epoch=1, n_T=2, fake_data=4, batch_size=4,
-          num_workers=0, out=str(tmp_path))
+                  num_workers=0, eps_model="unet", n_feat=8, out=str(tmp_path))
     lines = capsys.readouterr().out.splitlines()
     assert "training on cpu in float32" in lines[:3]
 
