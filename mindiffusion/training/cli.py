@@ -6,7 +6,7 @@ dataset named, the --laptop preset, and every mistake one sentence and exit stat
 import argparse
 
 from mindiffusion.training.devices import usable_cpus
-from mindiffusion.training.flags import FLAGS
+from mindiffusion.training.flags import FLAGS, HelpFormatter
 from mindiffusion.training.recipes import LAPTOP, RECIPES, recipe_settings
 
 # the settings that are not the recipe's: the notes' epochs and steps, and each
@@ -41,7 +41,7 @@ def parser_for(
         prog="python -m mindiffusion.train",
         allow_abbrev=False,
         description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         argument_default=argparse.SUPPRESS if given_only else None,
     )
     parser.add_argument("dataset", choices=RECIPES,

@@ -6,6 +6,7 @@ exception a user meets.
 import argparse
 import math
 import sys
+import textwrap
 from collections.abc import Callable
 
 
@@ -78,6 +79,15 @@ def run_command(main: Callable[[], None], prog: str) -> None:
         sys.exit(130)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with the description as written, and each flag's help wrapped at
+    spaces only: a flag in it, such as --grid-sampler, is never split at a hyphen,
+    so that a line copied from the terminal parses."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The parser of a `python -m mindiffusion...` command, its docstring shown as
     written; a typo such as --raw is an error that names it, never another flag."""
@@ -85,7 +95,7 @@ def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
         allow_abbrev=False,
         prog=prog,
         description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
 
 
