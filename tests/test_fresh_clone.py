@@ -251,6 +251,11 @@ def test_sample_s_grid_is_enlarged_in_blocks_and_the_judge_reads_it(
     images, rows = grid_images(str(path))
     assert len(images) == n and images.shape[1:] == (1, 32, 32)
     assert torch.equal((images * 255).round().byte()[0, 0], native_grid[2:34, 2:34])
+    # a black grid is blocks at any size: read at one of whole cells, its own where
+    # no larger one is (4 x 4 cells of 32 enlarged 4 times are also 3 x 3 of 28)
+    if n == 1 or native:
+        Image.new("L", (side * k, side * k)).save(path)
+        assert len(grid_images(str(path))[0]) == n
 
 
 def test_infinity_is_refused_where_nan_and_negatives_are(tiny, capsys):

@@ -92,16 +92,28 @@ def grey_pixels(path: str) -> torch.Tensor:
 
 def native_size(grid: torch.Tensor) -> torch.Tensor:
     """grid (1, H, W) at its native size: where each pixel of it is a block of k x k
-    equal pixels, as `sample` enlarges a grid by a whole factor, one of each."""
+    equal pixels, as `sample` enlarges a grid by a whole factor, one of each, for
+    the largest k that leaves a grid of whole cells (a black grid is blocks at any
+    k)."""
     height, width = grid.shape[1:]
     for k in range(min(height, width) // PAD, 1, -1):
-        if height % k or width % k:
+        if height % k or width % k or not whole_cells(height // k, width // k):
             continue
         small = grid[:, ::k, ::k]
         # each pixel of the small grid back as a k x k block
         if torch.equal(small.repeat_interleave(k, 1).repeat_interleave(k, 2), grid):
             return small
     return grid
+
+
+def whole_cells(height: int, width: int) -> bool:
+    """Whether a grid of height x width pixels holds at least one cell of 28 or 32
+    pixels a side, with make_grid's padding around each."""
+    return any(
+        min(height, width) > side and (height - PAD) % (side + PAD) == 0
+        and (width - PAD) % (side + PAD) == 0
+        for side in (32, 28)
+    )
 
 
 def padding_of(grid: torch.Tensor, side: int) -> torch.Tensor:
