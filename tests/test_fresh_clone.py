@@ -9,6 +9,7 @@ import os
 import re
 import runpy
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,10 +26,10 @@ from mindiffusion.figures import command as figures_command
 from mindiffusion.figures import lesson
 from mindiffusion.judge import command as judge_command
 from mindiffusion.judge.scores import grid_images
-from mindiffusion.training import cli, devices, files
-from mindiffusion.training.data import explain_image_folder
+from mindiffusion.training import cli, devices, files, grids
+from mindiffusion.training.data import data_range, explain_image_folder
 from mindiffusion.training.flags import UserError
-from mindiffusion.training.recipes import LAPTOP
+from mindiffusion.training.recipes import LAPTOP, RECIPES
 from mindiffusion.unet import NaiveUnet
 from test_figures import RECIPE, tiny_ddpm
 
@@ -381,3 +382,21 @@ def test_the_loss_per_t_axis_says_it_plots_the_per_pixel_mean(tmp_path, monkeypa
     # the criterion, MSELoss, averages over the pixels: no squared norm
     assert labels[0].startswith(r"per-pixel mean of $(\epsilon")
     assert "\\|" not in labels[0]
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10", "celeba"])
+def test_the_trainer_s_grids_take_the_published_walk_and_unit_eps_when_asked(
+    dataset,
+):
+    ddpm = DDPM(torch.nn.Identity(), (1e-4, 0.02), 4)
+    normalize = RECIPES[dataset].normalize
+    walks = []
+    for flag in ([], ["--unit-eps"]):
+        argv = [dataset, "--grid-sampler", "ddim", "--grid-steps", "2", "--n-T", "4"]
+        _, settings = cli.parse([*argv, *flag], "")
+        sampler, _, _ = grids.sampler_for(ddpm, SimpleNamespace(**settings),
+                                          normalize, 4, "cpu")
+        walks.append((sampler.x0_range, sampler.unit_eps))
+    assert walks == [(data_range(normalize), False), (data_range(normalize), True)]
+    with pytest.raises(SystemExit):
+        cli.parse([dataset, "--unit-eps"], "")
