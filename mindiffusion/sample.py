@@ -9,7 +9,7 @@ from the weights a notes' script saves, with DDPM or DDIM.
 Run it from the repository's root. The checkpoint's recipe rebuilds its model, and
 its averaged weights are used when it was trained with --ema. The grid is written
 as a PNG beside the checkpoint, under a name no earlier file has, unless --out says
-where, each pixel enlarged to a block for a projector (--native: a pixel a pixel).
+where, each pixel enlarged to a block for a projector (--native: pixel for pixel).
 From a checkpoint trained with --cond, --class draws the classes it names, a row of
 --n images each, with classifier-free guidance; without --class it draws from the
 null class, unconditionally. DDIM walks 50 steps unless --steps says otherwise, at
