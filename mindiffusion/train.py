@@ -53,7 +53,7 @@ from mindiffusion.training.devices import (
 )
 from mindiffusion.training.files import hold_lock, output_folder, release
 from mindiffusion.training.files import remove_temporaries
-from mindiffusion.training.flags import UserError
+from mindiffusion.training.flags import UserError, as_flags
 from mindiffusion.training.recipes import (
     RECIPES,
     image_size,
@@ -333,12 +333,10 @@ def take_fast_path(args: SimpleNamespace, device: torch.device) -> None:
         if getattr(args, name) == defaults[name]:
             setattr(args, name, value)
     # the speed flags now on, as the command line writes them: --amp auto
-    words = [
-        f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
-        for name in ("amp", "channels_last", "compile")
+    taken = as_flags({
+        name: value for name in ("amp", "channels_last", "compile")
         if (value := getattr(args, name)) != defaults[name]
-    ]
-    taken = " ".join(words) or "nothing, for nothing measured pays there yet"
+    }) or "nothing, for nothing measured pays there yet"
     say(f"--fast on {device.type}: {taken}")
 
 

@@ -48,11 +48,7 @@ def grid_images(path: str) -> tuple[torch.Tensor, int]:
     that `sample` enlarged is read at its native size."""
     grid = native_size(grey_pixels(path))
     height, width = grid.shape[1:]
-    # a side S fits when both sides are PAD + k (S + PAD) pixels
-    sides = [
-        side for side in (32, 28)
-        if (width - PAD) % (side + PAD) == 0 and (height - PAD) % (side + PAD) == 0
-    ]
+    sides = [side for side in (32, 28) if cells_fit(height, width, side)]
     if not sides:
         raise UserError(
             f"{path} is {width}x{height}, not a grid of 28x28 or 32x32 images"
@@ -110,10 +106,15 @@ def whole_cells(height: int, width: int) -> bool:
     """Whether a grid of height x width pixels holds at least one cell of 28 or 32
     pixels a side, with make_grid's padding around each."""
     return any(
-        min(height, width) > side and (height - PAD) % (side + PAD) == 0
-        and (width - PAD) % (side + PAD) == 0
+        min(height, width) > side and cells_fit(height, width, side)
         for side in (32, 28)
     )
+
+
+def cells_fit(height: int, width: int, side: int) -> bool:
+    """Whether both sides of a grid are PAD + k (side + PAD) pixels: cells of
+    `side` pixels, make_grid's padding before each and after the last."""
+    return (height - PAD) % (side + PAD) == 0 and (width - PAD) % (side + PAD) == 0
 
 
 def padding_of(grid: torch.Tensor, side: int) -> torch.Tensor:

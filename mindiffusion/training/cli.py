@@ -6,7 +6,7 @@ dataset named, the --laptop preset, and every mistake one sentence and exit stat
 import argparse
 
 from mindiffusion.training.devices import usable_cpus
-from mindiffusion.training.flags import FLAGS, HelpFormatter
+from mindiffusion.training.flags import FLAGS, HelpFormatter, as_flags
 from mindiffusion.training.recipes import LAPTOP, RECIPES, recipe_settings
 
 # the settings that are not the recipe's: the notes' epochs and steps, and each
@@ -48,14 +48,9 @@ def parser_for(
                         help="whose recipe to train: the notes' script of that name")
     for key, (flag, options, text) in FLAGS.items():
         parser.add_argument(flag, dest=key, help=text, **options)
-    # the preset as flags that parse: a switch alone, other flags with their value
-    words = " ".join(
-        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-        for k, v in LAPTOP.items()
-    )
     parser.add_argument("--laptop", action="store_true",
                         help=f"MNIST's lesson, a small UNet for a laptop's CPU or a "
-                        f"Mac's GPU: {words}; flags given as well win")
+                        f"Mac's GPU: {as_flags(LAPTOP)}; flags given as well win")
     if not given_only:
         parser.set_defaults(**settings_of(dataset))
     return parser

@@ -212,3 +212,12 @@ FLAGS = {
                 "eps(x, null); 0 is plain conditional sampling (default: "
                 "%(default)s)"),
 }
+
+
+def as_flags(settings: dict) -> str:
+    """Settings as the trainer's command line writes them, so that they parse: a
+    switch alone, another flag with its value, such as --channels-last --amp auto."""
+    return " ".join(
+        FLAGS[key][0] + ("" if value is True else f" {value}")
+        for key, value in settings.items()
+    )
